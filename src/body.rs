@@ -1,0 +1,97 @@
+//! The response body wrapper: emits the event when the body ends.
+
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::event::Outcome;
+use crate::request::Pending;
+
+pin_project! {
+    /// Response body of [`AuditService`](crate::AuditService).
+    ///
+    /// Emits the request's event when the last frame has been yielded (or the inner body reports
+    /// `is_end_stream`, which covers empty bodies that a server never polls), with outcome `error` when the body
+    /// yields an error, and with outcome `cancelled` when dropped before the end (the client went away). gRPC
+    /// trailers are read for `grpc-status` on the way.
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: Kind<B>,
+        pending: Option<Pending>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Inner { #[pin] body: B },
+        Empty,
+    }
+}
+
+impl<B> ResponseBody<B> {
+    /// The empty body of a refused (503) response.
+    pub(crate) fn empty() -> Self {
+        Self { kind: Kind::Empty, pending: None }
+    }
+}
+
+impl<B: Body> ResponseBody<B> {
+    pub(crate) fn new(body: B, mut pending: Pending) -> Self {
+        if body.is_end_stream() {
+            pending.finish(None);
+        }
+        Self { kind: Kind::Inner { body }, pending: Some(pending) }
+    }
+}
+
+impl<B: Body> Body for ResponseBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let mut body = match this.kind.project() {
+            KindProj::Inner { body } => body,
+            KindProj::Empty => return Poll::Ready(None),
+        };
+        let frame = ready!(body.as_mut().poll_frame(cx));
+        if let Some(pending) = this.pending {
+            match &frame {
+                Some(Ok(frame)) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        pending.read_grpc_status(trailers);
+                    }
+                    if body.is_end_stream() {
+                        pending.finish(None);
+                    }
+                }
+                Some(Err(_)) => pending.finish(Some(Outcome::Error)),
+                None => pending.finish(None),
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Inner { body } => body.is_end_stream(),
+            Kind::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Inner { body } => body.size_hint(),
+            Kind::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseBody").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,77 @@
+//! The crate's own errors.
+
+use std::path::PathBuf;
+
+/// A boxed error from a sink's backend.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The layer could not be built as configured.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `build()` needs a Tokio runtime to spawn the worker on.
+    #[error("AuditLayer::builder(..).build() must be called inside a Tokio runtime (the worker is spawned on it)")]
+    NoRuntime,
+    /// A size setting was zero.
+    #[error("`{setting}` must be at least 1")]
+    Zero {
+        /// The setting's name.
+        setting: &'static str,
+    },
+    /// The batch size is larger than the channel capacity, so a full batch could never be waiting.
+    #[error("batch_size ({batch_size}) must not exceed capacity ({capacity})")]
+    BatchLargerThanCapacity {
+        /// The configured batch size.
+        batch_size: usize,
+        /// The configured capacity.
+        capacity: usize,
+    },
+    /// A header name is not a valid HTTP header name.
+    #[error("`{0}` is not a valid HTTP header name")]
+    InvalidHeaderName(String),
+    /// A header that carries credentials was asked to be captured.
+    #[error("header `{0}` carries credentials and is never recorded in audit events")]
+    SensitiveHeader(String),
+    /// A trusted proxy is neither an IP address nor a CIDR network.
+    #[error("trusted proxy `{0}` is neither an IP address nor a CIDR network (e.g. 10.0.0.0/8)")]
+    InvalidProxy(String),
+}
+
+/// A sink failed to write or flush a batch.
+///
+/// The worker retries a failed batch with backoff; what still fails goes to the fallback sink, if any. Every
+/// failure is counted in [`Stats`](crate::Stats).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SinkError {
+    /// The audit file could not be opened.
+    #[error("cannot open audit file {}: {source}", path.display())]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Reading or writing failed.
+    #[error("audit sink I/O failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// An event could not be serialised.
+    #[error("audit event could not be serialised: {0}")]
+    Serialize(#[from] serde_json::Error),
+    /// Any other backend failure.
+    #[error("audit sink failed: {0}")]
+    Backend(BoxError),
+}
+
+impl SinkError {
+    /// Wraps any backend error.
+    ///
+    /// ```
+    /// use tower_audit::SinkError;
+    /// let err = SinkError::backend("database is read-only");
+    /// assert_eq!(err.to_string(), "audit sink failed: database is read-only");
+    /// ```
+    pub fn backend(error: impl Into<BoxError>) -> Self {
+        SinkError::Backend(error.into())
+    }
+}

@@ -1,0 +1,311 @@
+//! The audit event: one flat, versioned, serde-serialisable record.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::SystemTime;
+
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::sanitize::{Limits, bounded};
+
+/// Version of the event schema. Bumped whenever a field changes meaning or type.
+pub const SCHEMA_VERSION: u16 = 1;
+
+/// Well-known values of [`AuditEvent::kind`].
+pub mod kind {
+    /// One HTTP request, recorded by the layer.
+    pub const HTTP_REQUEST: &str = "http.request";
+    /// One gRPC call (request content type `application/grpc…`), recorded by the layer.
+    pub const GRPC_CALL: &str = "grpc.call";
+    /// Written by the worker into the trail after events were lost: how many and why.
+    pub const AUDIT_GAP: &str = "audit.gap";
+}
+
+/// One audit record.
+///
+/// The layer builds one per request; handlers and [`AuditHandle::record`](crate::AuditHandle::record)
+/// add custom ones built with [`AuditEvent::new`]. `id` and `seq` are assigned by the worker when it takes the
+/// event from the queue, so they are stable across retries of a batch (sinks use `id` for idempotent inserts).
+///
+/// Every text field is bounded in length and free of control characters (they are replaced by `U+FFFD`), so
+/// hostile input can neither bloat memory nor forge a second line in a line-oriented sink.
+///
+/// ```
+/// use tower_audit::{AuditEvent, Outcome};
+///
+/// let event = AuditEvent::new("auth.login_failed")
+///     .actor("alice@example.com")
+///     .outcome(Outcome::Denied)
+///     .attribute("reason", "bad_password");
+/// assert_eq!(event.kind, "auth.login_failed");
+/// assert_eq!(event.attributes["reason"], "bad_password");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct AuditEvent {
+    /// Schema version ([`SCHEMA_VERSION`]).
+    pub version: u16,
+    /// Unique, time-ordered id (UUIDv7), assigned by the worker.
+    pub id: Uuid,
+    /// Per-pipeline sequence number, assigned by the worker in queue order, starting at 1.
+    pub seq: u64,
+    /// When the request started (or the custom event was created).
+    #[serde(with = "rfc3339")]
+    pub time: SystemTime,
+    /// What happened: [`kind::HTTP_REQUEST`], [`kind::GRPC_CALL`], [`kind::AUDIT_GAP`] or a custom name.
+    pub kind: Cow<'static, str>,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// HTTP method.
+    pub method: Option<Cow<'static, str>>,
+    /// Matched route template (`/users/{id}`) when the router provides one, or the gRPC method.
+    pub route: Option<String>,
+    /// Request path with redacted query parameters, length-bounded.
+    pub path: Option<String>,
+    /// HTTP status code of the response.
+    pub status: Option<u16>,
+    /// gRPC status code, from the response headers (trailers-only) or trailers.
+    pub grpc_status: Option<i32>,
+    /// Time from the request entering the layer to the end of the response body, in microseconds.
+    pub latency_us: Option<u64>,
+    /// Request id, from the configured header (`x-request-id` by default).
+    pub request_id: Option<String>,
+    /// Who acted, as set by the handler through [`AuditContext`](crate::AuditContext).
+    pub actor: Option<String>,
+    /// Client address: the connection's peer, or the forwarded address when it came from a trusted proxy.
+    pub client_addr: Option<IpAddr>,
+    /// `User-Agent` header.
+    pub user_agent: Option<String>,
+    /// Custom attributes (bounded in number and length).
+    pub attributes: BTreeMap<String, String>,
+}
+
+impl AuditEvent {
+    /// A custom event of the given kind, dated now, outcome [`Outcome::Success`].
+    pub fn new(kind: impl Into<Cow<'static, str>>) -> Self {
+        Self::with_time(kind.into(), SystemTime::now())
+    }
+
+    pub(crate) fn with_time(kind: Cow<'static, str>, time: SystemTime) -> Self {
+        Self {
+            version: SCHEMA_VERSION,
+            id: Uuid::nil(),
+            seq: 0,
+            time,
+            kind,
+            outcome: Outcome::Success,
+            method: None,
+            route: None,
+            path: None,
+            status: None,
+            grpc_status: None,
+            latency_us: None,
+            request_id: None,
+            actor: None,
+            client_addr: None,
+            user_agent: None,
+            attributes: BTreeMap::new(),
+        }
+    }
+
+    /// Sets who acted.
+    pub fn actor(mut self, actor: impl Into<String>) -> Self {
+        self.actor = Some(actor.into());
+        self
+    }
+
+    /// Sets the outcome.
+    pub fn outcome(mut self, outcome: Outcome) -> Self {
+        self.outcome = outcome;
+        self
+    }
+
+    /// Adds (or replaces) a custom attribute.
+    pub fn attribute(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.attributes.insert(key.into(), value.into());
+        self
+    }
+
+    /// Bounds and sanitises every text field a user could have set.
+    pub(crate) fn enforce_limits(&mut self, limits: &Limits) {
+        if needs_bounding(&self.kind, limits.max_field_len) {
+            self.kind = Cow::Owned(bounded(&self.kind, limits.max_field_len));
+        }
+        for field in [&mut self.actor, &mut self.request_id, &mut self.user_agent, &mut self.route] {
+            bound_in_place(field, limits.max_field_len);
+        }
+        bound_in_place(&mut self.path, limits.max_path_len);
+        if let Some(method) = &self.method {
+            if needs_bounding(method, limits.max_field_len) {
+                self.method = Some(Cow::Owned(bounded(method, limits.max_field_len)));
+            }
+        }
+        let attributes_ok = self.attributes.len() <= limits.max_attributes
+            && self
+                .attributes
+                .iter()
+                .all(|(k, v)| !needs_bounding(k, limits.max_field_len) && !needs_bounding(v, limits.max_field_len));
+        if !attributes_ok {
+            self.attributes = std::mem::take(&mut self.attributes)
+                .into_iter()
+                .take(limits.max_attributes)
+                .map(|(k, v)| (bounded(&k, limits.max_field_len), bounded(&v, limits.max_field_len)))
+                .collect();
+        }
+    }
+}
+
+fn needs_bounding(s: &str, max: usize) -> bool {
+    s.len() > max || s.chars().any(char::is_control)
+}
+
+fn bound_in_place(field: &mut Option<String>, max: usize) {
+    if let Some(value) = field {
+        if needs_bounding(value, max) {
+            *value = bounded(value, max);
+        }
+    }
+}
+
+/// How a request or action ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Outcome {
+    /// 1xx, 2xx and 3xx; gRPC `OK`.
+    Success,
+    /// 401 and 403; gRPC `UNAUTHENTICATED` and `PERMISSION_DENIED`.
+    Denied,
+    /// Other 4xx; gRPC codes that blame the caller (`INVALID_ARGUMENT`, `NOT_FOUND`, …).
+    ClientError,
+    /// 5xx; gRPC codes that blame the server (`INTERNAL`, `UNAVAILABLE`, …).
+    ServerError,
+    /// The inner service or the response body returned an error.
+    Error,
+    /// The response future or body was dropped before the end (client went away, timeout);
+    /// gRPC `CANCELLED`.
+    Cancelled,
+}
+
+impl Outcome {
+    /// The outcome an HTTP status code stands for.
+    ///
+    /// ```
+    /// use http::StatusCode;
+    /// use tower_audit::Outcome;
+    /// assert_eq!(Outcome::from_http_status(StatusCode::FORBIDDEN), Outcome::Denied);
+    /// assert_eq!(Outcome::from_http_status(StatusCode::CONFLICT), Outcome::ClientError);
+    /// ```
+    pub fn from_http_status(status: StatusCode) -> Self {
+        match status.as_u16() {
+            401 | 403 => Outcome::Denied,
+            400..=499 => Outcome::ClientError,
+            500..=599 => Outcome::ServerError,
+            _ => Outcome::Success,
+        }
+    }
+
+    /// The outcome a gRPC status code stands for.
+    ///
+    /// ```
+    /// use tower_audit::Outcome;
+    /// assert_eq!(Outcome::from_grpc_code(0), Outcome::Success);
+    /// assert_eq!(Outcome::from_grpc_code(16), Outcome::Denied);
+    /// assert_eq!(Outcome::from_grpc_code(5), Outcome::ClientError);
+    /// assert_eq!(Outcome::from_grpc_code(13), Outcome::ServerError);
+    /// ```
+    pub fn from_grpc_code(code: i32) -> Self {
+        match code {
+            0 => Outcome::Success,
+            1 => Outcome::Cancelled,
+            7 | 16 => Outcome::Denied,
+            3 | 5 | 6 | 8 | 9 | 10 | 11 => Outcome::ClientError,
+            _ => Outcome::ServerError,
+        }
+    }
+
+    /// The name used in serialised events (`"success"`, `"denied"`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Denied => "denied",
+            Outcome::ClientError => "client_error",
+            Outcome::ServerError => "server_error",
+            Outcome::Error => "error",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+mod rfc3339 {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub(super) fn serialize<S: Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_micros(*time))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        humantime::parse_rfc3339(&text).map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trip_keeps_every_field() {
+        let mut event =
+            AuditEvent::new("auth.login").actor("bob").outcome(Outcome::Denied).attribute("reason", "bad_password");
+        event.id = Uuid::from_u128(42);
+        event.seq = 7;
+        event.method = Some("POST".into());
+        event.route = Some("/login".into());
+        event.path = Some("/login?x=1".into());
+        event.status = Some(401);
+        event.grpc_status = Some(16);
+        event.latency_us = Some(1234);
+        event.request_id = Some("req-1".into());
+        event.client_addr = Some("203.0.113.9".parse().unwrap());
+        event.user_agent = Some("curl/8".into());
+        event.time = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_123_456);
+
+        let json = serde_json::to_string(&event).unwrap();
+        assert!(json.contains(r#""time":"2023-11-14T22:13:20.123456Z""#), "{json}");
+        assert!(json.contains(r#""outcome":"denied""#), "{json}");
+        let back: AuditEvent = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, event);
+    }
+
+    #[test]
+    fn limits_bound_user_supplied_fields() {
+        let limits = Limits { max_field_len: 8, max_path_len: 8, max_attributes: 2 };
+        let mut event = AuditEvent::new("kind\nwith newline")
+            .actor("a".repeat(100))
+            .attribute("a", "1")
+            .attribute("b", "2")
+            .attribute("c", "3");
+        event.enforce_limits(&limits);
+        assert!(event.kind.len() <= 8 && !event.kind.contains('\n'), "{:?}", event.kind);
+        assert!(event.actor.as_ref().unwrap().len() <= 8);
+        assert_eq!(event.attributes.len(), 2);
+    }
+
+    #[test]
+    fn outcome_from_status() {
+        assert_eq!(Outcome::from_http_status(StatusCode::OK), Outcome::Success);
+        assert_eq!(Outcome::from_http_status(StatusCode::FOUND), Outcome::Success);
+        assert_eq!(Outcome::from_http_status(StatusCode::UNAUTHORIZED), Outcome::Denied);
+        assert_eq!(Outcome::from_http_status(StatusCode::NOT_FOUND), Outcome::ClientError);
+        assert_eq!(Outcome::from_http_status(StatusCode::BAD_GATEWAY), Outcome::ServerError);
+        assert_eq!(Outcome::from_grpc_code(7), Outcome::Denied);
+        assert_eq!(Outcome::from_grpc_code(1), Outcome::Cancelled);
+        assert_eq!(Outcome::from_grpc_code(14), Outcome::ServerError);
+    }
+}

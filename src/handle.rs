@@ -1,0 +1,95 @@
+//! The handle returned with the layer: counters, custom events, shutdown.
+
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+use crate::event::AuditEvent;
+use crate::pipeline::{Core, DropReason, Stats};
+
+/// Controls a pipeline: read its counters, record events outside a request, shut it down.
+///
+/// Clones control the same pipeline. The pipeline's worker ends after draining the queue when every
+/// [`AuditLayer`](crate::AuditLayer), service, [`AuditContext`](crate::AuditContext) and handle is dropped, or
+/// when [`shutdown`](Self::shutdown) is called.
+#[derive(Clone)]
+pub struct AuditHandle {
+    core: Arc<Core>,
+    control: Arc<Control>,
+}
+
+struct Control {
+    shutdown: Mutex<Option<oneshot::Sender<Instant>>>,
+    report: watch::Receiver<Option<ShutdownReport>>,
+}
+
+/// What happened to every event, once a pipeline is shut down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// The final counters.
+    pub stats: Stats,
+    /// `true` when every queued event was handed to a sink and the sinks were flushed before the deadline.
+    pub drained: bool,
+}
+
+impl AuditHandle {
+    pub(crate) fn new(
+        core: Arc<Core>,
+        shutdown: oneshot::Sender<Instant>,
+        report: watch::Receiver<Option<ShutdownReport>>,
+    ) -> Self {
+        Self { core, control: Arc::new(Control { shutdown: Mutex::new(Some(shutdown)), report }) }
+    }
+
+    /// A snapshot of the pipeline's counters.
+    pub fn stats(&self) -> Stats {
+        self.core.stats()
+    }
+
+    /// Queues a custom event without waiting (fields are bounded and sanitised as for request events).
+    ///
+    /// Returns `false` when the queue is full or the pipeline is shut down; the drop is counted.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use tower_audit::{AuditEvent, AuditLayer, MemorySink};
+    /// let (_layer, handle) = AuditLayer::builder(MemorySink::new()).build().unwrap();
+    /// assert!(handle.record(AuditEvent::new("config.reloaded").actor("ops")));
+    /// # }
+    /// ```
+    pub fn record(&self, mut event: AuditEvent) -> bool {
+        event.enforce_limits(&self.core.config.limits);
+        self.core.try_push(event, DropReason::QueueFull)
+    }
+
+    /// Closes intake, drains every queued event into the sink, flushes it, and reports what happened.
+    ///
+    /// Events produced after this call are dropped and counted as `dropped_closed`. Retries stop at the
+    /// deadline; what is still queued then is counted as `abandoned` and the report says `drained: false`.
+    /// Calling it again (from any clone) returns the same report.
+    pub async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
+        let deadline = Instant::now() + timeout;
+        let sender = self.control.shutdown.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(sender) = sender {
+            // An error means the worker already ended by itself; its report is (or was) published.
+            let _ = sender.send(deadline);
+        }
+        let mut report = self.control.report.clone();
+        match tokio::time::timeout_at(deadline, report.wait_for(Option::is_some)).await {
+            Ok(Ok(report)) => report.expect("waited for Some"),
+            // The worker is gone without a report (its task was aborted) or missed the deadline.
+            _ => ShutdownReport { stats: self.stats(), drained: false },
+        }
+    }
+}
+
+impl fmt::Debug for AuditHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditHandle").field("stats", &self.stats()).finish()
+    }
+}

@@ -1,0 +1,428 @@
+//! The layer and its builder, which also spawns the pipeline's worker.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::HeaderName;
+use ipnet::IpNet;
+use tokio::sync::{mpsc, oneshot, watch};
+use tower_layer::Layer;
+
+use crate::error::ConfigError;
+use crate::handle::AuditHandle;
+use crate::pipeline::{Core, RequestConfig, Shared};
+use crate::sanitize::Limits;
+use crate::service::AuditService;
+use crate::sink::{AuditSink, DynSink};
+use crate::worker::{Worker, WorkerConfig};
+
+/// Default queue capacity (events).
+pub const DEFAULT_CAPACITY: usize = 8192;
+/// Default batch size (events).
+pub const DEFAULT_BATCH_SIZE: usize = 512;
+/// Default flush interval.
+pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
+/// Default bound of one sink call.
+pub const DEFAULT_SINK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Query parameters redacted unless [`AuditLayerBuilder::redact_query_params`] says otherwise.
+pub const DEFAULT_REDACTED_QUERY_PARAMS: &[&str] = &[
+    "access_token",
+    "api_key",
+    "apikey",
+    "client_secret",
+    "code",
+    "key",
+    "password",
+    "refresh_token",
+    "secret",
+    "sig",
+    "signature",
+    "token",
+];
+/// Headers that are never recorded, whatever the configuration says.
+pub const SENSITIVE_HEADERS: &[&str] = &["authorization", "cookie", "proxy-authorization", "set-cookie"];
+
+/// What the request path does when the queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Overflow {
+    /// Drop the event and count it (`dropped_queue_full`). The request never waits. The default.
+    #[default]
+    Drop,
+    /// Before calling the inner service, wait at most this long for a free slot (the service is not ready
+    /// meanwhile). Without one, the request goes on and its event is queued at the end if there is room then,
+    /// else dropped and counted (`dropped_wait_timeout`).
+    Wait(Duration),
+    /// Reserve a slot before calling the inner service; with none free, answer `503 Service Unavailable`
+    /// without calling it (counted as `refused`). Every served request is audited. Custom events recorded by
+    /// handlers are still dropped (and counted) when the queue is full.
+    FailClosed,
+}
+
+/// How the worker retries a batch the sink failed to write.
+///
+/// Attempt `n` (from 1) waits `min(base_delay * 2^(n-1), max_delay)`, jittered to between half and all of it.
+/// After `max_retries` retries the batch goes to the fallback sink.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_audit::Retry;
+/// let retry = Retry::default().max_retries(3).base_delay(Duration::from_millis(50));
+/// assert!(retry.delay(1) <= Duration::from_millis(50));
+/// assert!(retry.delay(3) >= Duration::from_millis(100));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retry {
+    pub(crate) max_retries: u32,
+    pub(crate) base_delay: Duration,
+    pub(crate) max_delay: Duration,
+}
+
+impl Default for Retry {
+    /// 5 retries, from 100 ms up to 5 s.
+    fn default() -> Self {
+        Self { max_retries: 5, base_delay: Duration::from_millis(100), max_delay: Duration::from_secs(5) }
+    }
+}
+
+impl Retry {
+    /// No retries: a failed batch goes straight to the fallback sink.
+    pub fn none() -> Self {
+        Self { max_retries: 0, ..Self::default() }
+    }
+
+    /// How many times a failed batch is retried.
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+
+    /// The delay before the first retry (before jitter).
+    pub fn base_delay(mut self, delay: Duration) -> Self {
+        self.base_delay = delay;
+        self
+    }
+
+    /// The longest delay between two attempts (before jitter).
+    pub fn max_delay(mut self, delay: Duration) -> Self {
+        self.max_delay = delay;
+        self
+    }
+
+    /// The jittered delay before retry `attempt` (from 1).
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let exp = self.base_delay.saturating_mul(1u32.checked_shl(attempt.saturating_sub(1)).unwrap_or(u32::MAX));
+        let full = exp.min(self.max_delay);
+        let half = full / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+}
+
+/// A Tower layer that records one audit event per request, without ever waiting on the sink.
+///
+/// Built with [`AuditLayer::builder`], which also spawns the pipeline's worker and returns its
+/// [`AuditHandle`]. Cheap to clone: clones feed the same pipeline.
+#[derive(Clone)]
+pub struct AuditLayer {
+    core: Arc<Core>,
+}
+
+impl AuditLayer {
+    /// Starts configuring a pipeline that writes into `sink`.
+    pub fn builder(sink: impl AuditSink) -> AuditLayerBuilder {
+        AuditLayerBuilder {
+            sink: Box::new(sink),
+            fallback: None,
+            capacity: DEFAULT_CAPACITY,
+            batch_size: DEFAULT_BATCH_SIZE,
+            flush_interval: DEFAULT_FLUSH_INTERVAL,
+            overflow: Overflow::Drop,
+            retry: Retry::default(),
+            sink_timeout: DEFAULT_SINK_TIMEOUT,
+            warn_interval: Duration::from_secs(10),
+            limits: Limits { max_field_len: 256, max_path_len: 1024, max_attributes: 32 },
+            redact_query: DEFAULT_REDACTED_QUERY_PARAMS.iter().map(|s| (*s).to_owned()).collect(),
+            keep_query: true,
+            request_id_header: "x-request-id".to_owned(),
+            capture_headers: Vec::new(),
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+impl<S> Layer<S> for AuditLayer {
+    type Service = AuditService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuditService::new(inner, Arc::clone(&self.core))
+    }
+}
+
+impl fmt::Debug for AuditLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditLayer").field("config", &self.core.config).finish_non_exhaustive()
+    }
+}
+
+/// Configures an [`AuditLayer`]; every setting has a documented default.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::time::Duration;
+/// use tower_audit::{AuditLayer, JsonLinesSink, Overflow, Retry, TracingSink};
+///
+/// let path = std::env::temp_dir().join("audit-builder-example.jsonl");
+/// let (layer, handle) = AuditLayer::builder(JsonLinesSink::open(path)?)
+///     .capacity(16_384)
+///     .batch_size(1024)
+///     .flush_interval(Duration::from_millis(100))
+///     .overflow(Overflow::Drop)
+///     .retry(Retry::default().max_retries(3))
+///     .fallback(TracingSink::new())
+///     .redact_query_params(["token", "session"])
+///     .trusted_proxies(["10.0.0.0/8"])
+///     .capture_header("x-tenant-id")
+///     .build()?;
+/// # drop((layer, handle));
+/// # Ok(())
+/// # }
+/// ```
+pub struct AuditLayerBuilder {
+    sink: Box<dyn DynSink>,
+    fallback: Option<Box<dyn DynSink>>,
+    capacity: usize,
+    batch_size: usize,
+    flush_interval: Duration,
+    overflow: Overflow,
+    retry: Retry,
+    sink_timeout: Duration,
+    warn_interval: Duration,
+    limits: Limits,
+    redact_query: Vec<String>,
+    keep_query: bool,
+    request_id_header: String,
+    capture_headers: Vec<String>,
+    trusted_proxies: Vec<String>,
+}
+
+impl AuditLayerBuilder {
+    /// How many events the queue holds ([`DEFAULT_CAPACITY`]). Memory is bounded by this many events.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// The most events handed to the sink at once ([`DEFAULT_BATCH_SIZE`]). A full batch waiting wakes the
+    /// worker before the flush interval ends.
+    pub fn batch_size(mut self, batch_size: usize) -> Self {
+        self.batch_size = batch_size;
+        self
+    }
+
+    /// How often the worker drains the queue when fewer than a batch's worth wait ([`DEFAULT_FLUSH_INTERVAL`]).
+    /// This bounds how long an event waits before it reaches the sink when traffic is light.
+    pub fn flush_interval(mut self, interval: Duration) -> Self {
+        self.flush_interval = interval;
+        self
+    }
+
+    /// What to do when the queue is full ([`Overflow::Drop`]).
+    pub fn overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+
+    /// How failed batches are retried ([`Retry::default`]).
+    pub fn retry(mut self, retry: Retry) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The longest one sink call may take before it counts as failed ([`DEFAULT_SINK_TIMEOUT`]). A sink that
+    /// never returns cannot stall the pipeline for longer than this per attempt.
+    pub fn sink_timeout(mut self, timeout: Duration) -> Self {
+        self.sink_timeout = timeout;
+        self
+    }
+
+    /// Where batches go after the primary sink failed them `max_retries + 1` times (none by default: they
+    /// are counted as `fallback_failed`). A local [`JsonLinesSink`](crate::JsonLinesSink) is a good choice.
+    pub fn fallback(mut self, sink: impl AuditSink) -> Self {
+        self.fallback = Some(Box::new(sink));
+        self
+    }
+
+    /// The shortest time between two `tracing` warnings about lost events (10 s). Losses in between are
+    /// summed into the next warning.
+    pub fn loss_warning_interval(mut self, interval: Duration) -> Self {
+        self.warn_interval = interval;
+        self
+    }
+
+    /// The longest any text field may be, in bytes (256). Longer values are cut and end with `…`.
+    pub fn max_field_len(mut self, len: usize) -> Self {
+        self.limits.max_field_len = len;
+        self
+    }
+
+    /// The longest recorded path (with its query), in bytes (1024).
+    pub fn max_path_len(mut self, len: usize) -> Self {
+        self.limits.max_path_len = len;
+        self
+    }
+
+    /// The most custom attributes one event keeps (32).
+    pub fn max_attributes(mut self, n: usize) -> Self {
+        self.limits.max_attributes = n;
+        self
+    }
+
+    /// Replaces the list of query parameters whose values are recorded as `REDACTED`
+    /// ([`DEFAULT_REDACTED_QUERY_PARAMS`]). Names are compared case-insensitively after percent-decoding.
+    pub fn redact_query_params<I, N>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = N>,
+        N: AsRef<str>,
+    {
+        self.redact_query = names.into_iter().map(|n| n.as_ref().to_ascii_lowercase()).collect();
+        self
+    }
+
+    /// Whether the query string is recorded at all (yes, with redaction).
+    pub fn record_query(mut self, record: bool) -> Self {
+        self.keep_query = record;
+        self
+    }
+
+    /// The header the request id is read from (`x-request-id`, as set by tower-http's `SetRequestIdLayer`).
+    pub fn request_id_header(mut self, name: impl Into<String>) -> Self {
+        self.request_id_header = name.into();
+        self
+    }
+
+    /// Records the value of a request header as the attribute `header.<name>`. Credential headers
+    /// ([`SENSITIVE_HEADERS`]) are refused by [`build`](Self::build).
+    pub fn capture_header(mut self, name: impl Into<String>) -> Self {
+        self.capture_headers.push(name.into());
+        self
+    }
+
+    /// Proxies (IP addresses or CIDR networks) whose `Forwarded` / `X-Forwarded-For` headers are believed.
+    ///
+    /// Empty by default: the client address is the connection's peer, so a client cannot forge it. When the
+    /// peer is a trusted proxy, the forwarded chain is walked from the right, skipping trusted hops; the first
+    /// untrusted address is the client. `Forwarded` is preferred over `X-Forwarded-For` when both are present.
+    pub fn trusted_proxies<I, P>(mut self, proxies: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: AsRef<str>,
+    {
+        self.trusted_proxies = proxies.into_iter().map(|p| p.as_ref().to_owned()).collect();
+        self
+    }
+
+    /// Validates the configuration and spawns the worker on the current Tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] that names the setting: no Tokio runtime, a zero size, a batch larger than the
+    /// queue, an invalid or credential-carrying header name, a trusted proxy that does not parse.
+    pub fn build(self) -> Result<(AuditLayer, AuditHandle), ConfigError> {
+        for (setting, value) in [
+            ("capacity", self.capacity),
+            ("batch_size", self.batch_size),
+            ("max_field_len", self.limits.max_field_len),
+            ("max_path_len", self.limits.max_path_len),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero { setting });
+            }
+        }
+        if self.batch_size > self.capacity {
+            return Err(ConfigError::BatchLargerThanCapacity { batch_size: self.batch_size, capacity: self.capacity });
+        }
+        let request_id_header = header_name(&self.request_id_header)?;
+        if SENSITIVE_HEADERS.contains(&request_id_header.as_str()) {
+            return Err(ConfigError::SensitiveHeader(request_id_header.to_string()));
+        }
+        let capture_headers = self
+            .capture_headers
+            .iter()
+            .map(|name| {
+                let name = header_name(name)?;
+                if SENSITIVE_HEADERS.contains(&name.as_str()) {
+                    return Err(ConfigError::SensitiveHeader(name.to_string()));
+                }
+                Ok(name)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let trusted_proxies = self
+            .trusted_proxies
+            .iter()
+            .map(|p| {
+                let p = p.trim();
+                p.parse::<IpNet>()
+                    .or_else(|_| p.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| ConfigError::InvalidProxy(p.to_owned()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
+
+        let (tx, rx) = mpsc::channel(self.capacity);
+        let shared = Arc::new(Shared::default());
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let (report_tx, report_rx) = watch::channel(None);
+        let worker = Worker {
+            rx,
+            shared: Arc::clone(&shared),
+            sink: self.sink,
+            fallback: self.fallback,
+            config: WorkerConfig {
+                batch_size: self.batch_size,
+                flush_interval: self.flush_interval,
+                retry: self.retry,
+                sink_timeout: self.sink_timeout,
+                warn_interval: self.warn_interval,
+            },
+            shutdown: shutdown_rx,
+            report: report_tx,
+        };
+        runtime.spawn(worker.run());
+        let core = Arc::new(Core {
+            tx,
+            shared,
+            batch_size: self.batch_size,
+            config: RequestConfig {
+                overflow: self.overflow,
+                limits: self.limits,
+                redact_query: self.redact_query,
+                keep_query: self.keep_query,
+                request_id_header,
+                capture_headers,
+                trusted_proxies,
+            },
+        });
+        let handle = AuditHandle::new(Arc::clone(&core), shutdown_tx, report_rx);
+        Ok((AuditLayer { core }, handle))
+    }
+}
+
+fn header_name(name: &str) -> Result<HeaderName, ConfigError> {
+    HeaderName::from_bytes(name.as_bytes()).map_err(|_| ConfigError::InvalidHeaderName(name.to_owned()))
+}
+
+impl fmt::Debug for AuditLayerBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuditLayerBuilder")
+            .field("capacity", &self.capacity)
+            .field("batch_size", &self.batch_size)
+            .field("flush_interval", &self.flush_interval)
+            .field("overflow", &self.overflow)
+            .field("retry", &self.retry)
+            .field("sink_timeout", &self.sink_timeout)
+            .field("has_fallback", &self.fallback.is_some())
+            .finish_non_exhaustive()
+    }
+}

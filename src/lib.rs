@@ -1,0 +1,100 @@
+//! Non-blocking audit middleware for [Tower], [Axum] and [Tonic].
+//!
+//! [`AuditLayer`] records one [`AuditEvent`] per request (plus any custom security events a handler records
+//! through [`AuditContext`]) and pushes it into a bounded queue **without ever waiting**. A background worker
+//! batches the events into an [`AuditSink`]. The request path never opens a database session, never awaits
+//! I/O for auditing, and never loses an event without counting it: every drop, retry and failure shows up in
+//! [`AuditHandle::stats`], in rate-limited `tracing` warnings, and as an `audit.gap` event in the trail itself.
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{Router, routing::post};
+//! use tower_audit::{AuditContext, AuditEvent, AuditLayer, MemorySink, Outcome};
+//!
+//! async fn login(audit: AuditContext) -> &'static str {
+//!     audit.set_actor("alice@example.com");
+//!     audit.record(AuditEvent::new("auth.login_succeeded"));
+//!     "welcome"
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let sink = MemorySink::new();
+//! let (audit, handle) = AuditLayer::builder(sink.clone()).build()?;
+//! let app: Router = Router::new().route("/login", post(login)).layer(audit);
+//!
+//! // Serve `app` as usual; here one request goes straight through it.
+//! use tower::ServiceExt;
+//! let response = app.oneshot(http::Request::post("/login").body(axum::body::Body::empty())?).await?;
+//! assert_eq!(response.status(), 200);
+//! let body = axum::body::to_bytes(response.into_body(), 1024).await?; // the event is emitted at the end
+//! assert_eq!(body, "welcome");
+//!
+//! let report = handle.shutdown(Duration::from_secs(5)).await;
+//! assert_eq!(report.stats.written, 2);
+//! let events = sink.events();
+//! assert_eq!(events[0].kind, "auth.login_succeeded");
+//! assert_eq!(events[1].kind, "http.request");
+//! assert_eq!(events[1].route.as_deref(), Some("/login"));
+//! assert_eq!(events[1].actor.as_deref(), Some("alice@example.com"));
+//! assert_eq!(events[1].outcome, Outcome::Success);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Feature flags
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `axum` | yes | reads Axum's `MatchedPath` (the route template) and `ConnectInfo<SocketAddr>` (the client address); [`AuditContext`] becomes an extractor |
+//!
+//! # Defaults, and why
+//!
+//! | setting | default | |
+//! |---|---|---|
+//! | queue capacity | 8192 events | bounds memory; a burst this large is absorbed while the sink is slow |
+//! | batch size | 512 | large enough for multi-row inserts, small enough for one round trip |
+//! | flush interval | 200 ms | the longest an event waits in light traffic |
+//! | overflow | [`Overflow::Drop`] | a full queue costs the request nothing; the drop is counted |
+//! | retries | 5, 100 ms → 5 s, jittered | rides out a database restart |
+//! | sink timeout | 10 s | a sink that never returns cannot stall the pipeline |
+//! | redacted query parameters | [`DEFAULT_REDACTED_QUERY_PARAMS`] | tokens in URLs never reach the trail |
+//! | trusted proxies | none | `X-Forwarded-For` cannot be forged by default |
+//!
+//! The worker never wakes per event: it drains the queue every flush interval, or as soon as a whole batch
+//! is waiting. A request pays for an atomic push, not for a cross-core wake-up.
+//!
+//! [Tower]: https://docs.rs/tower
+//! [Axum]: https://docs.rs/axum
+//! [Tonic]: https://docs.rs/tonic
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod client_addr;
+mod context;
+mod error;
+mod event;
+mod future;
+mod handle;
+mod layer;
+mod pipeline;
+mod request;
+mod sanitize;
+mod service;
+pub mod sink;
+mod worker;
+
+pub use self::body::ResponseBody;
+pub use self::client_addr::ClientAddr;
+pub use self::context::AuditContext;
+pub use self::error::{BoxError, ConfigError, SinkError};
+pub use self::event::{AuditEvent, Outcome, SCHEMA_VERSION, kind};
+pub use self::future::ResponseFuture;
+pub use self::handle::{AuditHandle, ShutdownReport};
+pub use self::layer::{
+    AuditLayer, AuditLayerBuilder, DEFAULT_BATCH_SIZE, DEFAULT_CAPACITY, DEFAULT_FLUSH_INTERVAL,
+    DEFAULT_REDACTED_QUERY_PARAMS, DEFAULT_SINK_TIMEOUT, Overflow, Retry, SENSITIVE_HEADERS,
+};
+pub use self::pipeline::Stats;
+pub use self::service::AuditService;
+pub use self::sink::{AuditSink, JsonLinesSink, MemorySink, TracingSink};

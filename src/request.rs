@@ -1,0 +1,201 @@
+//! The audit state of one in-flight request: what was read from the request, and the guard that emits its
+//! event exactly once.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
+
+use http::{HeaderMap, Method, Request, StatusCode};
+use tokio::sync::mpsc::OwnedPermit;
+
+use crate::event::{AuditEvent, Outcome, kind};
+use crate::pipeline::{Core, DropReason};
+use crate::sanitize::{bounded, bounded_bytes, redacted_path};
+
+/// What the layer read from the request, shared with the handler's [`AuditContext`](crate::AuditContext).
+#[derive(Debug)]
+pub(crate) struct RequestState {
+    pub(crate) core: Arc<Core>,
+    pub(crate) info: RequestInfo,
+    pub(crate) fields: Mutex<HandlerFields>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct RequestInfo {
+    pub(crate) time: SystemTime,
+    pub(crate) start: Instant,
+    pub(crate) kind: &'static str,
+    pub(crate) method: Cow<'static, str>,
+    pub(crate) route: Option<String>,
+    pub(crate) path: String,
+    pub(crate) request_id: Option<String>,
+    pub(crate) client_addr: Option<IpAddr>,
+    pub(crate) user_agent: Option<String>,
+}
+
+/// What the handler sets.
+#[derive(Debug, Default)]
+pub(crate) struct HandlerFields {
+    pub(crate) actor: Option<String>,
+    pub(crate) attributes: BTreeMap<String, String>,
+}
+
+impl RequestState {
+    pub(crate) fn capture<B>(req: &Request<B>, core: Arc<Core>) -> Self {
+        let config = &core.config;
+        let max = config.limits.max_field_len;
+        let headers = req.headers();
+        let grpc = is_grpc(headers);
+        let uri = req.uri();
+        let path =
+            redacted_path(uri.path(), uri.query(), &config.redact_query, config.keep_query, config.limits.max_path_len);
+        let route = matched_path(req).map(|route| bounded(route, max)).or_else(|| grpc.then(|| path.clone()));
+        let header = |name| headers.get(name).map(|v| bounded_bytes(v.as_bytes(), max));
+        let mut attributes = BTreeMap::new();
+        for name in &config.capture_headers {
+            if let Some(value) = headers.get(name) {
+                attributes.insert(format!("header.{name}"), bounded_bytes(value.as_bytes(), max));
+            }
+        }
+        RequestState {
+            info: RequestInfo {
+                time: SystemTime::now(),
+                start: Instant::now(),
+                kind: if grpc { kind::GRPC_CALL } else { kind::HTTP_REQUEST },
+                method: method_name(req.method(), max),
+                route,
+                path,
+                request_id: header(&config.request_id_header),
+                client_addr: crate::client_addr::resolve(req, &config.trusted_proxies),
+                user_agent: header(&http::header::USER_AGENT),
+            },
+            fields: Mutex::new(HandlerFields { actor: None, attributes }),
+            core,
+        }
+    }
+
+    pub(crate) fn fields(&self) -> std::sync::MutexGuard<'_, HandlerFields> {
+        self.fields.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Fills what a custom event recorded during this request left unset.
+    pub(crate) fn complete(&self, event: &mut AuditEvent) {
+        let info = &self.info;
+        event.method.get_or_insert_with(|| info.method.clone());
+        if event.route.is_none() {
+            event.route.clone_from(&info.route);
+        }
+        event.path.get_or_insert_with(|| info.path.clone());
+        if event.request_id.is_none() {
+            event.request_id.clone_from(&info.request_id);
+        }
+        event.client_addr = event.client_addr.or(info.client_addr);
+        if event.user_agent.is_none() {
+            event.user_agent.clone_from(&info.user_agent);
+        }
+        if event.actor.is_none() {
+            event.actor.clone_from(&self.fields().actor);
+        }
+    }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(http::header::CONTENT_TYPE).is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
+}
+
+fn matched_path<B>(req: &Request<B>) -> Option<&str> {
+    #[cfg(feature = "axum")]
+    if let Some(path) = req.extensions().get::<axum::extract::MatchedPath>() {
+        return Some(path.as_str());
+    }
+    let _ = req;
+    None
+}
+
+fn method_name(method: &Method, max: usize) -> Cow<'static, str> {
+    Cow::Borrowed(match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => return Cow::Owned(bounded(method.as_str(), max)),
+    })
+}
+
+/// Emits the request's event exactly once: through [`finish`](Self::finish), or as `cancelled` when dropped
+/// before that.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    state: Option<Arc<RequestState>>,
+    permit: Option<OwnedPermit<AuditEvent>>,
+    on_full: DropReason,
+    pub(crate) status: Option<StatusCode>,
+    pub(crate) grpc_status: Option<i32>,
+}
+
+impl Pending {
+    pub(crate) fn new(state: Arc<RequestState>, permit: Option<OwnedPermit<AuditEvent>>, on_full: DropReason) -> Self {
+        Pending { state: Some(state), permit, on_full, status: None, grpc_status: None }
+    }
+
+    /// Reads the gRPC status from response headers (trailers-only responses) or trailers.
+    pub(crate) fn read_grpc_status(&mut self, headers: &HeaderMap) {
+        if let Some(code) = headers.get("grpc-status").and_then(|v| v.to_str().ok()?.trim().parse().ok()) {
+            self.grpc_status = Some(code);
+        }
+    }
+
+    /// Emits the event. `outcome` overrides the outcome derived from the status codes.
+    pub(crate) fn finish(&mut self, outcome: Option<Outcome>) {
+        let Some(state) = self.state.take() else { return };
+        let outcome = outcome.unwrap_or_else(|| match (self.grpc_status, self.status) {
+            (Some(code), _) => Outcome::from_grpc_code(code),
+            (None, Some(status)) => Outcome::from_http_status(status),
+            (None, None) => Outcome::Error,
+        });
+        let latency_us = state.info.start.elapsed().as_micros().try_into().unwrap_or(u64::MAX);
+        // Usually the handler's context is gone by now, so the captured strings move into the event.
+        let (core, info, fields) = match Arc::try_unwrap(state) {
+            Ok(state) => (state.core, state.info, state.fields.into_inner().unwrap_or_else(|e| e.into_inner())),
+            Err(shared) => {
+                let fields = std::mem::take(&mut *shared.fields());
+                (Arc::clone(&shared.core), shared.info.clone(), fields)
+            }
+        };
+        let mut event = AuditEvent::with_time(Cow::Borrowed(info.kind), info.time);
+        event.outcome = outcome;
+        event.method = Some(info.method);
+        event.route = info.route;
+        event.path = Some(info.path);
+        event.status = self.status.map(|s| s.as_u16());
+        event.grpc_status = self.grpc_status;
+        event.latency_us = Some(latency_us);
+        event.request_id = info.request_id;
+        event.actor = fields.actor;
+        event.client_addr = info.client_addr;
+        event.user_agent = info.user_agent;
+        event.attributes = fields.attributes;
+        match self.permit.take() {
+            Some(permit) => {
+                permit.send(event);
+                core.pushed();
+            }
+            None => {
+                core.try_push(event, self.on_full);
+            }
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.finish(Some(Outcome::Cancelled));
+    }
+}

@@ -1,0 +1,141 @@
+//! Bounding and sanitising of everything that comes from the outside.
+
+use percent_encoding::percent_decode_str;
+
+/// What a redacted query value is replaced with.
+pub(crate) const REDACTED: &str = "REDACTED";
+
+const ELLIPSIS: char = '…';
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_field_len: usize,
+    pub(crate) max_path_len: usize,
+    pub(crate) max_attributes: usize,
+}
+
+/// `s` with control characters replaced by `U+FFFD`, cut at a character boundary to at most `max` bytes;
+/// a cut string ends with `…` (within the bound) so a reader can tell it was cut.
+pub(crate) fn bounded(s: &str, max: usize) -> String {
+    if s.len() <= max && !s.chars().any(char::is_control) {
+        return s.to_owned();
+    }
+    let mut out = String::with_capacity(s.len().min(max));
+    for c in s.chars() {
+        let c = if c.is_control() { char::REPLACEMENT_CHARACTER } else { c };
+        if out.len() + c.len_utf8() > max {
+            let mut keep = max.saturating_sub(ELLIPSIS.len_utf8()).min(out.len());
+            while !out.is_char_boundary(keep) {
+                keep -= 1;
+            }
+            out.truncate(keep);
+            if max >= ELLIPSIS.len_utf8() {
+                out.push(ELLIPSIS);
+            }
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Like [`bounded`], for raw header bytes that may not be UTF-8.
+pub(crate) fn bounded_bytes(bytes: &[u8], max: usize) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => bounded(s, max),
+        Err(_) => bounded(&String::from_utf8_lossy(bytes), max),
+    }
+}
+
+/// The path with the values of the named query parameters replaced by [`REDACTED`], bounded to `max` bytes.
+///
+/// `redact` holds lower-case names; keys are compared case-insensitively after percent-decoding, so `%74oken`
+/// is redacted like `token`. With `keep_query == false` the query is dropped altogether.
+pub(crate) fn redacted_path(
+    path: &str,
+    query: Option<&str>,
+    redact: &[String],
+    keep_query: bool,
+    max: usize,
+) -> String {
+    let query = match query {
+        Some(q) if keep_query && !q.is_empty() => q,
+        _ => return bounded(path, max),
+    };
+    let mut out = String::with_capacity(path.len() + query.len() + 1);
+    out.push_str(path);
+    out.push('?');
+    for (i, pair) in query.split('&').enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        if is_redacted(key, redact) {
+            out.push_str(key);
+            out.push('=');
+            out.push_str(REDACTED);
+        } else {
+            out.push_str(pair);
+        }
+    }
+    bounded(&out, max)
+}
+
+fn is_redacted(raw_key: &str, redact: &[String]) -> bool {
+    if redact.is_empty() {
+        return false;
+    }
+    let key = percent_decode_str(raw_key).decode_utf8_lossy();
+    redact.iter().any(|name| name.eq_ignore_ascii_case(key.trim()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_clean_text_is_unchanged() {
+        assert_eq!(bounded("/api/users", 64), "/api/users");
+    }
+
+    #[test]
+    fn control_characters_are_replaced() {
+        assert_eq!(bounded("a\nb\r\u{7f}c\u{85}", 64), "a\u{fffd}b\u{fffd}\u{fffd}c\u{fffd}");
+    }
+
+    #[test]
+    fn long_text_is_cut_at_a_char_boundary_with_a_mark() {
+        let cut = bounded(&"é".repeat(100), 10);
+        assert!(cut.len() <= 10, "{cut}");
+        assert_eq!(cut, "ééé…");
+        let cut = bounded(&"x".repeat(10_000), 1024);
+        assert_eq!(cut.len(), 1024);
+        assert!(cut.ends_with('…'));
+    }
+
+    #[test]
+    fn replacement_that_grows_text_still_respects_bound() {
+        // 8 one-byte control characters become 8 three-byte replacement characters.
+        let cut = bounded("\n\n\n\n\n\n\n\n", 8);
+        assert!(cut.len() <= 8, "{cut:?}");
+        assert_eq!(cut, "\u{fffd}…");
+    }
+
+    #[test]
+    fn invalid_utf8_is_replaced() {
+        assert_eq!(bounded_bytes(b"ok\xff\xfe", 64), "ok\u{fffd}\u{fffd}");
+    }
+
+    #[test]
+    fn query_values_are_redacted_case_insensitively_and_percent_decoded() {
+        let redact = vec!["token".to_owned(), "password".to_owned()];
+        let path = redacted_path("/cb", Some("a=1&TOKEN=abc&%74oken=def&password&b=2"), &redact, true, 1024);
+        assert_eq!(path, "/cb?a=1&TOKEN=REDACTED&%74oken=REDACTED&password=REDACTED&b=2");
+    }
+
+    #[test]
+    fn query_can_be_dropped() {
+        let path = redacted_path("/cb", Some("a=1"), &[], false, 1024);
+        assert_eq!(path, "/cb");
+    }
+}
