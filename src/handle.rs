@@ -1,10 +1,10 @@
 //! The handle returned with the layer: counters, custom events, shutdown.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::event::AuditEvent;
@@ -22,9 +22,11 @@ pub struct AuditHandle {
 }
 
 struct Control {
-    shutdown: Mutex<Option<oneshot::Sender<Instant>>>,
+    deadline: watch::Sender<Option<Instant>>,
     report: watch::Receiver<Option<ShutdownReport>>,
 }
+
+const REPORT_GRACE: Duration = Duration::from_millis(100);
 
 /// What happened to every event, once a pipeline is shut down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -39,10 +41,10 @@ pub struct ShutdownReport {
 impl AuditHandle {
     pub(crate) fn new(
         core: Arc<Core>,
-        shutdown: oneshot::Sender<Instant>,
+        deadline: watch::Sender<Option<Instant>>,
         report: watch::Receiver<Option<ShutdownReport>>,
     ) -> Self {
-        Self { core, control: Arc::new(Control { shutdown: Mutex::new(Some(shutdown)), report }) }
+        Self { core, control: Arc::new(Control { deadline, report }) }
     }
 
     /// A snapshot of the pipeline's counters.
@@ -74,13 +76,11 @@ impl AuditHandle {
     /// Calling it again (from any clone) returns the same report.
     pub async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
         let deadline = Instant::now() + timeout;
-        let sender = self.control.shutdown.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(sender) = sender {
-            // An error means the worker already ended by itself; its report is (or was) published.
-            let _ = sender.send(deadline);
-        }
+        // The first call sets the deadline; later calls wait for the same report.
+        self.control.deadline.send_if_modified(|current| current.is_none() && current.insert(deadline) == &deadline);
         let mut report = self.control.report.clone();
-        match tokio::time::timeout_at(deadline, report.wait_for(Option::is_some)).await {
+        // The worker obeys the deadline itself; the grace covers its last bookkeeping after it.
+        match tokio::time::timeout_at(deadline + REPORT_GRACE, report.wait_for(Option::is_some)).await {
             Ok(Ok(report)) => report.expect("waited for Some"),
             // The worker is gone without a report (its task was aborted) or missed the deadline.
             _ => ShutdownReport { stats: self.stats(), drained: false },

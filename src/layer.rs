@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::HeaderName;
 use ipnet::IpNet;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tower_layer::Layer;
 
 use crate::error::ConfigError;
@@ -372,7 +372,7 @@ impl AuditLayerBuilder {
 
         let (tx, rx) = mpsc::channel(self.capacity);
         let shared = Arc::new(Shared::default());
-        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let (deadline_tx, deadline_rx) = watch::channel(None);
         let (report_tx, report_rx) = watch::channel(None);
         let worker = Worker {
             rx,
@@ -386,7 +386,7 @@ impl AuditLayerBuilder {
                 sink_timeout: self.sink_timeout,
                 warn_interval: self.warn_interval,
             },
-            shutdown: shutdown_rx,
+            deadline: deadline_rx,
             report: report_tx,
         };
         runtime.spawn(worker.run());
@@ -404,7 +404,7 @@ impl AuditLayerBuilder {
                 trusted_proxies,
             },
         });
-        let handle = AuditHandle::new(Arc::clone(&core), shutdown_tx, report_rx);
+        let handle = AuditHandle::new(Arc::clone(&core), deadline_tx, report_rx);
         Ok((AuditLayer { core }, handle))
     }
 }

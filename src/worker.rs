@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use pin_project_lite::pin_project;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::Retry;
@@ -33,7 +33,8 @@ pub(crate) struct Worker {
     pub(crate) sink: Box<dyn DynSink>,
     pub(crate) fallback: Option<Box<dyn DynSink>>,
     pub(crate) config: WorkerConfig,
-    pub(crate) shutdown: oneshot::Receiver<Instant>,
+    /// The shutdown deadline, once a handle asked for shutdown.
+    pub(crate) deadline: watch::Receiver<Option<Instant>>,
     pub(crate) report: watch::Sender<Option<ShutdownReport>>,
 }
 
@@ -100,29 +101,35 @@ impl Worker {
     pub(crate) async fn run(mut self) {
         let mut batch = Vec::with_capacity(self.config.batch_size);
         let mut progress = Progress { seq: 0, reported: Losses::default(), warned: Losses::default(), last_warn: None };
-        let mut shutdown = Some(std::mem::replace(&mut self.shutdown, oneshot::channel().1));
+        let mut requests = self.deadline.clone();
+        let mut listening = true;
         let mut tick = Instant::now() + self.config.flush_interval;
         loop {
-            tokio::select! {
+            let ticked = tokio::select! {
                 biased;
-                request = async { shutdown.as_mut().expect("guarded").await }, if shutdown.is_some() => {
-                    match request {
-                        Ok(deadline) => return self.shut_down(batch, progress, Some(deadline)).await,
+                changed = requests.changed(), if listening => {
+                    match changed {
+                        Ok(()) => return self.shut_down(batch, progress).await,
                         // Every handle is gone; the worker now ends when every producer is gone.
-                        Err(_) => shutdown = None,
+                        Err(_) => listening = false,
                     }
+                    continue;
                 }
-                _ = self.shared.wake.notified() => {}
-                _ = tokio::time::sleep_until(tick) => tick = Instant::now() + self.config.flush_interval,
-            }
+                _ = self.shared.wake.notified() => false,
+                _ = tokio::time::sleep_until(tick) => {
+                    tick = Instant::now() + self.config.flush_interval;
+                    true
+                }
+            };
             self.shared.wake_pending.store(false, Relaxed);
+            // Full batches go out as soon as they are there; a partial one waits for the tick.
             loop {
                 let (full, disconnected) = self.take(&mut batch);
-                if !batch.is_empty() || self.losses_to_report(&progress) {
-                    self.deliver(&mut batch, &mut progress, None).await;
-                }
                 if disconnected {
-                    return self.shut_down(batch, progress, None).await;
+                    return self.shut_down(batch, progress).await;
+                }
+                if full || (ticked && (!batch.is_empty() || self.losses_to_report(&progress))) {
+                    self.deliver(&mut batch, &mut progress).await;
                 }
                 if !full {
                     break;
@@ -137,7 +144,10 @@ impl Worker {
     fn take(&mut self, batch: &mut Vec<AuditEvent>) -> (bool, bool) {
         while batch.len() < self.config.batch_size {
             match self.rx.try_recv() {
-                Ok(event) => batch.push(event),
+                Ok(event) => {
+                    add(&self.shared.counters.taken, 1);
+                    batch.push(event);
+                }
                 Err(mpsc::error::TryRecvError::Empty) => return (false, false),
                 Err(mpsc::error::TryRecvError::Disconnected) => return (false, true),
             }
@@ -155,8 +165,7 @@ impl Worker {
 
     /// Writes `batch` (preceded by an `audit.gap` event when events were lost since the last one) to the sink,
     /// retrying with backoff, then to the fallback. Leaves `batch` empty.
-    async fn deliver(&mut self, batch: &mut Vec<AuditEvent>, progress: &mut Progress, deadline: Option<Instant>) {
-        add(&self.shared.counters.taken, batch.len() as u64);
+    async fn deliver(&mut self, batch: &mut Vec<AuditEvent>, progress: &mut Progress) {
         let losses = Losses::now(&self.stats());
         let lost = losses.since(progress.reported);
         if lost.total() > 0 {
@@ -170,7 +179,7 @@ impl Worker {
         let counters = &self.shared.counters;
         let mut attempt = 0;
         loop {
-            match attempt_write(self.sink.write_batch(batch), self.config.sink_timeout, &self.shared).await {
+            match self.attempt(self.sink.write_batch(batch)).await {
                 Ok(()) => {
                     add(&counters.written, batch.len() as u64);
                     add(&counters.batches, 1);
@@ -182,6 +191,7 @@ impl Worker {
                 }
                 Err(failure) => {
                     let delay = self.config.retry.delay(attempt + 1);
+                    let deadline = *self.deadline.borrow();
                     let out_of_time = deadline.is_some_and(|d| Instant::now() + delay >= d);
                     if attempt >= self.config.retry.max_retries || out_of_time {
                         tracing::error!(
@@ -203,7 +213,12 @@ impl Worker {
                     );
                     add(&counters.retries, 1);
                     attempt += 1;
-                    tokio::time::sleep(delay).await;
+                    // A shutdown deadline that falls inside the wait cuts it short (and ends the retries).
+                    if within(&self.deadline, None, tokio::time::sleep(delay)).await.is_none() {
+                        add(&counters.failed, batch.len() as u64);
+                        self.fall_back(batch).await;
+                        break;
+                    }
                 }
             }
         }
@@ -216,11 +231,31 @@ impl Worker {
             add(&counters.fallback_failed, batch.len() as u64);
             return;
         };
-        match attempt_write(fallback.write_batch(batch), self.config.sink_timeout, &self.shared).await {
+        match self.attempt(fallback.write_batch(batch)).await {
             Ok(()) => add(&counters.fallback_written, batch.len() as u64),
             Err(failure) => {
                 tracing::error!(events = batch.len(), error = %failure, "audit fallback sink failed too; events lost");
                 add(&counters.fallback_failed, batch.len() as u64);
+            }
+        }
+    }
+
+    /// One sink call, bounded by the sink timeout and the shutdown deadline, with a panic turned into a
+    /// counted failure.
+    async fn attempt<F>(&self, write: F) -> Result<(), Failure>
+    where
+        F: Future<Output = Result<(), crate::SinkError>>,
+    {
+        match within(&self.deadline, Some(self.config.sink_timeout), CatchUnwind { inner: write }).await {
+            Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(Failure::Sink(e)),
+            Some(Err(panic)) => {
+                add(&self.shared.counters.sink_panics, 1);
+                Err(Failure::Panic(panic_message(&*panic)))
+            }
+            None => {
+                add(&self.shared.counters.sink_timeouts, 1);
+                Err(Failure::Timeout)
             }
         }
     }
@@ -243,52 +278,45 @@ impl Worker {
         progress.last_warn = Some(Instant::now());
     }
 
-    /// Closes intake, drains every queued event (until `deadline`, if any), flushes, and publishes the report.
-    async fn shut_down(mut self, mut batch: Vec<AuditEvent>, mut progress: Progress, deadline: Option<Instant>) {
+    /// Closes intake, drains every queued event (until the shutdown deadline, if one was given), flushes, and
+    /// publishes the report.
+    async fn shut_down(mut self, mut batch: Vec<AuditEvent>, mut progress: Progress) {
         self.rx.close();
         let mut drained = true;
         loop {
             if batch.len() < self.config.batch_size {
                 let limit = self.config.batch_size - batch.len();
-                let received = match deadline {
-                    Some(d) => tokio::time::timeout_at(d, self.rx.recv_many(&mut batch, limit)).await,
-                    None => Ok(self.rx.recv_many(&mut batch, limit).await),
-                };
+                let received = within(&self.deadline, None, self.rx.recv_many(&mut batch, limit)).await;
                 match received {
-                    Ok(0) if batch.is_empty() => break,
-                    Ok(_) => {}
-                    Err(_) => {
+                    Some(0) if batch.is_empty() => break,
+                    Some(n) => add(&self.shared.counters.taken, n as u64),
+                    None => {
                         drained = false;
                         break;
                     }
                 }
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            if self.deadline.borrow().is_some_and(|d| Instant::now() >= d) {
                 drained = false;
                 break;
             }
-            self.deliver(&mut batch, &mut progress, deadline).await;
+            self.deliver(&mut batch, &mut progress).await;
         }
         if drained && self.losses_to_report(&progress) {
-            self.deliver(&mut batch, &mut progress, deadline).await;
+            self.deliver(&mut batch, &mut progress).await;
         }
-        let abandoned = (batch.len() + self.rx.len()) as u64;
+        let left_in_queue = self.rx.len() as u64;
+        let abandoned = batch.len() as u64 + left_in_queue;
         add(&self.shared.counters.abandoned, abandoned);
         // Counted as taken so that `enqueued` (taken + waiting) stays whole once the queue is gone.
-        add(&self.shared.counters.taken, abandoned);
-        let flush = async {
-            for sink in std::iter::once(&self.sink).chain(self.fallback.as_ref()) {
-                if let Err(failure) = attempt_write(sink.flush(), self.config.sink_timeout, &self.shared).await {
-                    tracing::error!(error = %failure, "audit sink failed to flush at shutdown");
-                    return false;
-                }
+        add(&self.shared.counters.taken, left_in_queue);
+        let mut flushed = true;
+        for sink in std::iter::once(&self.sink).chain(self.fallback.as_ref()) {
+            if let Err(failure) = self.attempt(sink.flush()).await {
+                tracing::error!(error = %failure, "audit sink failed to flush at shutdown");
+                flushed = false;
             }
-            true
-        };
-        let flushed = match deadline {
-            Some(d) => tokio::time::timeout_at(d, flush).await.unwrap_or(false),
-            None => flush.await,
-        };
+        }
         self.warn_about_losses(&mut Progress { last_warn: None, ..progress });
         let stats = self.shared.counters.snapshot(0);
         let report = ShutdownReport { stats, drained: drained && flushed && abandoned == 0 };
@@ -328,21 +356,32 @@ fn new_id(time: SystemTime) -> uuid::Uuid {
     uuid::Builder::from_unix_timestamp_millis(millis, &bytes).into_uuid()
 }
 
-/// One sink call, bounded in time, with a panic turned into a counted failure.
-async fn attempt_write<F>(write: F, timeout: Duration, shared: &Shared) -> Result<(), Failure>
-where
-    F: Future<Output = Result<(), crate::SinkError>>,
-{
-    match tokio::time::timeout(timeout, CatchUnwind { inner: write }).await {
-        Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(e))) => Err(Failure::Sink(e)),
-        Ok(Err(panic)) => {
-            add(&shared.counters.sink_panics, 1);
-            Err(Failure::Panic(panic_message(&*panic)))
-        }
-        Err(_) => {
-            add(&shared.counters.sink_timeouts, 1);
-            Err(Failure::Timeout)
+/// Runs `future` until it completes (`Some`), or until `limit` or the shutdown deadline passes (`None`).
+/// A deadline set while it runs is obeyed too.
+async fn within<F: Future>(
+    deadline: &watch::Receiver<Option<Instant>>,
+    limit: Option<Duration>,
+    future: F,
+) -> Option<F::Output> {
+    let mut deadline = deadline.clone();
+    let until = limit.map(|limit| Instant::now() + limit);
+    tokio::pin!(future);
+    loop {
+        let end = match (until, *deadline.borrow_and_update()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let expired = async {
+            match end {
+                Some(end) => tokio::time::sleep_until(end).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            output = &mut future => return Some(output),
+            () = expired => return None,
+            Ok(()) = deadline.changed() => {}
         }
     }
 }

@@ -1,0 +1,174 @@
+//! Sinks and helpers shared by the integration tests. Each sink here is a mock only because the behaviour it
+//! fakes (never returning, failing, panicking) is what the test is about.
+#![allow(dead_code, unreachable_pub)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame};
+use http_body_util::Full;
+use tokio::sync::{Notify, mpsc};
+use tower_audit::{AuditEvent, AuditSink, SinkError};
+
+/// Polls `condition` until it holds, yielding to other tasks in between; fails the test after `limit` of real
+/// time (so it also works, and stays bounded, under a paused Tokio clock).
+pub async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !condition() {
+        assert!(std::time::Instant::now() < deadline, "condition not reached within {limit:?}");
+        tokio::task::yield_now().await;
+    }
+}
+
+/// A sink whose writes wait until the gate opens. `entered` counts calls that started.
+#[derive(Clone, Default)]
+pub struct GateSink {
+    pub entered: Arc<AtomicUsize>,
+    pub open: Arc<Notify>,
+    pub written: Arc<Mutex<Vec<AuditEvent>>>,
+}
+
+impl GateSink {
+    pub fn entered(&self) -> usize {
+        self.entered.load(Ordering::SeqCst)
+    }
+}
+
+impl AuditSink for GateSink {
+    async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        self.open.notified().await;
+        self.written.lock().unwrap().extend_from_slice(batch);
+        Ok(())
+    }
+}
+
+/// A sink that never returns: the incident's stalled database.
+#[derive(Clone, Default)]
+pub struct StalledSink {
+    pub entered: Arc<AtomicUsize>,
+}
+
+impl AuditSink for StalledSink {
+    async fn write_batch(&self, _batch: &[AuditEvent]) -> Result<(), SinkError> {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        std::future::pending().await
+    }
+}
+
+/// What a scripted sink does on one call.
+#[derive(Clone, Copy, Debug)]
+pub enum Step {
+    Fail,
+    Panic,
+    Ok,
+}
+
+/// A sink that follows a script, call by call (then succeeds), and records every batch it was given.
+#[derive(Clone, Default)]
+pub struct ScriptedSink {
+    pub script: Arc<Mutex<Vec<Step>>>,
+    pub calls: Arc<Mutex<Vec<Vec<AuditEvent>>>>,
+    pub written: tower_audit::MemorySink,
+}
+
+impl ScriptedSink {
+    pub fn new(script: &[Step]) -> Self {
+        let mut steps = script.to_vec();
+        steps.reverse();
+        Self { script: Arc::new(Mutex::new(steps)), ..Self::default() }
+    }
+
+    pub fn calls(&self) -> Vec<Vec<AuditEvent>> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl AuditSink for ScriptedSink {
+    async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
+        self.calls.lock().unwrap().push(batch.to_vec());
+        let step = self.script.lock().unwrap().pop().unwrap_or(Step::Ok);
+        match step {
+            Step::Fail => Err(SinkError::backend("scripted failure")),
+            Step::Panic => panic!("scripted panic"),
+            Step::Ok => self.written.write_batch(batch).await,
+        }
+    }
+}
+
+/// A sink that always fails.
+#[derive(Clone, Default)]
+pub struct FailingSink;
+
+impl AuditSink for FailingSink {
+    async fn write_batch(&self, _batch: &[AuditEvent]) -> Result<(), SinkError> {
+        Err(SinkError::backend("always fails"))
+    }
+}
+
+pub type TestResponse = Response<Full<Bytes>>;
+
+/// A plain `tower` service answering `status` with `body`.
+pub async fn answer(status: u16, body: &'static str) -> Result<TestResponse, Infallible> {
+    Ok(Response::builder().status(status).body(Full::new(Bytes::from_static(body.as_bytes()))).unwrap())
+}
+
+pub fn get(uri: &str) -> Request<Full<Bytes>> {
+    Request::get(uri).body(Full::default()).unwrap()
+}
+
+/// A response body fed through a channel, to test streaming.
+pub struct ChannelBody {
+    pub rx: mpsc::Receiver<Frame<Bytes>>,
+}
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx.poll_recv(cx).map(|frame| frame.map(Ok))
+    }
+}
+
+/// A response body that fails after one data frame.
+pub struct FailingBody {
+    pub sent: bool,
+}
+
+impl Body for FailingBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        if self.sent {
+            Poll::Ready(Some(Err(std::io::Error::other("connection to upstream lost"))))
+        } else {
+            self.sent = true;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(b"partial")))))
+        }
+    }
+}
+
+/// Drives a body to its end, returning its data.
+pub async fn read_body<B>(body: B) -> Result<Bytes, B::Error>
+where
+    B: Body,
+{
+    use http_body_util::BodyExt;
+    Ok(body.collect().await?.to_bytes())
+}
+
+pub fn boxed<F: Future + Send + 'static>(f: F) -> Pin<Box<dyn Future<Output = F::Output> + Send>> {
+    Box::pin(f)
+}

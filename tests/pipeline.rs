@@ -1,0 +1,292 @@
+//! The worker: batching by size and time, retries, fallback, panics, shutdown, loss reporting.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use tokio::time::Instant;
+use tower_audit::{AuditEvent, AuditLayer, AuditSink, MemorySink, Outcome, Retry, SinkError, kind};
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn events(n: usize) -> impl Iterator<Item = AuditEvent> {
+    (0..n).map(|i| AuditEvent::new("test.event").attribute("i", i.to_string()))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_partial_batch_waits_for_the_flush_interval() {
+    let sink = MemorySink::new();
+    let (_layer, handle) =
+        AuditLayer::builder(sink.clone()).batch_size(3).flush_interval(Duration::from_secs(1)).build().unwrap();
+    let start = Instant::now();
+    for e in events(2) {
+        assert!(handle.record(e));
+    }
+    // The clock only moves when every task is idle, so the write happens exactly at the tick.
+    tokio::time::timeout(LIMIT, sink.wait_for(2)).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    assert_eq!(handle.stats().batches, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_batch_is_written_without_waiting_for_the_interval() {
+    let sink = MemorySink::new();
+    let (_layer, handle) =
+        AuditLayer::builder(sink.clone()).batch_size(3).flush_interval(Duration::from_secs(60)).build().unwrap();
+    let start = Instant::now();
+    for e in events(7) {
+        assert!(handle.record(e));
+    }
+    tokio::time::timeout(LIMIT, sink.wait_for(6)).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::ZERO, "woken by the full batch, not by the tick");
+    assert_eq!(sink.len(), 6, "the partial batch waits");
+    assert_eq!(handle.stats().batches, 2);
+    // The seventh waits for the tick.
+    tokio::time::timeout(LIMIT * 10, sink.wait_for(7)).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_secs(60));
+    let seqs: Vec<u64> = sink.events().iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_batches_are_retried_with_backoff_and_the_same_ids() {
+    let sink = ScriptedSink::new(&[Step::Fail, Step::Fail]);
+    let retry =
+        Retry::default().max_retries(3).base_delay(Duration::from_millis(100)).max_delay(Duration::from_secs(1));
+    let (_layer, handle) = AuditLayer::builder(sink.clone())
+        .batch_size(4)
+        .flush_interval(Duration::from_millis(10))
+        .retry(retry)
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    for e in events(4) {
+        handle.record(e);
+    }
+    tokio::time::timeout(LIMIT, sink.written.wait_for(4)).await.unwrap();
+    // Two failed attempts: waits of 50–100 ms, then 100–200 ms (jittered).
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(150) && waited <= Duration::from_millis(300), "{waited:?}");
+    let calls = sink.calls();
+    assert_eq!(calls.len(), 3);
+    assert_eq!(calls[0], calls[2], "a retry sends the very same events, ids and sequence numbers included");
+    let stats = handle.stats();
+    assert_eq!((stats.retries, stats.written, stats.failed, stats.batches), (2, 4, 0, 1));
+}
+
+#[test]
+fn backoff_grows_exponentially_with_jitter_up_to_the_maximum() {
+    let retry = Retry::default().base_delay(Duration::from_millis(100)).max_delay(Duration::from_millis(1000));
+    for _ in 0..100 {
+        let d = |n| retry.delay(n);
+        assert!(d(1) >= Duration::from_millis(50) && d(1) <= Duration::from_millis(100));
+        assert!(d(2) >= Duration::from_millis(100) && d(2) <= Duration::from_millis(200));
+        assert!(d(4) >= Duration::from_millis(400) && d(4) <= Duration::from_millis(800));
+        assert!(d(10) >= Duration::from_millis(500) && d(10) <= Duration::from_millis(1000));
+        assert!(d(200) <= Duration::from_millis(1000), "no overflow");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhausted_retries_go_to_the_fallback_and_are_reported_in_the_trail() {
+    let primary = ScriptedSink::new(&[Step::Fail, Step::Fail, Step::Fail]);
+    let fallback = MemorySink::new();
+    let (_layer, handle) = AuditLayer::builder(primary.clone())
+        .batch_size(5)
+        .flush_interval(Duration::from_millis(10))
+        .retry(Retry::default().max_retries(2))
+        .fallback(fallback.clone())
+        .build()
+        .unwrap();
+    for e in events(5) {
+        handle.record(e);
+    }
+    tokio::time::timeout(LIMIT, fallback.wait_for(5)).await.unwrap();
+    let stats = handle.stats();
+    assert_eq!((stats.failed, stats.fallback_written, stats.fallback_failed, stats.retries), (5, 5, 0, 2));
+
+    // The primary trail learns of the hole with the next batch.
+    handle.record(AuditEvent::new("after"));
+    tokio::time::timeout(LIMIT, primary.written.wait_for(2)).await.unwrap();
+    let trail = primary.written.events();
+    assert_eq!(trail[0].kind, kind::AUDIT_GAP);
+    assert_eq!(trail[0].attributes["sink_failed"], "5");
+    assert_eq!(trail[0].outcome, Outcome::Error);
+    assert_eq!(trail[1].kind, "after");
+    assert_eq!(trail.iter().map(|e| e.seq).collect::<Vec<_>>(), [6, 7]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_a_fallback_failed_events_are_counted_as_lost() {
+    let (_layer, handle) = AuditLayer::builder(FailingSink)
+        .flush_interval(Duration::from_millis(10))
+        .retry(Retry::none())
+        .build()
+        .unwrap();
+    for e in events(3) {
+        handle.record(e);
+    }
+    let report = handle.shutdown(LIMIT).await;
+    assert_eq!((report.stats.failed, report.stats.fallback_failed, report.stats.written), (3 + 1, 3 + 1, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_sink_is_counted_and_auditing_goes_on() {
+    let sink = ScriptedSink::new(&[Step::Panic]);
+    let (_layer, handle) = AuditLayer::builder(sink.clone())
+        .flush_interval(Duration::from_millis(10))
+        .retry(Retry::default().max_retries(1))
+        .build()
+        .unwrap();
+    handle.record(AuditEvent::new("first"));
+    tokio::time::timeout(LIMIT, sink.written.wait_for(1)).await.unwrap();
+    handle.record(AuditEvent::new("second"));
+    tokio::time::timeout(LIMIT, sink.written.wait_for(2)).await.unwrap();
+    let stats = handle.stats();
+    assert_eq!((stats.sink_panics, stats.retries, stats.written, stats.failed), (1, 1, 2, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sink_that_never_returns_times_out_into_the_fallback() {
+    let fallback = MemorySink::new();
+    let (_layer, handle) = AuditLayer::builder(StalledSink::default())
+        .flush_interval(Duration::from_millis(10))
+        .sink_timeout(Duration::from_secs(2))
+        .retry(Retry::none())
+        .fallback(fallback.clone())
+        .build()
+        .unwrap();
+    let start = Instant::now();
+    handle.record(AuditEvent::new("x"));
+    tokio::time::timeout(LIMIT, fallback.wait_for(1)).await.unwrap();
+    assert_eq!(start.elapsed(), Duration::from_millis(10) + Duration::from_secs(2));
+    assert_eq!(handle.stats().sink_timeouts, 1);
+}
+
+#[tokio::test]
+async fn shutdown_drains_every_queued_event_and_closes_intake() {
+    let sink = MemorySink::new();
+    let (layer, handle) =
+        AuditLayer::builder(sink.clone()).batch_size(100).flush_interval(Duration::from_secs(3600)).build().unwrap();
+    for e in events(250) {
+        assert!(handle.record(e));
+    }
+    let report = handle.shutdown(LIMIT).await;
+    assert!(report.drained);
+    assert_eq!(sink.len(), 250);
+    assert_eq!((report.stats.written, report.stats.batches, report.stats.enqueued), (250, 3, 250));
+
+    assert!(!handle.record(AuditEvent::new("late")));
+    assert_eq!(handle.stats().dropped_closed, 1);
+    assert_eq!(handle.clone().shutdown(LIMIT).await, report, "a second call returns the same report");
+    drop(layer);
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_deadline_bounds_a_stalled_sink_and_reports_what_was_left() {
+    let sink = StalledSink::default();
+    let (_layer, handle) = AuditLayer::builder(sink.clone())
+        .batch_size(10)
+        .flush_interval(Duration::from_secs(3600))
+        .sink_timeout(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    for e in events(25) {
+        handle.record(e);
+    }
+    let start = Instant::now();
+    let report = handle.shutdown(Duration::from_secs(3)).await;
+    assert_eq!(start.elapsed(), Duration::from_secs(3), "the deadline cuts the stalled write short");
+    assert_eq!(sink.entered.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(!report.drained);
+    let stats = report.stats;
+    // The batch inside the sink failed at the deadline (no fallback: lost); the 15 still queued are abandoned.
+    assert_eq!((stats.written, stats.failed, stats.fallback_failed, stats.abandoned), (0, 10, 10, 15), "{stats:?}");
+    assert_eq!(stats.enqueued, 25);
+}
+
+/// A sink that says when it is dropped, i.e. when the worker has ended.
+struct DropSignal {
+    inner: MemorySink,
+    dropped: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl AuditSink for DropSignal {
+    async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
+        self.inner.write_batch(batch).await
+    }
+}
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        let _ = self.dropped.take().unwrap().send(());
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_every_layer_and_handle_ends_the_worker_after_draining() {
+    let memory = MemorySink::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (layer, handle) = AuditLayer::builder(DropSignal { inner: memory.clone(), dropped: Some(tx) })
+        .flush_interval(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let layer2 = layer.clone();
+    for e in events(3) {
+        handle.record(e);
+    }
+    drop((layer, layer2, handle));
+    tokio::time::timeout(LIMIT, rx).await.expect("worker did not end").unwrap();
+    assert_eq!(memory.len(), 3);
+}
+
+/// Counts `WARN` events from the worker about lost events.
+#[derive(Clone, Default)]
+struct LossWarnings(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for LossWarnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(String);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                self.0.push_str(&format!("{}={:?} ", field.name(), value));
+            }
+        }
+        if *event.metadata().level() == tracing::Level::WARN {
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            if message.0.contains("lost") {
+                self.0.lock().unwrap().push(message.0);
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn losses_are_warned_about_at_a_limited_rate() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let warnings = LossWarnings::default();
+    let _guard = tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
+
+    let sink = MemorySink::new();
+    let (_layer, handle) = AuditLayer::builder(sink.clone())
+        .capacity(2)
+        .batch_size(2)
+        .flush_interval(Duration::from_millis(100))
+        .loss_warning_interval(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    // Ten rounds, 100 ms apart: each overfills the queue by three events.
+    for round in 0..10u64 {
+        for e in events(5) {
+            handle.record(e);
+        }
+        tokio::time::timeout(LIMIT, sink.wait_for(2 * (round as usize + 1) + round as usize + 1)).await.unwrap();
+    }
+    assert_eq!(handle.stats().dropped_queue_full, 30);
+    let seen = warnings.0.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "one warning within the interval, not one per event: {seen:?}");
+    assert!(seen[0].contains("lost=3"), "{seen:?}");
+}
