@@ -98,3 +98,8 @@ pub use self::layer::{
 pub use self::pipeline::Stats;
 pub use self::service::AuditService;
 pub use self::sink::{AuditSink, JsonLinesSink, MemorySink, TracingSink};
+
+/// The README's code compiles.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -52,12 +52,14 @@ fn json_lines_sink_says_which_file_it_cannot_open() {
 
 /// Collects the fields of every event with the audit target.
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<Vec<(String, String)>>>>);
+struct Captured(Arc<Mutex<Vec<Fields>>>);
+
+type Fields = Vec<(String, String)>;
 
 impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Captured {
     fn on_event(&self, event: &tracing::Event<'_>, _ctx: tracing_subscriber::layer::Context<'_, S>) {
-        struct Fields(Vec<(String, String)>);
-        impl tracing::field::Visit for Fields {
+        struct Visitor(Fields);
+        impl tracing::field::Visit for Visitor {
             fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
                 self.0.push((field.name().to_owned(), format!("{value:?}")));
             }
@@ -66,7 +68,7 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Captured {
             }
         }
         if event.metadata().target() == TracingSink::TARGET {
-            let mut fields = Fields(Vec::new());
+            let mut fields = Visitor(Vec::new());
             event.record(&mut fields);
             self.0.lock().unwrap().push(fields.0);
         }
