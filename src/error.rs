@@ -32,6 +32,12 @@ pub enum ConfigError {
     /// A header that carries credentials was asked to be captured.
     #[error("header `{0}` carries credentials and is never recorded in audit events")]
     SensitiveHeader(String),
+    /// A table name is not a plain lower-case SQL identifier.
+    #[error(
+        "`{0}` is not a valid table name: use lower-case letters, digits and underscores (at most 48, not starting \
+         with a digit), optionally after `schema.` in Postgres"
+    )]
+    InvalidTableName(String),
     /// A trusted proxy is neither an IP address nor a CIDR network.
     #[error("trusted proxy `{0}` is neither an IP address nor a CIDR network (e.g. 10.0.0.0/8)")]
     InvalidProxy(String),

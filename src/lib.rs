@@ -47,6 +47,8 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `axum` | yes | reads Axum's `MatchedPath` (the route template) and `ConnectInfo<SocketAddr>` (the client address); [`AuditContext`] becomes an extractor |
+//! | `postgres` | no | `PostgresSink`: one multi-row insert per batch on a dedicated pool (sqlx) |
+//! | `sqlite` | no | `SqliteSink`: one transaction per batch into an embedded, bundled SQLite (sqlx) |
 //!
 //! # Defaults, and why
 //!
@@ -97,9 +99,13 @@ pub use self::layer::{
 };
 pub use self::pipeline::Stats;
 pub use self::service::AuditService;
+#[cfg(feature = "postgres")]
+pub use self::sink::PostgresSink;
+#[cfg(feature = "sqlite")]
+pub use self::sink::SqliteSink;
 pub use self::sink::{AuditSink, JsonLinesSink, MemorySink, TracingSink};
 
-/// The README's code compiles.
-#[cfg(doctest)]
+/// The README's code compiles (it uses every feature).
+#[cfg(all(doctest, feature = "postgres", feature = "sqlite"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

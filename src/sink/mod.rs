@@ -38,10 +38,20 @@ use crate::event::AuditEvent;
 
 mod json_lines;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+mod sql;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 mod tracing;
 
 pub use self::json_lines::JsonLinesSink;
 pub use self::memory::MemorySink;
+#[cfg(feature = "postgres")]
+pub use self::postgres::PostgresSink;
+#[cfg(feature = "sqlite")]
+pub use self::sqlite::SqliteSink;
 pub use self::tracing::TracingSink;
 
 /// A destination for batches of audit events. See the [module docs](self) for an example.

@@ -172,3 +172,83 @@ where
 pub fn boxed<F: Future + Send + 'static>(f: F) -> Pin<Box<dyn Future<Output = F::Output> + Send>> {
     Box::pin(f)
 }
+
+/// Writes every batch to two sinks: the one under test, and a memory sink holding the expected events.
+#[derive(Clone)]
+pub struct TeeSink<S> {
+    pub primary: S,
+    pub copy: tower_audit::MemorySink,
+}
+
+impl<S: AuditSink> AuditSink for TeeSink<S> {
+    async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
+        self.primary.write_batch(batch).await?;
+        self.copy.write_batch(batch).await
+    }
+}
+
+/// The SQL blocks of the README's query cookbook for `dialect`, by name: each block starts with
+/// `-- cookbook: NAME (DIALECT)`.
+pub fn cookbook(dialect: &str) -> Vec<(String, String)> {
+    let readme = include_str!("../../README.md");
+    let mut queries = Vec::new();
+    for block in readme.split("```sql").skip(1) {
+        let block = block.split("```").next().unwrap();
+        let Some(header) = block.trim_start().lines().next() else { continue };
+        let Some(rest) = header.strip_prefix("-- cookbook: ") else { continue };
+        let (name, tag) = rest.rsplit_once(' ').unwrap();
+        if tag == format!("({dialect})") {
+            queries.push((name.to_owned(), block.trim().to_owned()));
+        }
+    }
+    queries
+}
+
+/// Builds events that exercise every field with hostile and non-ASCII values.
+pub fn hostile_events() -> Vec<AuditEvent> {
+    let mut events = Vec::new();
+    let mut e = AuditEvent::new("auth.login_failed")
+        .actor("o'brien \"the\" ünïcödé 👀")
+        .outcome(tower_audit::Outcome::Denied)
+        .attribute("reason", "quote ' and \" and \\ and ; DROP TABLE x; --")
+        .attribute("émoji", "🔥");
+    e.method = Some("POST".into());
+    e.route = Some("/api/auth/login".into());
+    e.path = Some("/api/auth/login?next=%2Fhome".into());
+    e.status = Some(401);
+    e.grpc_status = Some(16);
+    e.latency_us = Some(123_456);
+    e.request_id = Some("req-\u{fffd}-1".into());
+    e.client_addr = Some("2001:db8::42".parse().unwrap());
+    e.user_agent = Some("Mozilla/5.0 (X11; Linux) \u{fffd}\u{fffd}".into());
+    events.push(e);
+    let mut bare = AuditEvent::new("user.created");
+    bare.client_addr = Some("203.0.113.9".parse().unwrap());
+    events.push(bare);
+    events
+}
+
+/// Logins and failures, one failure two hours old (outside "the last hour").
+pub fn cookbook_events() -> Vec<AuditEvent> {
+    let now = std::time::SystemTime::now();
+    let at = |kind: &'static str, actor: &str, addr: &str, ago_secs: u64| {
+        let mut e = AuditEvent::new(kind).actor(actor).outcome(if kind.ends_with("failed") {
+            tower_audit::Outcome::Denied
+        } else {
+            tower_audit::Outcome::Success
+        });
+        e.client_addr = Some(addr.parse().unwrap());
+        e.time = now - Duration::from_secs(ago_secs);
+        e
+    };
+    vec![
+        at("auth.login_succeeded", "bob@example.com", "203.0.113.5", 300),
+        at("auth.login_succeeded", "alice@example.com", "198.51.100.7", 200),
+        at("auth.login_succeeded", "alice@example.com", "198.51.100.7", 100),
+        at("auth.login_failed", "mallory@example.com", "192.0.2.66", 50),
+        at("auth.login_failed", "mallory@example.com", "192.0.2.66", 40),
+        at("auth.login_failed", "mallory@example.com", "192.0.2.66", 30),
+        at("auth.login_failed", "alice@example.com", "198.51.100.7", 20),
+        at("auth.login_failed", "alice@example.com", "198.51.100.7", 7200),
+    ]
+}

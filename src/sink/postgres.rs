@@ -1,0 +1,196 @@
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+use crate::error::{ConfigError, SinkError};
+use crate::event::AuditEvent;
+use crate::sink::AuditSink;
+use crate::sink::sql::{COLUMNS, DEFAULT_TABLE, Row, Table};
+
+const SCHEMA: &str = include_str!("../../migrations/postgres/0001_audit_events.sql");
+
+/// Writes batches into a Postgres table, one `INSERT … SELECT FROM UNNEST(…)` statement (one round trip) per
+/// batch, idempotent on the event id (`ON CONFLICT (id) DO NOTHING`), so a retried batch never duplicates a row.
+///
+/// # Its own pool
+///
+/// [`connect`](Self::connect) opens a **dedicated pool** of [`DEFAULT_MAX_CONNECTIONS`](Self::DEFAULT_MAX_CONNECTIONS)
+/// connections used only by the worker. That is the safe choice: auditing can never take a connection your
+/// handlers need, and a slow audit insert can never make a request wait. [`from_pool`](Self::from_pool) shares a
+/// pool you already have; that works too (the worker only ever holds one connection, and never on the request
+/// path), but audit writes then queue behind your handlers for the pool, so under load the audit trail lags and
+/// a batch may time out and be retried.
+///
+/// ```no_run
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_audit::{AuditLayer, PostgresSink};
+///
+/// let sink = PostgresSink::connect("postgres://postgres@127.0.0.1/app").await?.table("audit_events")?;
+/// sink.ensure_schema().await?;
+/// let (layer, handle) = AuditLayer::builder(sink).build()?;
+/// # drop((layer, handle));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub struct PostgresSink {
+    pool: PgPool,
+    table: Table,
+    insert: String,
+}
+
+impl PostgresSink {
+    /// Connections in the pool [`connect`](Self::connect) opens: one for the worker, one spare so a reconnect
+    /// or `ensure_schema` never waits.
+    pub const DEFAULT_MAX_CONNECTIONS: u32 = 2;
+
+    /// Opens a dedicated pool of [`DEFAULT_MAX_CONNECTIONS`](Self::DEFAULT_MAX_CONNECTIONS) to `url`
+    /// (`postgres://user@host/db`), writing to the table `audit_events`.
+    ///
+    /// # Errors
+    ///
+    /// [`SinkError::Backend`] when the URL is invalid or the server cannot be reached.
+    pub async fn connect(url: &str) -> Result<Self, SinkError> {
+        Self::connect_with(url, Self::DEFAULT_MAX_CONNECTIONS).await
+    }
+
+    /// Like [`connect`](Self::connect), with a pool of `max_connections`.
+    ///
+    /// # Errors
+    ///
+    /// [`SinkError::Backend`] when the URL is invalid or the server cannot be reached.
+    pub async fn connect_with(url: &str, max_connections: u32) -> Result<Self, SinkError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(5))
+            // A broken connection shows up as a failed insert, which the worker retries on a fresh one; a ping
+            // before every batch would double the round trips.
+            .test_before_acquire(false)
+            .connect(url)
+            .await
+            .map_err(SinkError::backend)?;
+        Ok(Self::from_pool(pool))
+    }
+
+    /// Writes through a pool you own (see the type's docs for what sharing costs).
+    pub fn from_pool(pool: PgPool) -> Self {
+        let table = Table::parse(DEFAULT_TABLE, true).expect("the default table name is valid");
+        Self { insert: insert_sql(&table), pool, table }
+    }
+
+    /// Writes into `table` (`[a-z_][a-z0-9_]*`, optionally `schema.table`) instead of `audit_events`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::InvalidTableName`] for anything else, so no SQL can be injected through configuration.
+    pub fn table(mut self, table: &str) -> Result<Self, ConfigError> {
+        self.table = Table::parse(table, true)?;
+        self.insert = insert_sql(&self.table);
+        Ok(self)
+    }
+
+    /// Creates the table and its indexes (time, actor, kind) if they do not exist. The DDL is the one in
+    /// `migrations/postgres/`, for those who run migrations themselves.
+    ///
+    /// # Errors
+    ///
+    /// [`SinkError::Backend`] when the statements fail.
+    pub async fn ensure_schema(&self) -> Result<(), SinkError> {
+        let sql = self.table.schema_sql(SCHEMA);
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&self.pool).await.map_err(SinkError::backend)?;
+        Ok(())
+    }
+}
+
+fn insert_sql(table: &Table) -> String {
+    format!(
+        "INSERT INTO {table} ({COLUMNS}) \
+         SELECT id::uuid, seq, 'epoch'::timestamptz + micros * interval '1 microsecond', kind, outcome, method, \
+                route, path, status, grpc_status, latency_us, request_id, actor, client_addr::inet, user_agent, \
+                attributes::jsonb, version \
+         FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], \
+                     $8::text[], $9::int4[], $10::int4[], $11::int8[], $12::text[], $13::text[], $14::text[], \
+                     $15::text[], $16::text[], $17::int2[]) \
+              AS t(id, seq, micros, kind, outcome, method, route, path, status, grpc_status, latency_us, \
+                   request_id, actor, client_addr, user_agent, attributes, version) \
+         ON CONFLICT (id) DO NOTHING",
+        table = table.qualified()
+    )
+}
+
+/// Column-wise arrays for UNNEST.
+#[derive(Default)]
+struct Columns {
+    id: Vec<String>,
+    seq: Vec<i64>,
+    micros: Vec<i64>,
+    kind: Vec<String>,
+    outcome: Vec<String>,
+    method: Vec<Option<String>>,
+    route: Vec<Option<String>>,
+    path: Vec<Option<String>>,
+    status: Vec<Option<i32>>,
+    grpc_status: Vec<Option<i32>>,
+    latency_us: Vec<Option<i64>>,
+    request_id: Vec<Option<String>>,
+    actor: Vec<Option<String>>,
+    client_addr: Vec<Option<String>>,
+    user_agent: Vec<Option<String>>,
+    attributes: Vec<String>,
+    version: Vec<i16>,
+}
+
+impl Columns {
+    fn push(&mut self, row: Row) {
+        self.id.push(row.id);
+        self.seq.push(row.seq);
+        self.micros.push(row.time_micros);
+        self.kind.push(row.kind);
+        self.outcome.push(row.outcome.to_owned());
+        self.method.push(row.method);
+        self.route.push(row.route);
+        self.path.push(row.path);
+        self.status.push(row.status);
+        self.grpc_status.push(row.grpc_status);
+        self.latency_us.push(row.latency_us);
+        self.request_id.push(row.request_id);
+        self.actor.push(row.actor);
+        self.client_addr.push(row.client_addr);
+        self.user_agent.push(row.user_agent);
+        self.attributes.push(row.attributes);
+        self.version.push(row.version);
+    }
+}
+
+impl AuditSink for PostgresSink {
+    async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
+        let mut c = Columns::default();
+        for event in batch {
+            c.push(Row::from_event(event)?);
+        }
+        sqlx::query(sqlx::AssertSqlSafe(self.insert.clone()))
+            .bind(c.id)
+            .bind(c.seq)
+            .bind(c.micros)
+            .bind(c.kind)
+            .bind(c.outcome)
+            .bind(c.method)
+            .bind(c.route)
+            .bind(c.path)
+            .bind(c.status)
+            .bind(c.grpc_status)
+            .bind(c.latency_us)
+            .bind(c.request_id)
+            .bind(c.actor)
+            .bind(c.client_addr)
+            .bind(c.user_agent)
+            .bind(c.attributes)
+            .bind(c.version)
+            .execute(&self.pool)
+            .await
+            .map_err(SinkError::backend)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,154 @@
+//! The incident, with a real pool: a handler holds a connection from a pool of one across an await.
+//!
+//! With `tower-audit` (sink sharing that pool, or on its own) every request completes and every event lands.
+//! Beside it, the anti-pattern the crate replaces: a request-path audit INSERT through a second connection from
+//! the same pool, which stalls every request until the pool's acquire timeout.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use tower_audit::{AuditContext, AuditLayer, PostgresSink};
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+async fn user_pool(acquire_timeout: Duration) -> Option<PgPool> {
+    let explicit = std::env::var("TOWER_AUDIT_PG_URL").ok();
+    let url = explicit.clone().unwrap_or_else(|| DEFAULT_URL.to_owned());
+    match PgPoolOptions::new().max_connections(1).acquire_timeout(acquire_timeout).connect(&url).await {
+        Ok(pool) => Some(pool),
+        Err(e) if explicit.is_none() => {
+            eprintln!("skipping: no Postgres at {url} ({e}); set TOWER_AUDIT_PG_URL to run this test");
+            None
+        }
+        Err(e) => panic!("TOWER_AUDIT_PG_URL={url} is set, but the server is unreachable: {e}"),
+    }
+}
+
+#[derive(Clone)]
+struct App {
+    pool: PgPool,
+    /// The anti-pattern: write the audit row on the request path through a second pooled connection.
+    inline_audit_table: Option<&'static str>,
+}
+
+async fn login(
+    State(app): State<App>,
+    audit: Option<axum::Extension<AuditContext>>,
+) -> Result<&'static str, (StatusCode, String)> {
+    let fail = |e: sqlx::Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    // The handler's own connection, held across awaits, as the incident's handler held its session.
+    let mut conn = app.pool.acquire().await.map_err(fail)?;
+    sqlx::query("SELECT pg_sleep(0.001)").execute(&mut *conn).await.map_err(fail)?;
+    if let Some(table) = app.inline_audit_table {
+        let mut audit_conn = app.pool.acquire().await.map_err(fail)?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("INSERT INTO {table} (what) VALUES ('login')")))
+            .execute(&mut *audit_conn)
+            .await
+            .map_err(fail)?;
+    }
+    if let Some(axum::Extension(audit)) = audit {
+        audit.set_actor("user@example.com");
+    }
+    drop(conn);
+    Ok("ok")
+}
+
+async fn serve(router: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    addr
+}
+
+/// Sends `n` concurrent logins; returns each response's status and body.
+async fn logins(addr: SocketAddr, n: usize) -> Vec<(u16, String)> {
+    let client = reqwest::Client::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let client = client.clone();
+        tasks.spawn(async move {
+            let res = client.post(format!("http://{addr}/api/auth/login")).send().await.unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        });
+    }
+    tasks.join_all().await
+}
+
+async fn layered_run(shared: bool, table: &str) {
+    const REQUESTS: usize = 200;
+    // Far longer than the whole run needs; a request that hits it fails the test.
+    let Some(pool) = user_pool(Duration::from_secs(20)).await else { return };
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}"))).execute(&pool).await.unwrap();
+    let sink = if shared {
+        PostgresSink::from_pool(pool.clone())
+    } else {
+        let url = std::env::var("TOWER_AUDIT_PG_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
+        PostgresSink::connect(&url).await.unwrap()
+    };
+    let sink = sink.table(table).unwrap();
+    sink.ensure_schema().await.unwrap();
+    let (layer, handle) = AuditLayer::builder(sink).build().unwrap();
+    let router = Router::new()
+        .route("/api/auth/login", post(login))
+        .layer(layer)
+        .with_state(App { pool: pool.clone(), inline_audit_table: None });
+    let addr = serve(router).await;
+
+    let results = tokio::time::timeout(Duration::from_secs(60), logins(addr, REQUESTS)).await.expect("requests hung");
+    let failed: Vec<_> = results.iter().filter(|(status, _)| *status != 200).collect();
+    assert!(failed.is_empty(), "{} of {REQUESTS} failed, first: {:?}", failed.len(), failed.first());
+
+    let report = handle.shutdown(Duration::from_secs(30)).await;
+    assert!(report.drained, "{report:?}");
+    assert_eq!(report.stats.written, REQUESTS as u64);
+    let (rows, actors): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*), count(*) FILTER (WHERE actor = 'user@example.com' AND status = 200) FROM {table}"
+    )))
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((rows, actors), (REQUESTS as i64, REQUESTS as i64));
+}
+
+#[tokio::test]
+async fn layer_with_sink_sharing_the_pool_of_one_serves_every_request() {
+    layered_run(true, "t_incident_shared").await;
+}
+
+#[tokio::test]
+async fn layer_with_sink_on_its_own_pool_serves_every_request() {
+    layered_run(false, "t_incident_own").await;
+}
+
+#[tokio::test]
+async fn the_anti_pattern_stalls_every_request_until_the_acquire_timeout() {
+    const ACQUIRE_TIMEOUT: Duration = Duration::from_millis(500);
+    let Some(pool) = user_pool(ACQUIRE_TIMEOUT).await else { return };
+    sqlx::raw_sql("DROP TABLE IF EXISTS t_inline_audit; CREATE TABLE t_inline_audit (what text)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let router = Router::new()
+        .route("/api/auth/login", post(login))
+        .with_state(App { pool: pool.clone(), inline_audit_table: Some("t_inline_audit") });
+    let addr = serve(router).await;
+
+    let started = Instant::now();
+    let results = tokio::time::timeout(Duration::from_secs(60), logins(addr, 5)).await.expect("requests hung");
+    // Each request holds the only connection while it waits for a second one: it can only time out.
+    assert!(started.elapsed() >= ACQUIRE_TIMEOUT);
+    for (status, body) in &results {
+        assert_eq!(*status, 500);
+        assert!(body.contains("timed out"), "{body}");
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM t_inline_audit").fetch_one(&pool).await.unwrap();
+    assert_eq!(rows, 0, "no audit row was written, and no login succeeded");
+}

@@ -1,0 +1,279 @@
+//! The Postgres sink against a real server: round trips, idempotence, faults, and the incident with a real pool.
+//!
+//! Reaches `TOWER_AUDIT_PG_URL`, or `postgres://postgres@127.0.0.1:5432/test` when it is unset; with the variable
+//! unset and no server answering, each test says so and skips. `.ci/run` sets the variable, so in CI a dead server
+//! fails the run.
+#![cfg(feature = "postgres")]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use common::*;
+use sqlx::Row as _;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use tower_audit::{AuditEvent, AuditLayer, AuditSink, ConfigError, MemorySink, PostgresSink, Retry};
+
+const LIMIT: Duration = Duration::from_secs(60);
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn url() -> (String, bool) {
+    match std::env::var("TOWER_AUDIT_PG_URL") {
+        Ok(url) => (url, true),
+        Err(_) => (DEFAULT_URL.to_owned(), false),
+    }
+}
+
+/// An admin pool, or `None` (after saying why) when no server is configured or answering.
+async fn admin() -> Option<PgPool> {
+    let (url, explicit) = url();
+    match PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(5)).connect(&url).await {
+        Ok(pool) => Some(pool),
+        Err(e) if !explicit => {
+            eprintln!("skipping: no Postgres at {url} ({e}); set TOWER_AUDIT_PG_URL to run this test");
+            None
+        }
+        Err(e) => panic!("TOWER_AUDIT_PG_URL={url} is set, but the server is unreachable: {e}"),
+    }
+}
+
+/// A sink on its own pool writing to a fresh table `name` (dropped first, so reruns start clean).
+async fn fresh_sink(admin: &PgPool, name: &str) -> PostgresSink {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {name}"))).execute(admin).await.unwrap();
+    let sink = PostgresSink::connect(&url().0).await.unwrap().table(name).unwrap();
+    sink.ensure_schema().await.unwrap();
+    sink
+}
+
+async fn count(admin: &PgPool, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {table}"))).fetch_one(admin).await.unwrap()
+}
+
+#[tokio::test]
+async fn every_field_round_trips_exactly_including_hostile_values() {
+    let Some(admin) = admin().await else { return };
+    let sink = fresh_sink(&admin, "t_round_trip").await;
+    let tee = TeeSink { primary: sink, copy: MemorySink::new() };
+    let (layer, handle) = AuditLayer::builder(tee.clone()).max_path_len(1024).build().unwrap();
+    for e in hostile_events() {
+        handle.record(e);
+    }
+    let svc = tower::Layer::layer(
+        &layer,
+        tower::service_fn(|_req: http::Request<http_body_util::Full<bytes::Bytes>>| answer(200, "ok")),
+    );
+    let res = tower::ServiceExt::oneshot(svc, get(&format!("/{}", "p".repeat(10 * 1024)))).await.unwrap();
+    read_body(res.into_body()).await.unwrap();
+    assert!(handle.shutdown(LIMIT).await.drained);
+
+    let expected = tee.copy.events();
+    assert_eq!(expected.len(), 3);
+    let rows = sqlx::query(
+        "SELECT id::text, seq, (EXTRACT(EPOCH FROM time) * 1000000)::int8 AS micros, kind, outcome, method, route, \
+         path, status, grpc_status, latency_us, request_id, actor, host(client_addr) AS client_addr, user_agent, \
+         attributes::text AS attributes, version FROM t_round_trip ORDER BY seq",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), expected.len());
+    for (row, e) in rows.iter().zip(&expected) {
+        let micros = e.time.duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+        assert_eq!(row.get::<String, _>("id"), e.id.to_string());
+        assert_eq!(row.get::<i64, _>("seq"), e.seq as i64);
+        assert_eq!(row.get::<i64, _>("micros"), micros);
+        assert_eq!(row.get::<String, _>("kind"), e.kind);
+        assert_eq!(row.get::<String, _>("outcome"), e.outcome.as_str());
+        assert_eq!(row.get::<Option<String>, _>("method").as_deref(), e.method.as_deref());
+        assert_eq!(row.get::<Option<String>, _>("route"), e.route);
+        assert_eq!(row.get::<Option<String>, _>("path"), e.path);
+        assert_eq!(row.get::<Option<i32>, _>("status"), e.status.map(i32::from));
+        assert_eq!(row.get::<Option<i32>, _>("grpc_status"), e.grpc_status);
+        assert_eq!(row.get::<Option<i64>, _>("latency_us"), e.latency_us.map(|l| l as i64));
+        assert_eq!(row.get::<Option<String>, _>("request_id"), e.request_id);
+        assert_eq!(row.get::<Option<String>, _>("actor"), e.actor);
+        assert_eq!(row.get::<Option<String>, _>("client_addr"), e.client_addr.map(|a| a.to_string()));
+        assert_eq!(row.get::<Option<String>, _>("user_agent"), e.user_agent);
+        let attributes: BTreeMap<String, String> = serde_json::from_str(&row.get::<String, _>("attributes")).unwrap();
+        assert_eq!(attributes, e.attributes);
+        assert_eq!(row.get::<i16, _>("version"), e.version as i16);
+    }
+    assert_eq!(expected[2].path.as_deref().unwrap().len(), 1024, "the 10 KiB path is cut to the bound");
+}
+
+#[tokio::test]
+async fn one_statement_per_batch_and_a_retried_batch_never_duplicates() {
+    let Some(admin) = admin().await else { return };
+    let sink = fresh_sink(&admin, "t_batches").await;
+    let (_layer, handle) = AuditLayer::builder(TeeSink { primary: sink.clone(), copy: MemorySink::new() })
+        .batch_size(500)
+        .build()
+        .unwrap();
+    for i in 0..1200 {
+        handle.record(AuditEvent::new("bulk").attribute("n", i.to_string()));
+    }
+    let report = handle.shutdown(LIMIT).await;
+    assert_eq!((report.stats.written, report.stats.batches), (1200, 3));
+    assert_eq!(count(&admin, "t_batches").await, 1200);
+    // Rows written by one statement share its transaction id: three batches, three transactions.
+    let transactions: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM t_batches").fetch_one(&admin).await.unwrap();
+    assert_eq!(transactions, 3);
+
+    // Send ten stored events again, as a retry would: nothing is duplicated.
+    let ids: Vec<String> =
+        sqlx::query_scalar("SELECT id::text FROM t_batches ORDER BY seq LIMIT 10").fetch_all(&admin).await.unwrap();
+    let again: Vec<AuditEvent> = ids
+        .iter()
+        .map(|id| {
+            let mut e = AuditEvent::new("bulk");
+            e.id = id.parse().unwrap();
+            e
+        })
+        .collect();
+    sink.write_batch(&again).await.unwrap();
+    assert_eq!(count(&admin, "t_batches").await, 1200);
+}
+
+#[tokio::test]
+async fn schema_is_idempotent_indexed_schema_qualified_and_validated() {
+    let Some(admin) = admin().await else { return };
+    sqlx::raw_sql("DROP SCHEMA IF EXISTS t_audit_schema CASCADE; CREATE SCHEMA t_audit_schema")
+        .execute(&admin)
+        .await
+        .unwrap();
+    let sink = PostgresSink::connect(&url().0).await.unwrap().table("t_audit_schema.trail").unwrap();
+    sink.ensure_schema().await.unwrap();
+    sink.ensure_schema().await.unwrap();
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = 't_audit_schema' AND tablename = 'trail' ORDER BY 1",
+    )
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert_eq!(indexes, ["trail_actor_time_idx", "trail_kind_time_idx", "trail_pkey", "trail_time_idx"]);
+    let attributes_type: String = sqlx::query_scalar(
+        "SELECT data_type::text FROM information_schema.columns \
+         WHERE table_schema = 't_audit_schema' AND table_name = 'trail' AND column_name = 'attributes'",
+    )
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!(attributes_type, "jsonb");
+
+    for bad in ["trail; DROP TABLE x", "Trail", "a.b.c", "\"quoted\""] {
+        let err = sink.clone().table(bad).unwrap_err();
+        assert!(matches!(&err, ConfigError::InvalidTableName(t) if t == bad), "{bad}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn the_readme_cookbook_queries_answer_correctly() {
+    let Some(admin) = admin().await else { return };
+    let sink = fresh_sink(&admin, "t_cookbook").await;
+    let (_layer, handle) = AuditLayer::builder(sink).build().unwrap();
+    for e in cookbook_events() {
+        handle.record(e);
+    }
+    assert!(handle.shutdown(LIMIT).await.drained);
+
+    let queries = cookbook("postgres");
+    let names: Vec<&str> = queries.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["logins_by_address", "failed_logins_last_hour"]);
+    let on_table = |sql: &str| sqlx::AssertSqlSafe(sql.replace("audit_events", "t_cookbook"));
+    let logins: Vec<(String, String, i64)> = sqlx::query(on_table(&queries[0].1))
+        .fetch_all(&admin)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(
+        logins,
+        [("alice@example.com".into(), "198.51.100.7".into(), 2), ("bob@example.com".into(), "203.0.113.5".into(), 1)]
+    );
+    let failures: Vec<(String, i64)> = sqlx::query_as(on_table(&queries[1].1)).fetch_all(&admin).await.unwrap();
+    assert_eq!(failures, [("mallory@example.com".into(), 3), ("alice@example.com".into(), 1)]);
+}
+
+/// Kills the sink's connection mid-run, then makes the server refuse connections for a while: the worker
+/// retries with backoff, and afterwards the table holds every event exactly once.
+#[tokio::test]
+async fn connection_killed_and_refused_every_event_lands_exactly_once() {
+    const EVENTS: usize = 3000;
+    let Some(admin) = admin().await else { return };
+    let db = "tower_audit_faults";
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}"))).execute(&admin).await.unwrap();
+    let options = PgConnectOptions::from_str(&url().0).unwrap().database(db);
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(Duration::from_millis(500))
+        .test_before_acquire(false)
+        .connect_with(options.clone())
+        .await
+        .unwrap();
+    let sink = PostgresSink::from_pool(pool).table("events").unwrap();
+    sink.ensure_schema().await.unwrap();
+    let (_layer, handle) = AuditLayer::builder(sink)
+        .capacity(EVENTS)
+        .batch_size(50)
+        .flush_interval(Duration::from_millis(20))
+        .sink_timeout(Duration::from_secs(5))
+        .retry(
+            Retry::default()
+                .max_retries(100)
+                .base_delay(Duration::from_millis(20))
+                .max_delay(Duration::from_millis(200)),
+        )
+        .build()
+        .unwrap();
+
+    let sql = |s: String| sqlx::raw_sql(sqlx::AssertSqlSafe(s));
+    let kill = format!("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'");
+    let mut pace = tokio::time::interval(Duration::from_millis(2));
+    for i in 0..EVENTS {
+        if i == EVENTS / 3 {
+            sql(kill.clone()).execute(&admin).await.unwrap();
+        }
+        if i == EVENTS / 2 {
+            sql(format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false")).execute(&admin).await.unwrap();
+            sql(kill.clone()).execute(&admin).await.unwrap();
+        }
+        if i == 2 * EVENTS / 3 {
+            sql(format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true")).execute(&admin).await.unwrap();
+        }
+        assert!(handle.record(AuditEvent::new("fault.test").attribute("n", i.to_string())));
+        if i % 10 == 0 {
+            pace.tick().await;
+        }
+    }
+    let report = handle.shutdown(LIMIT).await;
+    assert!(report.drained, "{report:?}");
+    let stats = report.stats;
+    assert_eq!((stats.written, stats.failed, stats.dropped()), (EVENTS as u64, 0, 0), "{stats:?}");
+    eprintln!("fault run: {stats:?}");
+    assert!(stats.retries >= 2, "the kill and the refusal were ridden out by retries: {stats:?}");
+
+    let check = PgPoolOptions::new().max_connections(1).connect_with(options).await.unwrap();
+    let (rows, ids, ns): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT id), count(DISTINCT attributes->>'n') FROM events WHERE kind = 'fault.test'",
+    )
+    .fetch_one(&check)
+    .await
+    .unwrap();
+    assert_eq!((rows, ids, ns), (EVENTS as i64, EVENTS as i64, EVENTS as i64));
+    let (min, max): (i64, i64) =
+        sqlx::query_as("SELECT min((attributes->>'n')::int8), max((attributes->>'n')::int8) FROM events")
+            .fetch_one(&check)
+            .await
+            .unwrap();
+    assert_eq!((min, max), (0, EVENTS as i64 - 1));
+    check.close().await;
+    sql(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).execute(&admin).await.unwrap();
+}

@@ -1,0 +1,175 @@
+//! The SQLite sink against a real embedded database file.
+#![cfg(feature = "sqlite")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sqlx::Row as _;
+use sqlx::sqlite::SqlitePool;
+use tower_audit::{AuditEvent, AuditLayer, AuditSink, ConfigError, MemorySink, SqliteSink};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+async fn sink(dir: &tempfile::TempDir) -> (SqliteSink, SqlitePool) {
+    let path = dir.path().join("audit.db");
+    let sink = SqliteSink::connect(path.to_str().unwrap()).await.unwrap();
+    sink.ensure_schema().await.unwrap();
+    // A second, plain connection to read back what the sink wrote.
+    let reader = SqlitePool::connect(&format!("sqlite://{}", path.display())).await.unwrap();
+    (sink, reader)
+}
+
+#[tokio::test]
+async fn every_field_round_trips_exactly_including_hostile_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sqlite, reader) = sink(&dir).await;
+    let tee = TeeSink { primary: sqlite, copy: MemorySink::new() };
+    let (layer, handle) = AuditLayer::builder(tee.clone()).max_path_len(1024).build().unwrap();
+    for e in hostile_events() {
+        handle.record(e);
+    }
+    // A 10 KiB path through the layer is cut to the configured bound.
+    let svc = tower::Layer::layer(
+        &layer,
+        tower::service_fn(|_req: http::Request<http_body_util::Full<bytes::Bytes>>| answer(200, "ok")),
+    );
+    let res = tower::ServiceExt::oneshot(svc, get(&format!("/{}", "p".repeat(10 * 1024)))).await.unwrap();
+    read_body(res.into_body()).await.unwrap();
+    assert!(handle.shutdown(LIMIT).await.drained);
+
+    let expected = tee.copy.events();
+    assert_eq!(expected.len(), 3);
+    let rows = sqlx::query(
+        "SELECT id, seq, time, kind, outcome, method, route, path, status, grpc_status, latency_us, request_id, \
+         actor, client_addr, user_agent, attributes, version FROM audit_events ORDER BY seq",
+    )
+    .fetch_all(&reader)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), expected.len());
+    for (row, e) in rows.iter().zip(&expected) {
+        assert_eq!(row.get::<String, _>("id"), e.id.to_string());
+        assert_eq!(row.get::<i64, _>("seq"), e.seq as i64);
+        assert_eq!(row.get::<String, _>("time"), humantime::format_rfc3339_micros(e.time).to_string());
+        assert_eq!(row.get::<String, _>("kind"), e.kind);
+        assert_eq!(row.get::<String, _>("outcome"), e.outcome.as_str());
+        assert_eq!(row.get::<Option<String>, _>("method").as_deref(), e.method.as_deref());
+        assert_eq!(row.get::<Option<String>, _>("route"), e.route);
+        assert_eq!(row.get::<Option<String>, _>("path"), e.path);
+        assert_eq!(row.get::<Option<i64>, _>("status"), e.status.map(i64::from));
+        assert_eq!(row.get::<Option<i64>, _>("grpc_status"), e.grpc_status.map(i64::from));
+        assert_eq!(row.get::<Option<i64>, _>("latency_us"), e.latency_us.map(|l| l as i64));
+        assert_eq!(row.get::<Option<String>, _>("request_id"), e.request_id);
+        assert_eq!(row.get::<Option<String>, _>("actor"), e.actor);
+        assert_eq!(row.get::<Option<String>, _>("client_addr"), e.client_addr.map(|a| a.to_string()));
+        assert_eq!(row.get::<Option<String>, _>("user_agent"), e.user_agent);
+        let attributes: std::collections::BTreeMap<String, String> =
+            serde_json::from_str(&row.get::<String, _>("attributes")).unwrap();
+        assert_eq!(attributes, e.attributes);
+        assert_eq!(row.get::<i64, _>("version"), i64::from(e.version));
+    }
+    assert_eq!(expected[0].actor.as_deref(), Some("o'brien \"the\" ünïcödé 👀"));
+    let long = expected[2].path.as_deref().unwrap();
+    assert_eq!(long.len(), 1024, "the 10 KiB path is cut to the bound");
+}
+
+#[tokio::test]
+async fn a_batch_over_the_bind_limit_is_chunked_in_one_transaction_and_retries_never_duplicate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sqlite, reader) = sink(&dir).await;
+    let (_layer, handle) = AuditLayer::builder(TeeSink { primary: sqlite.clone(), copy: MemorySink::new() })
+        .capacity(5000)
+        .batch_size(5000)
+        .build()
+        .unwrap();
+    for i in 0..5000 {
+        handle.record(AuditEvent::new("bulk").attribute("n", i.to_string()));
+    }
+    let report = handle.shutdown(LIMIT).await;
+    assert_eq!((report.stats.written, report.stats.batches), (5000, 1));
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&reader).await.unwrap();
+    assert_eq!(count, 5000);
+
+    // The same events again, as a retry would send them: nothing is duplicated.
+    let again: Vec<AuditEvent> = sqlx::query_scalar::<_, String>("SELECT id FROM audit_events ORDER BY seq LIMIT 10")
+        .fetch_all(&reader)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|id| {
+            let mut e = AuditEvent::new("bulk");
+            e.id = id.parse().unwrap();
+            e
+        })
+        .collect();
+    sqlite.write_batch(&again).await.unwrap();
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&reader).await.unwrap();
+    assert_eq!(count, 5000);
+    let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT json_extract(attributes, '$.n')) FROM audit_events")
+        .fetch_one(&reader)
+        .await
+        .unwrap();
+    assert_eq!(distinct, 5000);
+}
+
+#[tokio::test]
+async fn schema_is_idempotent_indexed_and_the_table_name_is_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sqlite, reader) = sink(&dir).await;
+    sqlite.ensure_schema().await.unwrap();
+    let custom = sqlite.clone().table("security_trail").unwrap();
+    custom.ensure_schema().await.unwrap();
+    custom.ensure_schema().await.unwrap();
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'security_trail' AND name NOT LIKE 'sqlite_%' ORDER BY name",
+    )
+    .fetch_all(&reader)
+    .await
+    .unwrap();
+    assert_eq!(indexes, ["security_trail_actor_time_idx", "security_trail_kind_time_idx", "security_trail_time_idx"]);
+
+    for bad in ["audit; DROP TABLE audit_events", "Audit", "main.audit", "x\"y"] {
+        let err = sqlite.clone().table(bad).unwrap_err();
+        assert!(matches!(&err, ConfigError::InvalidTableName(t) if t == bad), "{bad}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn an_unopenable_database_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("no-such-dir").join("audit.db");
+    let err = SqliteSink::connect(path.to_str().unwrap()).await.unwrap_err();
+    assert!(err.to_string().starts_with("audit sink failed: "), "{err}");
+    assert!(err.to_string().contains("unable to open database file"), "{err}");
+}
+
+#[tokio::test]
+async fn the_readme_cookbook_queries_answer_correctly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sqlite, reader) = sink(&dir).await;
+    let (_layer, handle) = AuditLayer::builder(sqlite).build().unwrap();
+    for e in cookbook_events() {
+        handle.record(e);
+    }
+    assert!(handle.shutdown(LIMIT).await.drained);
+
+    let queries = cookbook("sqlite");
+    let names: Vec<&str> = queries.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["logins_by_address", "failed_logins_last_hour"]);
+    let logins: Vec<(String, String, i64)> = sqlx::query(sqlx::AssertSqlSafe(queries[0].1.clone()))
+        .fetch_all(&reader)
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(
+        logins,
+        [("alice@example.com".into(), "198.51.100.7".into(), 2), ("bob@example.com".into(), "203.0.113.5".into(), 1)]
+    );
+    let failures: Vec<(String, i64)> =
+        sqlx::query_as(sqlx::AssertSqlSafe(queries[1].1.clone())).fetch_all(&reader).await.unwrap();
+    assert_eq!(failures, [("mallory@example.com".into(), 3), ("alice@example.com".into(), 1)]);
+}
