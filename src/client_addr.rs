@@ -5,7 +5,8 @@ use std::net::{IpAddr, SocketAddr};
 use http::{HeaderMap, Request};
 use ipnet::IpNet;
 
-/// The connection's peer address, for servers that do not use Axum's `ConnectInfo`.
+/// The connection's peer address, for servers that provide neither Axum's `ConnectInfo` (feature `axum`) nor
+/// Tonic's `TcpConnectInfo` (feature `tonic`).
 ///
 /// Insert it into the request extensions before the audit layer (for example in your accept loop, or with
 /// `tower::util::MapRequestLayer`) and the layer records it as the client address.
@@ -24,6 +25,12 @@ fn peer<B>(req: &Request<B>) -> Option<IpAddr> {
     }
     #[cfg(feature = "axum")]
     if let Some(axum::extract::ConnectInfo(addr)) = req.extensions().get::<axum::extract::ConnectInfo<SocketAddr>>() {
+        return Some(addr.ip());
+    }
+    #[cfg(feature = "tonic")]
+    if let Some(addr) =
+        req.extensions().get::<tonic::transport::server::TcpConnectInfo>().and_then(|info| info.remote_addr())
+    {
         return Some(addr.ip());
     }
     None

@@ -47,6 +47,7 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `axum` | yes | reads Axum's `MatchedPath` (the route template) and `ConnectInfo<SocketAddr>` (the client address); [`AuditContext`] becomes an extractor |
+//! | `tonic` | no | reads Tonic's `TcpConnectInfo` (the client address of gRPC calls) |
 //! | `postgres` | no | `PostgresSink`: one multi-row insert per batch on a dedicated pool (sqlx) |
 //! | `sqlite` | no | `SqliteSink`: one transaction per batch into an embedded, bundled SQLite (sqlx) |
 //!
