@@ -51,6 +51,18 @@ pub enum AuditSinkKind {
     Sqlite(String),
     JsonLines(PathBuf),
     Postgres(String),
+    /// A sink that never returns: stands in for a dead audit database (`benches/load.sh` uses it to show that
+    /// a stalled audit store costs requests nothing). Never use it for real.
+    Stalled,
+}
+
+/// Never returns, like a database that stopped answering.
+struct StalledSink;
+
+impl tower_audit::AuditSink for StalledSink {
+    async fn write_batch(&self, _batch: &[AuditEvent]) -> Result<(), tower_audit::SinkError> {
+        std::future::pending().await
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -171,6 +183,7 @@ pub async fn audit_pipeline(kind: &AuditSinkKind) -> Result<(AuditLayer, AuditHa
             AuditLayer::builder(sink)
         }
         AuditSinkKind::JsonLines(path) => AuditLayer::builder(JsonLinesSink::open(path)?),
+        AuditSinkKind::Stalled => AuditLayer::builder(StalledSink),
     };
     Ok(builder.fallback(tower_audit::TracingSink::new()).build()?)
 }

@@ -12,7 +12,7 @@
 //! | `--database-url URL` | `DATABASE_URL` | `sqlite://auth_server.db?mode=rwc` (created on first start) |
 //! | `--db-pool-size N` | `DB_POOL_SIZE` | `5` |
 //! | `--audit layer\|inline\|off` | `AUDIT` | `layer` |
-//! | `--audit-sink sqlite\|jsonl\|postgres` | `AUDIT_SINK` | `sqlite` (`auth_server_audit.db`) |
+//! | `--audit-sink sqlite\|jsonl\|postgres\|stalled` | `AUDIT_SINK` | `sqlite` (`auth_server_audit.db`); `stalled` never returns (benchmarks) |
 //! | `--audit-url URL_OR_PATH` | `AUDIT_URL` | per sink: `sqlite://auth_server_audit.db`, `auth_server_audit.jsonl`, `$DATABASE_URL` |
 //! | — | `JWT_SECRET` | generated at start |
 
@@ -52,7 +52,8 @@ fn config(args: &[String]) -> Result<(String, Config), String> {
             url.or_else(|| std::env::var("DATABASE_URL").ok())
                 .ok_or("--audit-sink postgres needs --audit-url or DATABASE_URL")?,
         ),
-        Some(other) => return Err(format!("--audit-sink: `{other}` is not one of sqlite, jsonl, postgres")),
+        Some("stalled") => AuditSinkKind::Stalled,
+        Some(other) => return Err(format!("--audit-sink: `{other}` is not one of sqlite, jsonl, postgres, stalled")),
     };
     config.jwt_secret = std::env::var("JWT_SECRET").ok();
     let addr = setting(args, "--addr", "ADDR").unwrap_or_else(|| "127.0.0.1:3000".into());
