@@ -75,9 +75,8 @@ fn per_request(c: &mut Criterion) {
     let audited = tower::Layer::layer(&layer, service_fn(hello));
     group.bench_function("b_audit_layer", |b| b.to_async(&rt).iter(|| one(audited.clone())));
 
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .finish(std::io::sink());
+    let (writer, guard) =
+        tracing_appender::non_blocking::NonBlockingBuilder::default().lossy(true).finish(std::io::sink());
     let subscriber = tracing_subscriber::fmt().json().with_writer(writer).finish();
     let dispatch = tracing::Dispatch::new(subscriber);
     let traced = tower_http::trace::TraceLayer::new_for_http()

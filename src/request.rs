@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use tokio::time::Instant;
 
-use http::{HeaderMap, Method, Request, StatusCode};
+use http::{HeaderMap, HeaderName, Method, Request, StatusCode};
 use tokio::sync::mpsc::OwnedPermit;
 
 use crate::event::{AuditEvent, Outcome, kind};
@@ -51,8 +51,8 @@ impl RequestState {
         let headers = req.headers();
         let grpc = is_grpc(headers);
         let uri = req.uri();
-        let path =
-            redacted_path(uri.path(), uri.query(), &config.redact_query, config.keep_query, config.limits.max_path_len);
+        let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let path = redacted_path(target, &config.redact_query, config.keep_query, config.limits.max_path_len);
         let route = matched_path(req).map(|route| bounded(route, max)).or_else(|| grpc.then(|| path.clone()));
         let header = |name| headers.get(name).map(|v| bounded_bytes(v.as_bytes(), max));
         let mut attributes = BTreeMap::new();
@@ -149,7 +149,8 @@ impl Pending {
 
     /// Reads the gRPC status from response headers (trailers-only responses) or trailers.
     pub(crate) fn read_grpc_status(&mut self, headers: &HeaderMap) {
-        if let Some(code) = headers.get("grpc-status").and_then(|v| v.to_str().ok()?.trim().parse().ok()) {
+        const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+        if let Some(code) = headers.get(GRPC_STATUS).and_then(|v| v.to_str().ok()?.trim().parse().ok()) {
             self.grpc_status = Some(code);
         }
     }

@@ -17,6 +17,10 @@ pub(crate) struct Limits {
 /// `s` with control characters replaced by `U+FFFD`, cut at a character boundary to at most `max` bytes;
 /// a cut string ends with `…` (within the bound) so a reader can tell it was cut.
 pub(crate) fn bounded(s: &str, max: usize) -> String {
+    // Fast path, taken by almost every real value: short, printable ASCII (a byte scan, no char decoding).
+    if s.len() <= max && s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return s.to_owned();
+    }
     if s.len() <= max && !s.chars().any(char::is_control) {
         return s.to_owned();
     }
@@ -49,27 +53,27 @@ pub(crate) fn bounded_bytes(bytes: &[u8], max: usize) -> String {
 
 /// The path with the values of the named query parameters replaced by [`REDACTED`], bounded to `max` bytes.
 ///
-/// `redact` holds lower-case names; keys are compared case-insensitively after percent-decoding, so `%74oken`
-/// is redacted like `token`. With `keep_query == false` the query is dropped altogether.
-pub(crate) fn redacted_path(
-    path: &str,
-    query: Option<&str>,
-    redact: &[String],
-    keep_query: bool,
-    max: usize,
-) -> String {
-    let query = match query {
-        Some(q) if keep_query && !q.is_empty() => q,
-        _ => return bounded(path, max),
+/// `path_and_query` is the request target as received (`/path?query`). `redact` holds lower-case names; keys are
+/// compared case-insensitively after percent-decoding, so `%74oken` is redacted like `token`. With
+/// `keep_query == false` the query is dropped altogether.
+pub(crate) fn redacted_path(path_and_query: &str, redact: &[String], keep_query: bool, max: usize) -> String {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((path, query)) if keep_query && !query.is_empty() => (path, query),
+        Some((path, _)) => return bounded(path, max),
+        None => return bounded(path_and_query, max),
     };
-    let mut out = String::with_capacity(path.len() + query.len() + 1);
+    // Usual case: nothing to redact, one allocation.
+    if !query.split('&').any(|pair| is_redacted(key(pair), redact)) {
+        return bounded(path_and_query, max);
+    }
+    let mut out = String::with_capacity(path_and_query.len());
     out.push_str(path);
     out.push('?');
     for (i, pair) in query.split('&').enumerate() {
         if i > 0 {
             out.push('&');
         }
-        let key = pair.split_once('=').map_or(pair, |(k, _)| k);
+        let key = key(pair);
         if is_redacted(key, redact) {
             out.push_str(key);
             out.push('=');
@@ -81,12 +85,17 @@ pub(crate) fn redacted_path(
     bounded(&out, max)
 }
 
+fn key(pair: &str) -> &str {
+    pair.split_once('=').map_or(pair, |(k, _)| k)
+}
+
 fn is_redacted(raw_key: &str, redact: &[String]) -> bool {
-    if redact.is_empty() {
-        return false;
+    if raw_key.contains('%') {
+        let key = percent_decode_str(raw_key).decode_utf8_lossy();
+        redact.iter().any(|name| name.eq_ignore_ascii_case(&key))
+    } else {
+        redact.iter().any(|name| name.eq_ignore_ascii_case(raw_key))
     }
-    let key = percent_decode_str(raw_key).decode_utf8_lossy();
-    redact.iter().any(|name| name.eq_ignore_ascii_case(key.trim()))
 }
 
 #[cfg(test)]
@@ -129,13 +138,16 @@ mod tests {
     #[test]
     fn query_values_are_redacted_case_insensitively_and_percent_decoded() {
         let redact = vec!["token".to_owned(), "password".to_owned()];
-        let path = redacted_path("/cb", Some("a=1&TOKEN=abc&%74oken=def&password&b=2"), &redact, true, 1024);
+        let path = redacted_path("/cb?a=1&TOKEN=abc&%74oken=def&password&b=2", &redact, true, 1024);
         assert_eq!(path, "/cb?a=1&TOKEN=REDACTED&%74oken=REDACTED&password=REDACTED&b=2");
     }
 
     #[test]
     fn query_can_be_dropped() {
-        let path = redacted_path("/cb", Some("a=1"), &[], false, 1024);
+        let path = redacted_path("/cb?a=1", &[], false, 1024);
         assert_eq!(path, "/cb");
+        let path = redacted_path("/cb?a=1&b=2", &["token".to_owned()], true, 1024);
+        assert_eq!(path, "/cb?a=1&b=2");
+        assert_eq!(redacted_path("/cb?", &[], true, 1024), "/cb");
     }
 }
