@@ -3,10 +3,10 @@
 #
 #   bash benches/load.sh                # DURATION=8 REPEATS=3 CONNECTIONS=32 by default
 #
-# For each mode it starts a fresh server (fresh databases) pinned to CPU 0, registers one user, then runs wrk
-# pinned to CPU 1 against GET /api/auth/me (bearer token) and POST /api/auth/login, REPEATS times each, and
-# reports the median requests/s, p50, p99 and p99.9 latency, errors (socket errors and non-2xx), and the
-# server's peak RSS. Installs wrk from Debian's packages if it is missing.
+# It starts one server per mode (fresh databases, all pinned to CPU 0), registers one user on each, then runs wrk
+# pinned to CPU 1 against GET /api/auth/me (bearer token) and POST /api/auth/login, REPEATS times per mode,
+# interleaved, and reports the median requests/s, p50, p99 and p99.9 latency, errors (socket errors and non-2xx),
+# and each server's peak RSS. Installs wrk from Debian's packages if it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,51 +25,67 @@ if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then PIN0=(taskset -c 
 cargo build --release --example auth_server --features sqlite,postgres >&2
 BIN=$PWD/target/release/examples/auth_server
 work=$(mktemp -d)
-server=""
-cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"; }
+servers=""
+cleanup() { [ -n "$servers" ] && kill $servers 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
-base="http://127.0.0.1:$PORT"
 results="$work/results.tsv"
 : > "$results"
 
-run_mode() { # label audit sink pool
-  local label=$1 audit=$2 sink=$3 pool=$4 dir="$work/$1"
-  mkdir -p "$dir"
-  (cd "$dir" && exec env JWT_SECRET=load-test-secret "${PIN0[@]}" "$BIN" --addr "127.0.0.1:$PORT" --audit "$audit" --audit-sink "$sink" --db-pool-size "$pool" \
+MODES=(off layer layer-stalled-sink inline inline-pool-1)
+declare -A ARGS=(
+  [off]="--audit off --db-pool-size 5"
+  [layer]="--audit layer --audit-sink sqlite --db-pool-size 5"
+  [layer-stalled-sink]="--audit layer --audit-sink stalled --db-pool-size 5"
+  [inline]="--audit inline --db-pool-size 5"
+  [inline-pool-1]="--audit inline --db-pool-size 1"
+)
+declare -A PIDS TOKENS PORTS
+
+# Every mode gets its own server (fresh databases), all started up front, so that the runs can be interleaved
+# (off, layer, … then again) and slow drift on a shared machine spreads evenly over the modes.
+i=0
+for mode in "${MODES[@]}"; do
+  port=$((PORT + i)); i=$((i + 1)); PORTS[$mode]=$port
+  dir="$work/$mode"; mkdir -p "$dir"
+  # shellcheck disable=SC2086
+  (cd "$dir" && exec env JWT_SECRET=load-test-secret "${PIN0[@]}" "$BIN" --addr "127.0.0.1:$port" ${ARGS[$mode]} \
      >"$dir/server.log" 2>&1) &
-  server=$!
+  PIDS[$mode]=$!
+done
+servers="${PIDS[*]}"
+for mode in "${MODES[@]}"; do
+  base="http://127.0.0.1:${PORTS[$mode]}"
   for _ in $(seq 1 100); do curl -s -o /dev/null "$base/api/audit/stats" && break; sleep 0.1; done
   curl -s -o /dev/null -XPOST "$base/api/auth/register" -H 'content-type: application/json' \
     -d '{"email":"bench@example.com","password":"benchmark password","country":"FR","annual_income":1,"timezone":"Europe/Paris"}'
-  local token
-  token=$(curl -s -XPOST "$base/api/auth/login" -H 'content-type: application/json' \
-    -d '{"email":"bench@example.com","password":"benchmark password"}' | python3 -c 'import json,sys; print(json.load(sys.stdin).get("access_token",""))')
-  for endpoint in me login; do
-    for r in $(seq 1 "$REPEATS"); do
-      local line
+  TOKENS[$mode]=$(curl -s -XPOST "$base/api/auth/login" -H 'content-type: application/json' \
+    -d '{"email":"bench@example.com","password":"benchmark password"}' \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin).get("access_token",""))')
+done
+cat benches/load/login.lua benches/load/report.lua > "$work/login.lua"
+
+for endpoint in me login; do
+  for r in $(seq 1 "$REPEATS"); do
+    for mode in "${MODES[@]}"; do
+      base="http://127.0.0.1:${PORTS[$mode]}"
       if [ "$endpoint" = me ]; then
-        line=$("${PIN1[@]}" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 10s -H "Authorization: Bearer $token" \
-          -s benches/load/report.lua "$base/api/auth/me" | grep '^RESULT')
+        line=$("${PIN1[@]}" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 10s \
+          -H "Authorization: Bearer ${TOKENS[$mode]}" -s benches/load/report.lua "$base/api/auth/me" | grep '^RESULT')
       else
-        cat benches/load/login.lua benches/load/report.lua > "$work/login.lua"
         line=$("${PIN1[@]}" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 10s -s "$work/login.lua" \
           "$base/api/auth/login" | grep '^RESULT')
       fi
-      echo "$label	$endpoint	$r	$line" >> "$results"
-      echo "$label $endpoint run $r: $line" >&2
+      echo "$mode	$endpoint	$r	$line" >> "$results"
+      echo "$mode $endpoint run $r: $line" >&2
     done
   done
-  local rss
-  rss=$(awk '/VmHWM/ {print $2}' "/proc/$server/status")
-  echo "$label	rss	0	RESULT rss_kib=$rss" >> "$results"
-  kill -INT "$server"; wait "$server" 2>/dev/null || true; server=""
-}
-
-run_mode off off sqlite 5
-run_mode layer layer sqlite 5
-run_mode layer-stalled-sink layer stalled 5
-run_mode inline inline sqlite 5
-run_mode inline-pool-1 inline sqlite 1
+  for mode in "${MODES[@]}"; do
+    echo "$mode	rss_$endpoint	0	RESULT rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/${PIDS[$mode]}/status")" >> "$results"
+  done
+done
+for mode in "${MODES[@]}"; do kill -INT "${PIDS[$mode]}" 2>/dev/null || true; done
+wait 2>/dev/null || true
+servers=""
 
 python3 - "$results" "$DURATION" "$REPEATS" "$CONNECTIONS" > "$OUT" <<'PY'
 import sys, statistics, collections
@@ -79,12 +95,13 @@ rss = {}
 for line in open(path):
     label, endpoint, _, result = line.rstrip("\n").split("\t")
     fields = dict(kv.split("=") for kv in result.split()[1:])
-    if endpoint == "rss":
-        rss[label] = int(fields["rss_kib"])
+    if endpoint.startswith("rss_"):
+        rss[(label, endpoint[4:])] = int(fields["rss_kib"])
     else:
         runs[(label, endpoint)].append({k: float(v) for k, v in fields.items()})
 labels = list(dict.fromkeys(l for l, _ in runs))
-print(f"wrk -t1 -c{conns} -d{duration}s, {repeats} runs each, medians; server on CPU 0, wrk on CPU 1.\n")
+print(f"wrk -t1 -c{conns} -d{duration}s, {repeats} interleaved runs per mode, medians; servers on CPU 0, wrk on CPU 1.")
+print("Peak RSS is the server's VmHWM after all runs on that endpoint (the login runs come second).\n")
 for endpoint in ("me", "login"):
     title = "GET /api/auth/me" if endpoint == "me" else "POST /api/auth/login"
     print(f"### {title}\n")
@@ -97,7 +114,7 @@ for endpoint in ("me", "login"):
         errors = int(sum(r["errors"] for r in runs[(label, endpoint)]))
         print(f"| {label} | {rps:,.0f} | {rps / base_rps:.3f} | {med(label, 'p50_us') / 1000:.2f} | "
               f"{p99 / 1000:.2f} | {p99 / base_p99:.2f} | {med(label, 'p999_us') / 1000:.2f} | {errors} | "
-              f"{rss.get(label, 0) / 1024:.1f} |")
+              f"{rss.get((label, endpoint), 0) / 1024:.1f} |")
     print()
 PY
 cat "$OUT"

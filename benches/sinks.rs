@@ -1,6 +1,7 @@
 //! Sink throughput in rows per second at batch sizes 1, 64, 512 and 4096: JSON lines (a file), SQLite (a file, WAL)
 //! and Postgres (`TOWER_AUDIT_PG_URL`, default `postgres://postgres@127.0.0.1:5432/test`; skipped with a message
-//! when no server answers). Every write carries fresh ids, so the idempotent inserts really insert.
+//! when no server answers). Every write carries fresh, time-ordered (UUIDv7) ids, as the worker assigns them, so
+//! the idempotent inserts really insert.
 //!
 //! `cargo bench --bench sinks --features sqlite,postgres`
 
@@ -15,7 +16,8 @@ fn batch(n: usize) -> Vec<AuditEvent> {
     (0..n)
         .map(|i| {
             let mut e = AuditEvent::new("http.request").actor("alice@example.com").attribute("tenant", "acme");
-            e.id = uuid::Uuid::new_v4();
+            // Time-ordered, as the worker makes them: index inserts land at the right edge of the B-tree.
+            e.id = uuid::Uuid::now_v7();
             e.seq = i as u64;
             e.outcome = Outcome::Success;
             e.method = Some("GET".into());

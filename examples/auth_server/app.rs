@@ -160,6 +160,9 @@ impl Server {
                 refresh_ttl: config.refresh_ttl,
             }),
             hasher: Arc::new(hasher),
+            hashing: Arc::new(tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZeroUsize::get),
+            )),
             dummy_hash: Arc::from(dummy_hash),
             audit: audit.as_ref().map(|(_, handle)| handle.clone()),
             mode: config.audit,
@@ -204,6 +207,9 @@ struct AppState {
     users: AnyPool,
     tokens: Arc<Tokens>,
     hasher: Arc<Argon2<'static>>,
+    /// Bounds concurrent hashes (each takes Argon2's memory cost, 19 MiB by default) to the number of CPUs, so a
+    /// burst of logins queues instead of exhausting memory.
+    hashing: Arc<tokio::sync::Semaphore>,
     dummy_hash: Arc<str>,
     audit: Option<AuditHandle>,
     mode: AuditMode,
@@ -507,6 +513,7 @@ async fn register(
     }
     let hasher = Arc::clone(&state.hasher);
     let password = req.password.clone();
+    let _permit = state.hashing.acquire().await.map_err(ApiError::internal)?;
     let hash = tokio::task::spawn_blocking(move || hasher.hash_password(password.as_bytes()).map(|h| h.to_string()))
         .await
         .map_err(ApiError::internal)?
@@ -561,6 +568,7 @@ async fn login(
     };
     let hasher = Arc::clone(&state.hasher);
     let password = req.password;
+    let _permit = state.hashing.acquire().await.map_err(ApiError::internal)?;
     let verified = tokio::task::spawn_blocking(move || {
         PasswordHash::new(&stored).is_ok_and(|parsed| hasher.verify_password(password.as_bytes(), &parsed).is_ok())
     })
