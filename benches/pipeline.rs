@@ -5,22 +5,13 @@
 //! Producers push with `AuditHandle::record` and, when the queue is full, yield and push again, so the figure is
 //! what the pipeline *moves*, not what it drops. `cargo bench --bench pipeline`
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::NullSink;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tower_audit::{AuditEvent, AuditLayer, AuditSink, SinkError};
-
-#[derive(Clone, Default)]
-struct NullSink(Arc<AtomicU64>);
-
-impl AuditSink for NullSink {
-    async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
-        self.0.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        Ok(())
-    }
-}
+use tower_audit::{AuditEvent, AuditLayer};
 
 fn move_events(rt: &tokio::runtime::Runtime, events: u64, producers: u64, batch: usize) -> Duration {
     let sink = NullSink::default();
@@ -49,7 +40,7 @@ fn move_events(rt: &tokio::runtime::Runtime, events: u64, producers: u64, batch:
         }
     });
     // Gap events (after a full queue) also reach the sink; they are few and only make this end a little sooner.
-    while sink.0.load(Ordering::Relaxed) < events {
+    while sink.count() < events {
         std::thread::yield_now();
     }
     start.elapsed()
