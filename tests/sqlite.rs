@@ -14,7 +14,7 @@ const LIMIT: Duration = Duration::from_secs(30);
 
 async fn sink(dir: &tempfile::TempDir) -> (SqliteSink, SqlitePool) {
     let path = dir.path().join("audit.db");
-    let sink = SqliteSink::connect(path.to_str().unwrap()).await.unwrap();
+    let sink = SqliteSink::connect_with(path.to_str().unwrap(), 2).await.unwrap();
     sink.ensure_schema().await.unwrap();
     // A second, plain connection to read back what the sink wrote.
     let reader = SqlitePool::connect(&format!("sqlite://{}", path.display())).await.unwrap();

@@ -42,13 +42,27 @@ pub struct SqliteSink {
 }
 
 impl SqliteSink {
+    /// Connections in the pool [`connect`](Self::connect) opens: SQLite has one writer at a time anyway.
+    pub const DEFAULT_MAX_CONNECTIONS: u32 = 1;
+
     /// Opens (creating it if needed) the database at `url` (`sqlite://path/to/audit.db`, or a plain path) on a
-    /// dedicated pool of one connection, writing to the table `audit_events`.
+    /// dedicated pool of [`DEFAULT_MAX_CONNECTIONS`](Self::DEFAULT_MAX_CONNECTIONS) connection, writing to the
+    /// table `audit_events`.
     ///
     /// # Errors
     ///
     /// [`SinkError::Backend`] when the URL is invalid or the file cannot be opened or created.
     pub async fn connect(url: &str) -> Result<Self, SinkError> {
+        Self::connect_with(url, Self::DEFAULT_MAX_CONNECTIONS).await
+    }
+
+    /// Like [`connect`](Self::connect), with a pool of `max_connections` (more than one only helps if something
+    /// else reads the audit database through this sink's pool; writers take turns in SQLite).
+    ///
+    /// # Errors
+    ///
+    /// [`SinkError::Backend`] when the URL is invalid or the file cannot be opened or created.
+    pub async fn connect_with(url: &str, max_connections: u32) -> Result<Self, SinkError> {
         let options = if url.starts_with("sqlite:") {
             SqliteConnectOptions::from_str(url).map_err(SinkError::backend)?
         } else {
@@ -60,7 +74,7 @@ impl SqliteSink {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5));
         let pool = SqlitePoolOptions::new()
-            .max_connections(1)
+            .max_connections(max_connections.max(1))
             .test_before_acquire(false)
             .connect_with(options)
             .await
