@@ -3,7 +3,6 @@
 use std::sync::Arc;
 
 use crate::event::AuditEvent;
-use crate::pipeline::DropReason;
 use crate::request::RequestState;
 use crate::sanitize::bounded;
 
@@ -66,9 +65,7 @@ impl AuditContext {
     /// by the next `audit.gap` event).
     pub fn record(&self, mut event: AuditEvent) -> bool {
         self.state.complete(&mut event);
-        let core = &self.state.core;
-        event.enforce_limits(&core.config.limits);
-        core.try_push(event, DropReason::QueueFull)
+        self.state.core.record(event)
     }
 }
 

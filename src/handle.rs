@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::event::AuditEvent;
-use crate::pipeline::{Core, DropReason, Stats};
+use crate::pipeline::{Core, Stats};
 
 /// Controls a pipeline: read its counters, record events outside a request, shut it down.
 ///
@@ -64,9 +64,8 @@ impl AuditHandle {
     /// assert!(handle.record(AuditEvent::new("config.reloaded").actor("ops")));
     /// # }
     /// ```
-    pub fn record(&self, mut event: AuditEvent) -> bool {
-        event.enforce_limits(&self.core.config.limits);
-        self.core.try_push(event, DropReason::QueueFull)
+    pub fn record(&self, event: AuditEvent) -> bool {
+        self.core.record(event)
     }
 
     /// Closes intake, drains every queued event into the sink, flushes it, and reports what happened.

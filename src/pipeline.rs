@@ -91,6 +91,12 @@ impl Core {
         }
     }
 
+    /// Queues a custom event (handle or handler): bounded and sanitised like request events, never waiting.
+    pub(crate) fn record(&self, mut event: AuditEvent) -> bool {
+        event.enforce_limits(&self.config.limits);
+        self.try_push(event, DropReason::QueueFull)
+    }
+
     pub(crate) fn count_drop(&self, reason: DropReason) {
         let counters = &self.shared.counters;
         add(

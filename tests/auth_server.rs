@@ -356,13 +356,8 @@ async fn a_stalled_audit_sink_neither_slows_nor_fails_any_auth_request() {
 /// `DATABASE_URL` switches the user store to Postgres (a fresh database, so reruns start clean).
 #[tokio::test]
 async fn the_user_store_also_runs_on_postgres() {
-    let explicit = std::env::var("TOWER_AUDIT_PG_URL").ok();
-    let url = explicit.clone().unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".to_owned());
-    let admin = match sqlx::PgPool::connect(&url).await {
-        Ok(pool) => pool,
-        Err(e) if explicit.is_none() => return eprintln!("skipping: no Postgres at {url} ({e})"),
-        Err(e) => panic!("TOWER_AUDIT_PG_URL={url} is set, but the server is unreachable: {e}"),
-    };
+    let Some(admin) = common::pg_pool(sqlx::postgres::PgPoolOptions::new()).await else { return };
+    let url = common::pg_url();
     sqlx::raw_sql("DROP DATABASE IF EXISTS tower_audit_auth WITH (FORCE)").execute(&admin).await.unwrap();
     sqlx::raw_sql("CREATE DATABASE tower_audit_auth").execute(&admin).await.unwrap();
     let options: sqlx::postgres::PgConnectOptions = url.parse().unwrap();

@@ -129,7 +129,7 @@ async fn client_that_hangs_up_mid_stream_is_recorded_once_as_cancelled() {
                     tokio::spawn(async move {
                         tx.closed().await;
                     });
-                    Body::from_stream(ReceiverStream(rx))
+                    Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
                 }
             }),
         )
@@ -152,14 +152,4 @@ async fn client_that_hangs_up_mid_stream_is_recorded_once_as_cancelled() {
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0].outcome, Outcome::Cancelled);
     assert_eq!(events[0].status, Some(200));
-}
-
-/// A minimal `Stream` over an mpsc receiver (avoids a dependency for one adapter).
-struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
-
-impl<T> futures_core::Stream for ReceiverStream<T> {
-    type Item = T;
-    fn poll_next(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<T>> {
-        self.0.poll_recv(cx)
-    }
 }

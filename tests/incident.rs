@@ -17,19 +17,9 @@ use axum::routing::post;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use tower_audit::{AuditContext, AuditLayer, PostgresSink};
 
-const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
+/// The user store's pool: one connection.
 async fn user_pool(acquire_timeout: Duration) -> Option<PgPool> {
-    let explicit = std::env::var("TOWER_AUDIT_PG_URL").ok();
-    let url = explicit.clone().unwrap_or_else(|| DEFAULT_URL.to_owned());
-    match PgPoolOptions::new().max_connections(1).acquire_timeout(acquire_timeout).connect(&url).await {
-        Ok(pool) => Some(pool),
-        Err(e) if explicit.is_none() => {
-            eprintln!("skipping: no Postgres at {url} ({e}); set TOWER_AUDIT_PG_URL to run this test");
-            None
-        }
-        Err(e) => panic!("TOWER_AUDIT_PG_URL={url} is set, but the server is unreachable: {e}"),
-    }
+    common::pg_pool(PgPoolOptions::new().max_connections(1).acquire_timeout(acquire_timeout)).await
 }
 
 #[derive(Clone)]
@@ -90,8 +80,7 @@ async fn layered_run(shared: bool, table: &str) {
     let sink = if shared {
         PostgresSink::from_pool(pool.clone())
     } else {
-        let url = std::env::var("TOWER_AUDIT_PG_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned());
-        PostgresSink::connect(&url).await.unwrap()
+        PostgresSink::connect(&common::pg_url()).await.unwrap()
     };
     let sink = sink.table(table).unwrap();
     sink.ensure_schema().await.unwrap();

@@ -17,32 +17,15 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tower_audit::{AuditEvent, AuditLayer, AuditSink, ConfigError, MemorySink, PostgresSink, Retry};
 
 const LIMIT: Duration = Duration::from_secs(60);
-const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
-
-fn url() -> (String, bool) {
-    match std::env::var("TOWER_AUDIT_PG_URL") {
-        Ok(url) => (url, true),
-        Err(_) => (DEFAULT_URL.to_owned(), false),
-    }
-}
-
 /// An admin pool, or `None` (after saying why) when no server is configured or answering.
 async fn admin() -> Option<PgPool> {
-    let (url, explicit) = url();
-    match PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(5)).connect(&url).await {
-        Ok(pool) => Some(pool),
-        Err(e) if !explicit => {
-            eprintln!("skipping: no Postgres at {url} ({e}); set TOWER_AUDIT_PG_URL to run this test");
-            None
-        }
-        Err(e) => panic!("TOWER_AUDIT_PG_URL={url} is set, but the server is unreachable: {e}"),
-    }
+    pg_pool(PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(5))).await
 }
 
 /// A sink on its own pool writing to a fresh table `name` (dropped first, so reruns start clean).
 async fn fresh_sink(admin: &PgPool, name: &str) -> PostgresSink {
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {name}"))).execute(admin).await.unwrap();
-    let sink = PostgresSink::connect(&url().0).await.unwrap().table(name).unwrap();
+    let sink = PostgresSink::connect(&pg_url()).await.unwrap().table(name).unwrap();
     sink.ensure_schema().await.unwrap();
     sink
 }
@@ -144,7 +127,7 @@ async fn schema_is_idempotent_indexed_schema_qualified_and_validated() {
         .execute(&admin)
         .await
         .unwrap();
-    let sink = PostgresSink::connect(&url().0).await.unwrap().table("t_audit_schema.trail").unwrap();
+    let sink = PostgresSink::connect(&pg_url()).await.unwrap().table("t_audit_schema.trail").unwrap();
     sink.ensure_schema().await.unwrap();
     sink.ensure_schema().await.unwrap();
     let indexes: Vec<String> = sqlx::query_scalar(
@@ -210,7 +193,7 @@ async fn connection_killed_and_refused_every_event_lands_exactly_once() {
         .await
         .unwrap();
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}"))).execute(&admin).await.unwrap();
-    let options = PgConnectOptions::from_str(&url().0).unwrap().database(db);
+    let options = PgConnectOptions::from_str(&pg_url()).unwrap().database(db);
     let pool = PgPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(Duration::from_millis(500))

@@ -252,3 +252,24 @@ pub fn cookbook_events() -> Vec<AuditEvent> {
         at("auth.login_failed", "alice@example.com", "198.51.100.7", 7200),
     ]
 }
+
+/// Where the Postgres tests find a server: `TOWER_AUDIT_PG_URL`, or the local default.
+#[cfg(feature = "postgres")]
+pub fn pg_url() -> String {
+    std::env::var("TOWER_AUDIT_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// Connects a pool with `options` to [`pg_url`]; `None` (after saying why) when the variable is unset and no
+/// server answers. With the variable set, an unreachable server fails the test instead of skipping it.
+#[cfg(feature = "postgres")]
+pub async fn pg_pool(options: sqlx::postgres::PgPoolOptions) -> Option<sqlx::PgPool> {
+    let url = pg_url();
+    match options.connect(&url).await {
+        Ok(pool) => Some(pool),
+        Err(e) if std::env::var_os("TOWER_AUDIT_PG_URL").is_none() => {
+            eprintln!("skipping: no Postgres at {url} ({e}); set TOWER_AUDIT_PG_URL to run this test");
+            None
+        }
+        Err(e) => panic!("TOWER_AUDIT_PG_URL={url} is set, but the server is unreachable: {e}"),
+    }
+}
