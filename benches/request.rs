@@ -114,9 +114,9 @@ fn per_request(c: &mut Criterion) {
 
     let stats = rt.block_on(handle.shutdown(Duration::from_secs(10))).stats;
     eprintln!(
-        "audit layer pipeline: {} events enqueued, {} written ({} seen by the sink), {} dropped (a drop would \
+        "audit layer pipeline: {} events accepted, {} written ({} seen by the sink), {} dropped (a drop would \
          flatter (b))",
-        stats.enqueued,
+        stats.accepted,
         stats.written,
         sink.count(),
         stats.dropped()

@@ -14,8 +14,9 @@ pin_project! {
     ///
     /// Emits the request's event when the last frame has been yielded (or the inner body reports
     /// `is_end_stream`, which covers empty bodies that a server never polls), with outcome `error` when the body
-    /// yields an error, and with outcome `cancelled` when dropped before the end (the client went away). gRPC
-    /// trailers are read for `grpc-status` on the way.
+    /// yields an error or panics, with the status's outcome when dropped without ever being polled (`HEAD`,
+    /// 204, 304: a server does not read them), and with outcome `cancelled` when dropped part-way (the client
+    /// went away). gRPC trailers are read for `grpc-status` on the way.
     pub struct ResponseBody<B> {
         #[pin]
         kind: Kind<B>,
@@ -57,6 +58,9 @@ impl<B: Body> Body for ResponseBody<B> {
             KindProj::Inner { body } => body,
             KindProj::Empty => return Poll::Ready(None),
         };
+        if let Some(pending) = this.pending.as_mut() {
+            pending.body_polled = true;
+        }
         let frame = ready!(body.as_mut().poll_frame(cx));
         if let Some(pending) = this.pending {
             match &frame {

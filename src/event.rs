@@ -158,6 +158,25 @@ impl AuditEvent {
     }
 }
 
+impl AuditEvent {
+    /// An estimate of the memory this event holds (its own size plus its text), for the queue's byte budget.
+    pub(crate) fn heap_size(&self) -> usize {
+        /// Per attribute: two `String` headers and a share of the tree's node.
+        const PER_ATTRIBUTE: usize = 64;
+        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        let owned = |s: &Cow<'static, str>| if let Cow::Owned(s) = s { s.len() } else { 0 };
+        std::mem::size_of::<Self>()
+            + owned(&self.kind)
+            + self.method.as_ref().map_or(0, owned)
+            + text(&self.route)
+            + text(&self.path)
+            + text(&self.request_id)
+            + text(&self.actor)
+            + text(&self.user_agent)
+            + self.attributes.iter().map(|(k, v)| k.len() + v.len() + PER_ATTRIBUTE).sum::<usize>()
+    }
+}
+
 fn needs_bounding(s: &str, max: usize) -> bool {
     s.len() > max || s.chars().any(char::is_control)
 }

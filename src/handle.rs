@@ -8,7 +8,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::event::AuditEvent;
-use crate::pipeline::{Core, Stats};
+use crate::pipeline::Core;
+use crate::stats::Stats;
 
 /// Controls a pipeline: read its counters, record events outside a request, shut it down.
 ///
@@ -29,13 +30,36 @@ struct Control {
 const REPORT_GRACE: Duration = Duration::from_millis(100);
 
 /// What happened to every event, once a pipeline is shut down.
+///
+/// Its `stats` keep [the accounting identity](Stats#the-accounting-identity) with `queued == 0`: every event
+/// offered is written, in the fallback, lost, abandoned, dropped or refused. [`Stats::missing`] says plainly how
+/// many reached no trail; `Display` prints it all on one line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[non_exhaustive]
 pub struct ShutdownReport {
     /// The final counters.
     pub stats: Stats,
-    /// `true` when every queued event was handed to a sink and the sinks were flushed before the deadline.
+    /// `true` when the queue was emptied before the deadline (nothing `abandoned`) and both sinks flushed.
+    /// It says nothing about events dropped or lost earlier: see [`Stats::missing`].
     pub drained: bool,
+    /// Events missing from the primary trail (dropped, lost, abandoned, or written to the fallback instead)
+    /// that no `audit.gap` event in the primary trail reports, because the last one could not be written
+    /// (the primary sink was down) or the deadline came first. Zero means the primary trail accounts for
+    /// every loss itself.
+    pub unreported: u64,
+}
+
+impl fmt::Display for ShutdownReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}; {} missing from every trail; {}; {} losses not reported in the primary trail",
+            self.stats,
+            self.stats.missing(),
+            if self.drained { "drained" } else { "NOT drained" },
+            self.unreported
+        )
+    }
 }
 
 impl AuditHandle {
@@ -68,13 +92,17 @@ impl AuditHandle {
         self.core.record(event)
     }
 
-    /// Closes intake, drains every queued event into the sink, flushes it, and reports what happened.
+    /// Closes intake at once, drains what was queued into the sinks, flushes them, and reports what happened.
     ///
-    /// Events produced after this call are dropped and counted as `dropped_closed`. Retries stop at the
-    /// deadline; what is still queued then is counted as `abandoned` and the report says `drained: false`.
+    /// From this call on, new events are dropped and counted as `dropped_closed` (and requests under
+    /// [`Overflow::FailClosed`](crate::Overflow::FailClosed) are refused); that includes the events of requests
+    /// still in flight, so stop the server gracefully first. A steady stream of producers cannot delay it: it
+    /// returns as soon as what was queued at the call is written. Nothing is attempted after the deadline, the
+    /// fallback sink included; what it catches is counted as `abandoned` and the report says `drained: false`.
     /// Calling it again (from any clone) returns the same report.
     pub async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
         let deadline = Instant::now() + timeout;
+        self.core.shared.close();
         // The first call sets the deadline; later calls wait for the same report.
         self.control.deadline.send_if_modified(|current| current.is_none() && current.insert(deadline) == &deadline);
         let mut report = self.control.report.clone();
@@ -82,7 +110,7 @@ impl AuditHandle {
         match tokio::time::timeout_at(deadline + REPORT_GRACE, report.wait_for(Option::is_some)).await {
             Ok(Ok(report)) => report.expect("waited for Some"),
             // The worker is gone without a report (its task was aborted) or missed the deadline.
-            _ => ShutdownReport { stats: self.stats(), drained: false },
+            _ => ShutdownReport { stats: self.stats(), drained: false, unreported: self.stats().missing() },
         }
     }
 }

@@ -9,16 +9,21 @@ use ipnet::IpNet;
 use tokio::sync::{mpsc, watch};
 use tower_layer::Layer;
 
+use crate::call::Deadline;
+use crate::delivery::Sinks;
 use crate::error::ConfigError;
 use crate::handle::AuditHandle;
 use crate::pipeline::{Core, RequestConfig, Shared};
 use crate::sanitize::Limits;
 use crate::service::AuditService;
 use crate::sink::{AuditSink, DynSink};
-use crate::worker::{Worker, WorkerConfig};
+use crate::worker::{Queue, Worker, WorkerConfig};
 
 /// Default queue capacity (events).
 pub const DEFAULT_CAPACITY: usize = 8192;
+/// Default budget of the bytes queued events may hold (32 MiB): with events of up to ~18 KB each (every text
+/// field at its bound), 8192 of them could otherwise hold ~150 MB.
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 32 << 20;
 /// Default batch size (events).
 pub const DEFAULT_BATCH_SIZE: usize = 512;
 /// Default flush interval.
@@ -47,16 +52,23 @@ pub const SENSITIVE_HEADERS: &[&str] = &["authorization", "cookie", "proxy-autho
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Overflow {
-    /// Drop the event and count it (`dropped_queue_full`). The request never waits. The default.
+    /// Drop the event and count it (`dropped_queue_full`, or `dropped_queue_bytes` past the byte budget). The
+    /// request never waits. The default.
     #[default]
     Drop,
-    /// Before calling the inner service, wait at most this long for a free slot (the service is not ready
-    /// meanwhile). Without one, the request goes on and its event is queued at the end if there is room then,
-    /// else dropped and counted (`dropped_wait_timeout`).
+    /// When the queue is full, `poll_ready` waits at most this long for room (the service is not ready
+    /// meanwhile; shutdown ends the wait). `call` then reserves a slot if one is free. A request without a slot
+    /// goes on, and its event is queued at the end if there is room then, else dropped and counted
+    /// (`dropped_wait_timeout`).
     Wait(Duration),
-    /// Reserve a slot before calling the inner service; with none free, answer `503 Service Unavailable`
-    /// without calling it (counted as `refused`). Every served request is audited. Custom events recorded by
-    /// handlers are still dropped (and counted) when the queue is full.
+    /// `call` reserves a slot for the request's event before calling the inner service; when none can be had
+    /// (queue full, byte budget reached, shutting down, worker gone), it answers `503 Service Unavailable`
+    /// without calling it (counted as `refused`). When the queue is already full, `poll_ready` does not wait
+    /// for the inner service's readiness to refuse. A reserved event is admitted even past the byte budget.
+    ///
+    /// Every request served before shutdown began is audited; one still in flight when it begins is counted
+    /// as `dropped_closed`. Custom events recorded by handlers have no slot: they can still be dropped (and
+    /// counted) when the queue is full.
     FailClosed,
 }
 
@@ -135,6 +147,7 @@ impl AuditLayer {
             sink: Box::new(sink),
             fallback: None,
             capacity: DEFAULT_CAPACITY,
+            max_queued_bytes: DEFAULT_MAX_QUEUED_BYTES,
             batch_size: DEFAULT_BATCH_SIZE,
             flush_interval: DEFAULT_FLUSH_INTERVAL,
             overflow: Overflow::Drop,
@@ -193,6 +206,7 @@ pub struct AuditLayerBuilder {
     sink: Box<dyn DynSink>,
     fallback: Option<Box<dyn DynSink>>,
     capacity: usize,
+    max_queued_bytes: usize,
     batch_size: usize,
     flush_interval: Duration,
     overflow: Overflow,
@@ -211,6 +225,13 @@ impl AuditLayerBuilder {
     /// How many events the queue holds ([`DEFAULT_CAPACITY`]). Memory is bounded by this many events.
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
+        self
+    }
+
+    /// The most bytes the queued events may hold ([`DEFAULT_MAX_QUEUED_BYTES`]), estimated from their text.
+    /// Past it events are dropped and counted (`dropped_queue_bytes`).
+    pub fn max_queued_bytes(mut self, bytes: usize) -> Self {
+        self.max_queued_bytes = bytes;
         self
     }
 
@@ -248,7 +269,7 @@ impl AuditLayerBuilder {
     }
 
     /// Where batches go after the primary sink failed them `max_retries + 1` times (none by default: they
-    /// are counted as `fallback_failed`). A local [`JsonLinesSink`](crate::JsonLinesSink) is a good choice.
+    /// are counted as `lost`). A local [`JsonLinesSink`](crate::JsonLinesSink) is a good choice.
     pub fn fallback(mut self, sink: impl AuditSink) -> Self {
         self.fallback = Some(Box::new(sink));
         self
@@ -332,6 +353,7 @@ impl AuditLayerBuilder {
     pub fn build(self) -> Result<(AuditLayer, AuditHandle), ConfigError> {
         for (setting, value) in [
             ("capacity", self.capacity),
+            ("max_queued_bytes", self.max_queued_bytes),
             ("batch_size", self.batch_size),
             ("max_field_len", self.limits.max_field_len),
             ("max_path_len", self.limits.max_path_len),
@@ -370,23 +392,21 @@ impl AuditLayerBuilder {
             .collect::<Result<Vec<_>, _>>()?;
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
 
-        let (tx, rx) = mpsc::channel(self.capacity);
-        let shared = Arc::new(Shared::default());
+        // Unbounded: the gate in `Shared` admits events by count and bytes, so the channel never refuses.
+        let (tx, rx) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared::new(self.capacity, self.max_queued_bytes));
         let (deadline_tx, deadline_rx) = watch::channel(None);
         let (report_tx, report_rx) = watch::channel(None);
         let worker = Worker {
-            rx,
+            queue: Queue { rx, shared: Arc::clone(&shared) },
             shared: Arc::clone(&shared),
-            sink: self.sink,
-            fallback: self.fallback,
+            sinks: Sinks { primary: self.sink, fallback: self.fallback, retry: self.retry, timeout: self.sink_timeout },
             config: WorkerConfig {
                 batch_size: self.batch_size,
                 flush_interval: self.flush_interval,
-                retry: self.retry,
-                sink_timeout: self.sink_timeout,
                 warn_interval: self.warn_interval,
             },
-            deadline: deadline_rx,
+            deadline: Deadline(deadline_rx),
             report: report_tx,
         };
         runtime.spawn(worker.run());
@@ -417,6 +437,7 @@ impl fmt::Debug for AuditLayerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuditLayerBuilder")
             .field("capacity", &self.capacity)
+            .field("max_queued_bytes", &self.max_queued_bytes)
             .field("batch_size", &self.batch_size)
             .field("flush_interval", &self.flush_interval)
             .field("overflow", &self.overflow)

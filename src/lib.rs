@@ -73,18 +73,24 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+mod call;
 mod client_addr;
 mod context;
+mod delivery;
 mod error;
 mod event;
 mod future;
+mod gap;
 mod handle;
+mod intake;
 mod layer;
 mod pipeline;
 mod request;
 mod sanitize;
 mod service;
 pub mod sink;
+mod stamp;
+mod stats;
 mod worker;
 
 pub use self::body::ResponseBody;
@@ -96,15 +102,15 @@ pub use self::future::ResponseFuture;
 pub use self::handle::{AuditHandle, ShutdownReport};
 pub use self::layer::{
     AuditLayer, AuditLayerBuilder, DEFAULT_BATCH_SIZE, DEFAULT_CAPACITY, DEFAULT_FLUSH_INTERVAL,
-    DEFAULT_REDACTED_QUERY_PARAMS, DEFAULT_SINK_TIMEOUT, Overflow, Retry, SENSITIVE_HEADERS,
+    DEFAULT_MAX_QUEUED_BYTES, DEFAULT_REDACTED_QUERY_PARAMS, DEFAULT_SINK_TIMEOUT, Overflow, Retry, SENSITIVE_HEADERS,
 };
-pub use self::pipeline::Stats;
 pub use self::service::AuditService;
 #[cfg(feature = "postgres")]
 pub use self::sink::PostgresSink;
 #[cfg(feature = "sqlite")]
 pub use self::sink::SqliteSink;
 pub use self::sink::{AuditSink, JsonLinesSink, MemorySink, TracingSink};
+pub use self::stats::Stats;
 
 /// The README's code compiles (it uses every feature).
 #[cfg(all(doctest, feature = "postgres", feature = "sqlite"))]

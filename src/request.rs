@@ -10,10 +10,10 @@ use std::time::SystemTime;
 use tokio::time::Instant;
 
 use http::{HeaderMap, HeaderName, Method, Request, StatusCode};
-use tokio::sync::mpsc::OwnedPermit;
 
 use crate::event::{AuditEvent, Outcome, kind};
-use crate::pipeline::{Core, DropReason};
+use crate::intake::Slot;
+use crate::pipeline::{Core, OnFull};
 use crate::sanitize::{bounded, bounded_bytes, redacted_path};
 
 /// What the layer read from the request, shared with the handler's [`AuditContext`](crate::AuditContext).
@@ -131,20 +131,22 @@ fn method_name(method: &Method, max: usize) -> Cow<'static, str> {
     })
 }
 
-/// Emits the request's event exactly once: through [`finish`](Self::finish), or as `cancelled` when dropped
-/// before that.
+/// Emits the request's event exactly once: through [`finish`](Self::finish), or when dropped before that.
 #[derive(Debug)]
 pub(crate) struct Pending {
     state: Option<Arc<RequestState>>,
-    permit: Option<OwnedPermit<AuditEvent>>,
-    on_full: DropReason,
+    slot: Option<Slot>,
+    on_full: OnFull,
     pub(crate) status: Option<StatusCode>,
     pub(crate) grpc_status: Option<i32>,
+    /// Whether anyone polled the response body: a body dropped unpolled was never wanted (`HEAD`, 204, 304),
+    /// which is not a cancellation.
+    pub(crate) body_polled: bool,
 }
 
 impl Pending {
-    pub(crate) fn new(state: Arc<RequestState>, permit: Option<OwnedPermit<AuditEvent>>, on_full: DropReason) -> Self {
-        Pending { state: Some(state), permit, on_full, status: None, grpc_status: None }
+    pub(crate) fn new(state: Arc<RequestState>, slot: Option<Slot>, on_full: OnFull) -> Self {
+        Pending { state: Some(state), slot, on_full, status: None, grpc_status: None, body_polled: false }
     }
 
     /// Reads the gRPC status from response headers (trailers-only responses) or trailers.
@@ -157,6 +159,10 @@ impl Pending {
 
     /// Emits the event. `outcome` overrides the outcome derived from the status codes.
     pub(crate) fn finish(&mut self, outcome: Option<Outcome>) {
+        self.emit(outcome, false);
+    }
+
+    fn emit(&mut self, outcome: Option<Outcome>, panicked: bool) {
         let Some(state) = self.state.take() else { return };
         let outcome = outcome.unwrap_or_else(|| match (self.grpc_status, self.status) {
             (Some(code), _) => Outcome::from_grpc_code(code),
@@ -185,20 +191,22 @@ impl Pending {
         event.client_addr = info.client_addr;
         event.user_agent = info.user_agent;
         event.attributes = fields.attributes;
-        match self.permit.take() {
-            Some(permit) => {
-                permit.send(event);
-                core.pushed();
-            }
-            None => {
-                core.try_push(event, self.on_full);
-            }
+        if panicked {
+            event.attributes.insert("panic".to_owned(), "true".to_owned());
         }
+        core.push(event, self.slot.take(), self.on_full);
     }
 }
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        self.finish(Some(Outcome::Cancelled));
+        if std::thread::panicking() {
+            // The inner service or the body panicked while we were inside it (the panic unwinds through us).
+            self.emit(Some(Outcome::Error), true);
+        } else if self.status.is_some() && !self.body_polled {
+            self.finish(None);
+        } else {
+            self.finish(Some(Outcome::Cancelled));
+        }
     }
 }

@@ -8,17 +8,16 @@ use std::task::{Context, Poll, ready};
 
 use http::{Request, Response};
 use sync_wrapper::SyncWrapper;
-use tokio::sync::mpsc::{OwnedPermit, error::SendError, error::TrySendError};
-use tokio::time::Sleep;
 use tower_service::Service;
 
 use crate::Overflow;
 use crate::body::ResponseBody;
 use crate::context::AuditContext;
-use crate::event::AuditEvent;
 use crate::future::ResponseFuture;
-use crate::pipeline::{Core, DropReason, add};
+use crate::intake::{Refusal, Slot};
+use crate::pipeline::{Core, OnFull, Shared};
 use crate::request::{Pending, RequestState};
+use crate::stats::add;
 
 /// Records one audit event per request. Made by [`AuditLayer`](crate::AuditLayer).
 ///
@@ -28,38 +27,38 @@ use crate::request::{Pending, RequestState};
 /// - when the response body ends (its last frame, or `is_end_stream` is true), with the outcome from the HTTP
 ///   status or, when present, the gRPC status from the headers or trailers; so streaming responses are timed to
 ///   their last byte;
+/// - when the body is dropped before it was ever polled (a `HEAD` response, a `204` or `304`, whose body a
+///   server never reads), with the outcome from the status;
 /// - when the inner service returns `Err` (outcome `error`, no status), or the body yields an error;
-/// - when the response future or the body is dropped before that (outcome `cancelled`).
+/// - when the inner service or the body panics (outcome `error`, attribute `panic`);
+/// - when the response future is dropped, or the body dropped part-way (outcome `cancelled`).
 ///
-/// With [`Overflow::Drop`] (the default) `poll_ready` is the inner service's; with `Wait` and `FailClosed` it
-/// first reserves a slot in the queue (see [`Overflow`]).
+/// With [`Overflow::Drop`] (the default) `poll_ready` is the inner service's. Under `Wait` it first waits for
+/// room in the queue, under `FailClosed` it answers at once when the queue is full; `call` reserves the
+/// request's slot (see [`Overflow`]).
 pub struct AuditService<S> {
     inner: S,
     core: Arc<Core>,
-    slot: Slot,
+    ready: Ready,
 }
 
 /// `SyncWrapper` keeps the service `Sync` (Axum requires it) around a future that is only `Send`.
-type Reserve = SyncWrapper<Pin<Box<dyn Future<Output = Result<OwnedPermit<AuditEvent>, SendError<()>>> + Send>>>;
+type WaitForRoom = SyncWrapper<Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send>>>;
 
-/// A queue slot obtained in `poll_ready` for the next `call` (only under `Wait` and `FailClosed`).
-enum Slot {
-    None,
-    Reserved(OwnedPermit<AuditEvent>),
-    Waiting {
-        reserve: Reserve,
-        deadline: Pin<Box<Sleep>>,
-    },
-    /// No slot could be had; `call` goes on without one and counts a drop for this reason if the queue is still
-    /// full at the end.
-    GaveUp(DropReason),
-    /// `FailClosed` with a full queue: `call` answers 503.
+/// Where `poll_ready` got to (under `Wait` and `FailClosed`); reset by `call`.
+enum Ready {
+    Unchecked,
+    /// `FailClosed` found the queue full: the next `call` answers 503 without the inner service.
     Refuse,
+    /// `Wait`: waiting for room, at most the policy's limit.
+    Waiting(WaitForRoom),
+    /// `Wait` is over; what a full queue at the end of the request counts as.
+    Waited(OnFull),
 }
 
 impl<S> AuditService<S> {
     pub(crate) fn new(inner: S, core: Arc<Core>) -> Self {
-        Self { inner, core, slot: Slot::None }
+        Self { inner, core, ready: Ready::Unchecked }
     }
 
     /// The wrapped service.
@@ -76,43 +75,36 @@ impl<S> AuditService<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
+}
 
-    fn poll_slot(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            match (&mut self.slot, self.core.config.overflow) {
-                (Slot::None, Overflow::Drop) | (Slot::Reserved(_) | Slot::GaveUp(_) | Slot::Refuse, _) => {
-                    return Poll::Ready(());
-                }
-                (Slot::None, overflow) => {
-                    self.slot = match self.core.tx.clone().try_reserve_owned() {
-                        Ok(permit) => Slot::Reserved(permit),
-                        Err(TrySendError::Closed(_)) => Slot::GaveUp(DropReason::Closed),
-                        Err(TrySendError::Full(tx)) => match overflow {
-                            Overflow::Wait(limit) => Slot::Waiting {
-                                reserve: SyncWrapper::new(Box::pin(tx.reserve_owned())),
-                                deadline: Box::pin(tokio::time::sleep(limit)),
-                            },
-                            _ => Slot::Refuse,
-                        },
-                    };
-                }
-                (Slot::Waiting { reserve, deadline }, _) => {
-                    self.slot = match reserve.get_mut().as_mut().poll(cx) {
-                        Poll::Ready(Ok(permit)) => Slot::Reserved(permit),
-                        Poll::Ready(Err(_)) => Slot::GaveUp(DropReason::Closed),
-                        Poll::Pending => {
-                            ready!(deadline.as_mut().poll(cx));
-                            Slot::GaveUp(DropReason::WaitTimeout)
-                        }
-                    };
+/// Resolves when the queue has room (`Ok`), intake closes (`Closed`), or `limit` passes (`Full`).
+fn wait_for_room(shared: Arc<Shared>, limit: std::time::Duration) -> WaitForRoom {
+    SyncWrapper::new(Box::pin(async move {
+        let room = async {
+            loop {
+                let notified = shared.room.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                match shared.gate.has_room() {
+                    Err(Refusal::Full | Refusal::Bytes) => notified.await,
+                    answer => return answer,
                 }
             }
-        }
+        };
+        tokio::time::timeout(limit, room).await.unwrap_or(Err(Refusal::Full))
+    }))
+}
+
+impl<S> AuditService<S> {
+    /// Answers 503 without calling the inner service: the request's event could not be queued.
+    fn refuse<F>(&self) -> ResponseFuture<F> {
+        add(&self.core.shared.counters.refused, 1);
+        ResponseFuture::refused()
     }
 }
 
 impl<S: Clone> Clone for AuditService<S> {
-    /// A clone has no reserved slot of its own.
+    /// A clone starts unchecked: it has not been polled ready.
     fn clone(&self) -> Self {
         Self::new(self.inner.clone(), Arc::clone(&self.core))
     }
@@ -134,24 +126,53 @@ where
     type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        ready!(self.poll_slot(cx));
-        self.inner.poll_ready(cx)
+        loop {
+            match (&mut self.ready, self.core.config.overflow) {
+                (_, Overflow::Drop) | (Ready::Waited(_), _) => return self.inner.poll_ready(cx),
+                (Ready::Refuse, _) => return Poll::Ready(Ok(())),
+                (Ready::Unchecked, Overflow::FailClosed) => {
+                    // No room now: refuse at once rather than wait for the inner service to be ready.
+                    if self.core.shared.gate.has_room().is_err() {
+                        self.ready = Ready::Refuse;
+                        return Poll::Ready(Ok(()));
+                    }
+                    return self.inner.poll_ready(cx);
+                }
+                (Ready::Unchecked, Overflow::Wait(limit)) => {
+                    self.ready = match self.core.shared.gate.has_room() {
+                        Err(Refusal::Full | Refusal::Bytes) => {
+                            Ready::Waiting(wait_for_room(Arc::clone(&self.core.shared), limit))
+                        }
+                        _ => Ready::Waited(OnFull::QueueFull),
+                    };
+                }
+                (Ready::Waiting(wait), _) => {
+                    let waited = ready!(wait.get_mut().as_mut().poll(cx));
+                    self.ready = Ready::Waited(match waited {
+                        Err(Refusal::Full | Refusal::Bytes) => OnFull::WaitTimeout,
+                        Ok(()) | Err(Refusal::Closed) => OnFull::QueueFull,
+                    });
+                }
+            }
+        }
     }
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
-        let (permit, on_full) = match std::mem::replace(&mut self.slot, Slot::None) {
-            Slot::Reserved(permit) => (Some(permit), DropReason::QueueFull),
-            Slot::GaveUp(reason) => (None, reason),
-            Slot::Refuse => {
-                add(&self.core.shared.counters.refused, 1);
-                return ResponseFuture::refused();
-            }
-            // `call` without `poll_ready` (a contract breach) or under `Overflow::Drop`.
-            Slot::None | Slot::Waiting { .. } => (None, DropReason::QueueFull),
+        let ready = std::mem::replace(&mut self.ready, Ready::Unchecked);
+        let (slot, on_full): (Option<Slot>, OnFull) = match (self.core.config.overflow, ready) {
+            (Overflow::FailClosed, Ready::Refuse) => return self.refuse(),
+            (Overflow::FailClosed, _) => match self.core.reserve() {
+                Ok(slot) => (Some(slot), OnFull::QueueFull),
+                Err(_) => return self.refuse(),
+            },
+            (Overflow::Wait(_), Ready::Waited(on_full)) => (self.core.reserve().ok(), on_full),
+            // `Drop`, or `call` without `poll_ready` (a contract breach).
+            (Overflow::Wait(_), _) => (self.core.reserve().ok(), OnFull::QueueFull),
+            _ => (None, OnFull::QueueFull),
         };
         let state = Arc::new(RequestState::capture(&req, Arc::clone(&self.core)));
         req.extensions_mut().insert(AuditContext::new(Arc::clone(&state)));
-        let pending = Pending::new(state, permit, on_full);
+        let pending = Pending::new(state, slot, on_full);
         ResponseFuture::new(self.inner.call(req), pending)
     }
 }

@@ -1,97 +1,45 @@
-//! The background task: batches events from the channel into the sink, retries, falls back, reports losses.
+//! The background task. It only orchestrates the stages, in order: take a batch from the queue, stamp it
+//! (`stamp`), put the `audit.gap` event due to the trail in front (`gap`), write it to the primary sink with
+//! retries and then the fallback (`delivery`), and count what became of every event (`stats`).
 
-use std::any::Any;
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
-use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use pin_project_lite::pin_project;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::Retry;
-use crate::event::{AuditEvent, Outcome, kind};
+use crate::call::Deadline;
+use crate::delivery::{Sinks, Written};
+use crate::event::AuditEvent;
+use crate::gap::{Due, Ledger, Losses, Trail};
 use crate::handle::ShutdownReport;
-use crate::pipeline::{Shared, Stats, add};
-use crate::sink::DynSink;
+use crate::intake::Entry;
+use crate::pipeline::Shared;
+use crate::stamp::Stamper;
+use crate::stats::add;
 
 pub(crate) struct WorkerConfig {
     pub(crate) batch_size: usize,
     pub(crate) flush_interval: Duration,
-    pub(crate) retry: Retry,
-    pub(crate) sink_timeout: Duration,
     pub(crate) warn_interval: Duration,
 }
 
 pub(crate) struct Worker {
-    pub(crate) rx: mpsc::Receiver<AuditEvent>,
+    /// First field, so that when the worker ends in any way its `Drop` settles what is left before the report
+    /// sender is dropped.
+    pub(crate) queue: Queue,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) sink: Box<dyn DynSink>,
-    pub(crate) fallback: Option<Box<dyn DynSink>>,
+    pub(crate) sinks: Sinks,
     pub(crate) config: WorkerConfig,
-    /// The shutdown deadline, once a handle asked for shutdown.
-    pub(crate) deadline: watch::Receiver<Option<Instant>>,
+    pub(crate) deadline: Deadline,
     pub(crate) report: watch::Sender<Option<ShutdownReport>>,
 }
 
-/// Losses by reason, as written into `audit.gap` events.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Losses {
-    queue_full: u64,
-    wait_timeout: u64,
-    refused: u64,
-    sink_failed: u64,
-}
-
-impl Losses {
-    fn now(stats: &Stats) -> Self {
-        Losses {
-            queue_full: stats.dropped_queue_full,
-            wait_timeout: stats.dropped_wait_timeout,
-            refused: stats.refused,
-            sink_failed: stats.failed,
-        }
-    }
-
-    fn since(self, earlier: Losses) -> Self {
-        Losses {
-            queue_full: self.queue_full - earlier.queue_full,
-            wait_timeout: self.wait_timeout - earlier.wait_timeout,
-            refused: self.refused - earlier.refused,
-            sink_failed: self.sink_failed - earlier.sink_failed,
-        }
-    }
-
-    fn total(self) -> u64 {
-        self.queue_full + self.wait_timeout + self.refused + self.sink_failed
-    }
-}
-
-enum Failure {
-    Sink(crate::SinkError),
-    Timeout,
-    Panic(String),
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Sink(e) => write!(f, "{e}"),
-            Failure::Timeout => f.write_str("timed out"),
-            Failure::Panic(msg) => write!(f, "panicked: {msg}"),
-        }
-    }
-}
-
-/// State the loop keeps between batches.
-struct Progress {
-    seq: u64,
-    /// Losses already written into the trail by a gap event.
-    reported: Losses,
+/// What the loop keeps between batches.
+struct State {
+    stamper: Stamper,
+    primary: Ledger,
+    fallback: Ledger,
     /// Losses already warned about through `tracing`, and when.
     warned: Losses,
     last_warn: Option<Instant>,
@@ -99,9 +47,15 @@ struct Progress {
 
 impl Worker {
     pub(crate) async fn run(mut self) {
+        let mut state = State {
+            stamper: Stamper::default(),
+            primary: Ledger::new(Trail::Primary),
+            fallback: Ledger::new(Trail::Fallback),
+            warned: Losses::default(),
+            last_warn: None,
+        };
         let mut batch = Vec::with_capacity(self.config.batch_size);
-        let mut progress = Progress { seq: 0, reported: Losses::default(), warned: Losses::default(), last_warn: None };
-        let mut requests = self.deadline.clone();
+        let mut requests = self.deadline.0.clone();
         let mut listening = true;
         let mut tick = Instant::now() + self.config.flush_interval;
         loop {
@@ -109,7 +63,7 @@ impl Worker {
                 biased;
                 changed = requests.changed(), if listening => {
                     match changed {
-                        Ok(()) => return self.shut_down(batch, progress).await,
+                        Ok(()) => return self.shut_down(batch, state).await,
                         // Every handle is gone; the worker now ends when every producer is gone.
                         Err(_) => listening = false,
                     }
@@ -121,318 +75,228 @@ impl Worker {
                     true
                 }
             };
-            self.shared.wake_pending.store(false, Relaxed);
+            self.shared.wake_pending.store(false, std::sync::atomic::Ordering::Relaxed);
             // Full batches go out as soon as they are there; a partial one waits for the tick.
             loop {
-                let (full, disconnected) = self.take(&mut batch);
-                if disconnected {
-                    return self.shut_down(batch, progress).await;
+                let limit = self.limit(&state);
+                let took = self.queue.take(&mut batch, limit);
+                if took.disconnected {
+                    return self.shut_down(batch, state).await;
                 }
-                if full || (ticked && (!batch.is_empty() || self.losses_to_report(&progress))) {
-                    self.deliver(&mut batch, &mut progress).await;
+                let gap_due = state.primary.is_due(self.losses());
+                if took.full || (ticked && (!batch.is_empty() || gap_due)) {
+                    if self.deliver(&mut batch, &mut state).await {
+                        // The shutdown deadline passed during the write (shutdown began meanwhile).
+                        return self.shut_down(batch, state).await;
+                    }
                 }
-                if !full {
+                if !took.full {
                     break;
                 }
             }
-            self.warn_about_losses(&mut progress);
+            self.warn_about_losses(&mut state);
         }
     }
 
-    /// Takes up to a batch's worth without waiting. Returns whether the batch is full and whether every
-    /// producer is gone and the queue is empty.
-    fn take(&mut self, batch: &mut Vec<AuditEvent>) -> (bool, bool) {
-        while batch.len() < self.config.batch_size {
-            match self.rx.try_recv() {
-                Ok(event) => {
-                    add(&self.shared.counters.taken, 1);
-                    batch.push(event);
-                }
-                Err(mpsc::error::TryRecvError::Empty) => return (false, false),
-                Err(mpsc::error::TryRecvError::Disconnected) => return (false, true),
+    fn losses(&self) -> Losses {
+        Losses::of(&self.shared.stats())
+    }
+
+    /// How many events to take: one fewer than a batch when a gap event is due, so it fits in front.
+    fn limit(&self, state: &State) -> usize {
+        let batch_size = self.config.batch_size;
+        if batch_size > 1 && state.primary.is_due(self.losses()) { batch_size - 1 } else { batch_size }
+    }
+
+    /// Writes `batch` (with the gap event due, if any) and settles its events. Returns `true` when the
+    /// shutdown deadline passed first; the events left in `batch` are then unsettled.
+    async fn deliver(&mut self, batch: &mut Vec<AuditEvent>, state: &mut State) -> bool {
+        match state.primary.due(self.losses()) {
+            // No room in front (events taken before the losses happened): the gap event goes alone first.
+            Some(due) if batch.len() >= self.config.batch_size => {
+                self.write(&mut Vec::new(), Some(due), state).await || self.write(batch, None, state).await
             }
+            due => self.write(batch, due, state).await,
         }
-        (true, false)
     }
 
-    fn stats(&self) -> Stats {
-        self.shared.counters.snapshot(0)
-    }
-
-    fn losses_to_report(&self, progress: &Progress) -> bool {
-        Losses::now(&self.stats()) != progress.reported
-    }
-
-    /// Writes `batch` (preceded by an `audit.gap` event when events were lost since the last one) to the sink,
-    /// retrying with backoff, then to the fallback. Leaves `batch` empty.
-    async fn deliver(&mut self, batch: &mut Vec<AuditEvent>, progress: &mut Progress) {
-        let losses = Losses::now(&self.stats());
-        let lost = losses.since(progress.reported);
-        if lost.total() > 0 {
-            batch.insert(0, gap_event(lost));
+    /// Writes `[gap] + events` to the primary sink, or failing that the events to the fallback (after its own
+    /// gap event, if one is due), and counts what became of them.
+    async fn write(&mut self, events: &mut Vec<AuditEvent>, gap: Option<Due>, state: &mut State) -> bool {
+        let n = events.len() as u64;
+        let reported = gap.as_ref().map(|due| due.upto);
+        if let Some(due) = gap {
+            events.insert(0, due.event);
         }
-        for event in batch.iter_mut() {
-            progress.seq += 1;
-            event.seq = progress.seq;
-            event.id = new_id(event.time);
-        }
+        events.iter_mut().for_each(|e| state.stamper.stamp(e));
         let counters = &self.shared.counters;
-        let mut attempt = 0;
-        loop {
-            match self.attempt(self.sink.write_batch(batch)).await {
-                Ok(()) => {
-                    add(&counters.written, batch.len() as u64);
-                    add(&counters.batches, 1);
-                    if lost.total() > 0 {
-                        add(&counters.gap_events, 1);
-                        progress.reported = losses;
-                    }
-                    break;
+        let written = self.sinks.primary(events, &self.deadline, counters).await;
+        if reported.is_some() {
+            events.remove(0);
+        }
+        match written {
+            Written::Yes => {
+                add(&counters.written, n);
+                add(&counters.batches, 1);
+                if let Some(upto) = reported {
+                    add(&counters.gap_events, 1);
+                    state.primary.written(upto);
                 }
-                Err(failure) => {
-                    let delay = self.config.retry.delay(attempt + 1);
-                    let deadline = *self.deadline.borrow();
-                    let out_of_time = deadline.is_some_and(|d| Instant::now() + delay >= d);
-                    if attempt >= self.config.retry.max_retries || out_of_time {
-                        tracing::error!(
-                            events = batch.len(),
-                            attempts = attempt + 1,
-                            error = %failure,
-                            "audit sink failed to write a batch; handing it to the fallback sink"
-                        );
-                        add(&counters.failed, batch.len() as u64);
-                        self.fall_back(batch).await;
-                        break;
+            }
+            Written::Deadline => return true,
+            Written::Failed if self.sinks.fallback.is_none() => add(&counters.lost, n),
+            Written::Failed => {
+                if let Some(mut due) = state.fallback.due(self.losses()) {
+                    state.stamper.stamp(&mut due.event);
+                    match self.sinks.fallback(std::slice::from_ref(&due.event), &self.deadline, counters).await {
+                        Written::Yes => {
+                            add(&counters.gap_events, 1);
+                            state.fallback.written(due.upto);
+                        }
+                        Written::Failed => {}
+                        Written::Deadline => return true,
                     }
-                    tracing::warn!(
-                        events = batch.len(),
-                        attempt = attempt + 1,
-                        retry_in_ms = delay.as_millis() as u64,
-                        error = %failure,
-                        "audit sink failed to write a batch; retrying"
-                    );
-                    add(&counters.retries, 1);
-                    attempt += 1;
-                    // A shutdown deadline that falls inside the wait cuts it short (and ends the retries).
-                    if within(&self.deadline, None, tokio::time::sleep(delay)).await.is_none() {
-                        add(&counters.failed, batch.len() as u64);
-                        self.fall_back(batch).await;
-                        break;
+                }
+                if n > 0 {
+                    match self.sinks.fallback(events, &self.deadline, counters).await {
+                        Written::Yes => add(&counters.fallback_written, n),
+                        Written::Failed => add(&counters.lost, n),
+                        Written::Deadline => return true,
                     }
                 }
             }
         }
-        batch.clear();
+        events.clear();
+        false
     }
 
-    async fn fall_back(&self, batch: &[AuditEvent]) {
-        let counters = &self.shared.counters;
-        let Some(fallback) = &self.fallback else {
-            add(&counters.fallback_failed, batch.len() as u64);
-            return;
-        };
-        match self.attempt(fallback.write_batch(batch)).await {
-            Ok(()) => add(&counters.fallback_written, batch.len() as u64),
-            Err(failure) => {
-                tracing::error!(events = batch.len(), error = %failure, "audit fallback sink failed too; events lost");
-                add(&counters.fallback_failed, batch.len() as u64);
-            }
-        }
-    }
-
-    /// One sink call, bounded by the sink timeout and the shutdown deadline, with a panic turned into a
-    /// counted failure.
-    async fn attempt<F>(&self, write: F) -> Result<(), Failure>
-    where
-        F: Future<Output = Result<(), crate::SinkError>>,
-    {
-        match within(&self.deadline, Some(self.config.sink_timeout), CatchUnwind { inner: write }).await {
-            Some(Ok(Ok(()))) => Ok(()),
-            Some(Ok(Err(e))) => Err(Failure::Sink(e)),
-            Some(Err(panic)) => {
-                add(&self.shared.counters.sink_panics, 1);
-                Err(Failure::Panic(panic_message(&*panic)))
-            }
-            None => {
-                add(&self.shared.counters.sink_timeouts, 1);
-                Err(Failure::Timeout)
-            }
-        }
-    }
-
-    fn warn_about_losses(&self, progress: &mut Progress) {
-        let now_losses = Losses::now(&self.stats());
-        let new = now_losses.since(progress.warned);
-        if new.total() == 0 || progress.last_warn.is_some_and(|t| t.elapsed() < self.config.warn_interval) {
+    fn warn_about_losses(&self, state: &mut State) {
+        let now = self.losses();
+        let new = now.since(state.warned);
+        if new.missing() == 0 || state.last_warn.is_some_and(|t| t.elapsed() < self.config.warn_interval) {
             return;
         }
+        let [queue_full, queue_bytes, wait_timeout, closed, _, sink_failed, abandoned, in_fallback] =
+            new.by_reason().map(|(_, n)| n);
         tracing::warn!(
-            lost = new.total(),
-            queue_full = new.queue_full,
-            wait_timeout = new.wait_timeout,
-            refused = new.refused,
-            sink_failed = new.sink_failed,
-            "audit events were lost since the last report"
+            lost = new.missing(),
+            queue_full,
+            queue_bytes,
+            wait_timeout,
+            closed,
+            sink_failed,
+            abandoned,
+            in_fallback,
+            "audit events were lost (or written to the fallback sink) since the last report"
         );
-        progress.warned = now_losses;
-        progress.last_warn = Some(Instant::now());
+        state.warned = now;
+        state.last_warn = Some(Instant::now());
     }
 
-    /// Closes intake, drains every queued event (until the shutdown deadline, if one was given), flushes, and
-    /// publishes the report.
-    async fn shut_down(mut self, mut batch: Vec<AuditEvent>, mut progress: Progress) {
-        self.rx.close();
-        let mut drained = true;
+    /// Intake is closed at once (by the handle, or here); what was queued is drained until the deadline, the
+    /// trails are told about the losses, the sinks flushed, and the report published. Nothing is attempted
+    /// after the deadline; what it catches is `abandoned`.
+    async fn shut_down(mut self, mut batch: Vec<AuditEvent>, mut state: State) {
+        self.shared.close();
+        self.queue.quiesce().await;
+        let mut out_of_time = false;
         loop {
-            if batch.len() < self.config.batch_size {
-                let limit = self.config.batch_size - batch.len();
-                let received = within(&self.deadline, None, self.rx.recv_many(&mut batch, limit)).await;
-                match received {
-                    Some(0) if batch.is_empty() => break,
-                    Some(n) => add(&self.shared.counters.taken, n as u64),
-                    None => {
-                        drained = false;
-                        break;
-                    }
-                }
-            }
-            if self.deadline.borrow().is_some_and(|d| Instant::now() >= d) {
-                drained = false;
+            if self.deadline.passed() {
+                out_of_time = true;
                 break;
             }
-            self.deliver(&mut batch, &mut progress).await;
-        }
-        if drained && self.losses_to_report(&progress) {
-            self.deliver(&mut batch, &mut progress).await;
-        }
-        let left_in_queue = self.rx.len() as u64;
-        let abandoned = batch.len() as u64 + left_in_queue;
-        add(&self.shared.counters.abandoned, abandoned);
-        // Counted as taken so that `enqueued` (taken + waiting) stays whole once the queue is gone.
-        add(&self.shared.counters.taken, left_in_queue);
-        let mut flushed = true;
-        for sink in std::iter::once(&self.sink).chain(self.fallback.as_ref()) {
-            if let Err(failure) = self.attempt(sink.flush()).await {
-                tracing::error!(error = %failure, "audit sink failed to flush at shutdown");
-                flushed = false;
+            let limit = self.limit(&state);
+            self.queue.take(&mut batch, limit);
+            if batch.is_empty() {
+                break;
+            }
+            if self.deliver(&mut batch, &mut state).await {
+                out_of_time = true;
+                break;
             }
         }
-        self.warn_about_losses(&mut Progress { last_warn: None, ..progress });
-        let stats = self.shared.counters.snapshot(0);
-        let report = ShutdownReport { stats, drained: drained && flushed && abandoned == 0 };
-        tracing::info!(
-            written = stats.written,
-            dropped = stats.dropped(),
-            failed = stats.failed,
-            drained = report.drained,
-            "audit pipeline shut down"
-        );
+        if !out_of_time {
+            if let Some(due) = state.primary.due(self.losses()) {
+                out_of_time = self.write(&mut Vec::new(), Some(due), &mut state).await;
+            }
+        }
+        let flushed = !out_of_time && self.sinks.flush(&self.deadline, &self.shared.counters).await;
+        drop(batch);
+        self.queue.settle_rest();
+        state.last_warn = None;
+        self.warn_about_losses(&mut state);
+        let stats = self.shared.stats();
+        let report = ShutdownReport {
+            stats,
+            drained: stats.abandoned == 0 && flushed,
+            unreported: state.primary.unreported(Losses::of(&stats)),
+        };
+        tracing::info!(%stats, drained = report.drained, unreported = report.unreported, "audit pipeline shut down");
         self.report.send_replace(Some(report));
     }
 }
 
-fn gap_event(lost: Losses) -> AuditEvent {
-    let mut event = AuditEvent::with_time(kind::AUDIT_GAP.into(), SystemTime::now()).outcome(Outcome::Error);
-    event.attributes.insert("lost".into(), lost.total().to_string());
-    for (reason, n) in [
-        ("queue_full", lost.queue_full),
-        ("wait_timeout", lost.wait_timeout),
-        ("refused", lost.refused),
-        ("sink_failed", lost.sink_failed),
-    ] {
-        if n > 0 {
-            event.attributes.insert(reason.into(), n.to_string());
-        }
-    }
-    event
+/// The worker's end of the queue.
+pub(crate) struct Queue {
+    pub(crate) rx: mpsc::UnboundedReceiver<Entry>,
+    pub(crate) shared: Arc<Shared>,
 }
 
-/// A UUIDv7 from the event's time and random bits (made here on the worker, never on the request path).
-fn new_id(time: SystemTime) -> uuid::Uuid {
-    let millis = time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let random: [u8; 16] = fastrand::u128(..).to_le_bytes();
-    let mut bytes = [0u8; 10];
-    bytes.copy_from_slice(&random[..10]);
-    uuid::Builder::from_unix_timestamp_millis(millis, &bytes).into_uuid()
+/// What one `take` saw.
+pub(crate) struct Took {
+    full: bool,
+    /// Every producer is gone and the queue is empty.
+    disconnected: bool,
 }
 
-/// Runs `future` until it completes (`Some`), or until `limit` or the shutdown deadline passes (`None`).
-/// A deadline set while it runs is obeyed too.
-async fn within<F: Future>(
-    deadline: &watch::Receiver<Option<Instant>>,
-    limit: Option<Duration>,
-    future: F,
-) -> Option<F::Output> {
-    let mut deadline = deadline.clone();
-    let until = limit.map(|limit| Instant::now() + limit);
-    tokio::pin!(future);
-    loop {
-        let end = match (until, *deadline.borrow_and_update()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let expired = async {
-            match end {
-                Some(end) => tokio::time::sleep_until(end).await,
-                None => std::future::pending().await,
+impl Queue {
+    /// Moves events into `batch` until it holds `limit`, without waiting.
+    fn take(&mut self, batch: &mut Vec<AuditEvent>, limit: usize) -> Took {
+        let (start, mut bytes, mut disconnected) = (batch.len(), 0, false);
+        while batch.len() < limit {
+            match self.rx.try_recv() {
+                Ok(entry) => {
+                    bytes += entry.bytes;
+                    batch.push(entry.event);
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
+                    disconnected = true;
+                    break;
+                }
             }
-        };
-        tokio::select! {
-            biased;
-            output = &mut future => return Some(output),
-            () = expired => return None,
-            Ok(()) = deadline.changed() => {}
+        }
+        if batch.len() > start {
+            self.shared.gate.taken(batch.len() - start, bytes);
+            self.shared.room.notify_waiters();
+        }
+        Took { full: batch.len() >= limit, disconnected }
+    }
+
+    /// Once intake is closed, waits for the producers inside the gate to publish (they never wait in there,
+    /// so this is a matter of instructions); then the queue holds every event it ever will.
+    async fn quiesce(&self) {
+        while !self.shared.gate.is_quiet() {
+            tokio::task::yield_now().await;
         }
     }
-}
 
-fn panic_message(panic: &(dyn Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-string panic payload".to_owned())
-}
-
-pin_project! {
-    struct CatchUnwind<F> {
-        #[pin]
-        inner: F,
-    }
-}
-
-impl<F: Future> Future for CatchUnwind<F> {
-    type Output = Result<F::Output, Box<dyn Any + Send>>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let inner = self.project().inner;
-        match std::panic::catch_unwind(AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(Poll::Pending) => Poll::Pending,
-            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
-            Err(panic) => Poll::Ready(Err(panic)),
+    /// Closes intake and counts every accepted event not settled yet (still queued, or in the worker's hands)
+    /// as abandoned. Runs at the end of every shutdown, and from `Drop` if the worker ends any other way.
+    fn settle_rest(&mut self) {
+        self.shared.close();
+        while !self.shared.gate.is_quiet() {
+            std::thread::yield_now();
         }
+        while let Ok(entry) = self.rx.try_recv() {
+            self.shared.gate.taken(1, entry.bytes);
+        }
+        add(&self.shared.counters.abandoned, self.shared.stats().queued);
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gap_event_names_each_reason_that_lost_events() {
-        let event = gap_event(Losses { queue_full: 3, wait_timeout: 0, refused: 2, sink_failed: 0 });
-        assert_eq!(event.kind, kind::AUDIT_GAP);
-        assert_eq!(event.attributes.get("lost").map(String::as_str), Some("5"));
-        assert_eq!(event.attributes.get("queue_full").map(String::as_str), Some("3"));
-        assert_eq!(event.attributes.get("refused").map(String::as_str), Some("2"));
-        assert!(!event.attributes.contains_key("wait_timeout"));
-    }
-
-    #[test]
-    fn ids_are_version_7_and_ordered_by_time() {
-        let early = new_id(SystemTime::UNIX_EPOCH + Duration::from_secs(1_000));
-        let late = new_id(SystemTime::UNIX_EPOCH + Duration::from_secs(2_000));
-        assert_eq!(early.get_version_num(), 7);
-        assert!(early < late);
+impl Drop for Queue {
+    fn drop(&mut self) {
+        self.settle_rest();
     }
 }

@@ -147,7 +147,7 @@ async fn client_that_hangs_up_mid_stream_is_recorded_once_as_cancelled() {
     drop(socket);
 
     // The server notices the hang-up on its own time; wait (bounded) until it has dropped the body.
-    common::eventually(LIMIT, || handle.stats().enqueued == 1).await;
+    common::eventually(LIMIT, || handle.stats().accepted == 1).await;
     let events = events_after(&handle, &sink).await;
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0].outcome, Outcome::Cancelled);

@@ -122,7 +122,7 @@ async fn a_stream_the_client_cancels_is_recorded_once_as_cancelled() {
     }
     drop(stream);
     // The server learns of the reset on its own time; wait (bounded) until the response body is dropped.
-    common::eventually(LIMIT, || handle.stats().enqueued == 1).await;
+    common::eventually(LIMIT, || handle.stats().accepted == 1).await;
 
     let events = events(&handle, &sink).await;
     assert_eq!(

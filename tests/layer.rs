@@ -76,7 +76,7 @@ async fn streaming_body_is_timed_to_its_last_byte() {
     tx.send(Frame::data(Bytes::from_static(b"first "))).await.unwrap();
     tokio::time::advance(Duration::from_secs(5)).await;
     // The response started long ago, but the body has not ended: nothing queued yet.
-    assert_eq!(handle.stats().enqueued, 0);
+    assert_eq!(handle.stats().accepted, 0);
     tx.send(Frame::data(Bytes::from_static(b"last"))).await.unwrap();
     drop(tx);
     assert_eq!(reader.await.unwrap().unwrap(), "first last");
@@ -145,16 +145,28 @@ async fn dropped_future_emits_one_cancelled_event() {
 }
 
 #[tokio::test]
-async fn dropped_body_emits_one_cancelled_event_with_status() {
+async fn a_body_dropped_unread_takes_the_status_outcome_and_one_dropped_part_way_is_cancelled() {
     let (layer, handle, sink) = pipeline();
+    // Never polled: a server that had no use for the body (as for HEAD, 204, 304) is not a cancellation.
     let svc = layer.layer_ready(service_fn(|_req: Request<Full<Bytes>>| answer(200, "never read")));
-    let res = svc.oneshot(get("/download")).await.unwrap();
-    drop(res);
+    drop(svc.oneshot(get("/unread")).await.unwrap());
+    // Polled once, then dropped before its end: the client went away.
+    let (tx, rx) = mpsc::channel(4);
+    let body = std::sync::Mutex::new(Some(ChannelBody { rx }));
+    let svc = layer.layer_ready(service_fn(move |_req: Request<Full<Bytes>>| {
+        let body = body.lock().unwrap().take().unwrap();
+        async move { Ok::<_, Infallible>(Response::new(body)) }
+    }));
+    let res = svc.oneshot(get("/part-way")).await.unwrap();
+    tx.send(Frame::data(Bytes::from_static(b"first"))).await.unwrap();
+    let mut body = Box::pin(res.into_body());
+    let frame = std::future::poll_fn(|cx| http_body::Body::poll_frame(body.as_mut(), cx)).await;
+    assert_eq!(frame.unwrap().unwrap().into_data().unwrap(), "first");
+    drop(body);
 
     let events = drained(&handle, &sink).await;
-    assert_eq!(events.len(), 1);
-    assert_eq!(events[0].outcome, Outcome::Cancelled);
-    assert_eq!(events[0].status, Some(200));
+    let seen: Vec<_> = events.iter().map(|e| (e.path.as_deref().unwrap(), e.status, e.outcome)).collect();
+    assert_eq!(seen, [("/unread", Some(200), Outcome::Success), ("/part-way", Some(200), Outcome::Cancelled)]);
 }
 
 #[tokio::test]
@@ -350,7 +362,8 @@ async fn stuck_pipeline(capacity: usize, overflow: Overflow) -> (AuditLayer, tow
     for i in 0..capacity {
         assert!(handle.record(AuditEvent::new(format!("fill-{i}"))));
     }
-    assert_eq!(handle.stats().queue_depth, capacity as u64);
+    // `first` is in the sink's hands, the rest waits in the queue: all accepted, none settled.
+    assert_eq!(handle.stats().queued, capacity as u64 + 1);
     (layer, handle, sink)
 }
 
@@ -372,7 +385,7 @@ async fn drop_policy_never_waits_and_counts_each_drop() {
     let stats = handle.stats();
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     assert_eq!(stats.dropped_queue_full, 4);
-    assert_eq!(stats.enqueued, 5);
+    assert_eq!(stats.accepted, 5);
 
     // Unblock the sink: everything queued is written, then a gap event reports the 4 losses.
     sink.open.notify_waiters();
@@ -395,7 +408,7 @@ async fn drop_policy_never_waits_and_counts_each_drop() {
     assert_eq!(written.len(), 1 + 4 + 1);
     let seqs: Vec<u64> = written.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, (1..=6).collect::<Vec<_>>(), "sequence numbers are gapless in the trail");
-    assert_eq!(report.stats.written, 6);
+    assert_eq!(report.stats.written, 5, "gap events are counted apart from the events they describe");
     assert_eq!(report.stats.gap_events, 1);
 }
 
@@ -418,7 +431,7 @@ async fn fail_closed_refuses_with_503_without_calling_the_service() {
     sink.open.notify_one();
     eventually(LIMIT, || {
         sink.open.notify_one();
-        handle.stats().queue_depth == 0
+        handle.stats().queued == 0
     })
     .await;
     let res = svc.clone().oneshot(get("/again")).await.unwrap();
@@ -454,7 +467,7 @@ async fn wait_policy_waits_for_a_slot_at_most_its_limit() {
     read_body(res.into_body()).await.unwrap();
     let stats = handle.stats();
     assert_eq!(stats.dropped_wait_timeout, 1);
-    assert_eq!(stats.enqueued, 3, "first + fill + /slot");
+    assert_eq!(stats.accepted, 3, "first + fill + /slot");
 }
 
 /// The incident in miniature: the sink never returns, yet every request completes and every lost event is
@@ -495,13 +508,14 @@ async fn stalled_sink_costs_requests_nothing() {
     assert_eq!(completed, REQUESTS);
 
     let stats = handle.stats();
-    assert_eq!(stats.enqueued + stats.dropped_queue_full, REQUESTS as u64, "{stats:?}");
-    assert!(stats.queue_depth <= CAPACITY as u64, "{stats:?}");
+    assert_eq!(stats.accepted + stats.dropped_queue_full, REQUESTS as u64, "{stats:?}");
+    assert!(stats.queued <= (CAPACITY + BATCH) as u64, "{stats:?}");
     // The worker holds at most one batch inside the stalled sink; the rest of what was accepted waits in the
     // queue: memory is bounded by capacity + batch.
     let in_sink = sink.entered.load(Ordering::SeqCst) as u64 * BATCH as u64;
     assert!(sink.entered.load(Ordering::SeqCst) <= 1);
-    assert_eq!(stats.enqueued, stats.queue_depth + in_sink, "{stats:?}");
+    assert_eq!(stats.accepted, stats.queued, "{stats:?}");
+    assert!(stats.accepted <= CAPACITY as u64 + in_sink, "{stats:?}");
     assert_eq!(stats.written, 0);
 }
 

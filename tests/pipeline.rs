@@ -73,7 +73,7 @@ async fn failed_batches_are_retried_with_backoff_and_the_same_ids() {
     assert_eq!(calls.len(), 3);
     assert_eq!(calls[0], calls[2], "a retry sends the very same events, ids and sequence numbers included");
     let stats = handle.stats();
-    assert_eq!((stats.retries, stats.written, stats.failed, stats.batches), (2, 4, 0, 1));
+    assert_eq!((stats.retries, stats.written, stats.lost, stats.batches), (2, 4, 0, 1));
 }
 
 #[test]
@@ -105,14 +105,15 @@ async fn exhausted_retries_go_to_the_fallback_and_are_reported_in_the_trail() {
     }
     tokio::time::timeout(LIMIT, fallback.wait_for(5)).await.unwrap();
     let stats = handle.stats();
-    assert_eq!((stats.failed, stats.fallback_written, stats.fallback_failed, stats.retries), (5, 5, 0, 2));
+    assert_eq!((stats.fallback_written, stats.lost, stats.retries), (5, 0, 2));
 
     // The primary trail learns of the hole with the next batch.
     handle.record(AuditEvent::new("after"));
     tokio::time::timeout(LIMIT, primary.written.wait_for(2)).await.unwrap();
     let trail = primary.written.events();
     assert_eq!(trail[0].kind, kind::AUDIT_GAP);
-    assert_eq!(trail[0].attributes["sink_failed"], "5");
+    assert_eq!(trail[0].attributes["in_fallback"], "5");
+    assert_eq!(trail[0].attributes["lost"], "5", "missing from the primary trail");
     assert_eq!(trail[0].outcome, Outcome::Error);
     assert_eq!(trail[1].kind, "after");
     assert_eq!(trail.iter().map(|e| e.seq).collect::<Vec<_>>(), [6, 7]);
@@ -129,7 +130,8 @@ async fn without_a_fallback_failed_events_are_counted_as_lost() {
         handle.record(e);
     }
     let report = handle.shutdown(LIMIT).await;
-    assert_eq!((report.stats.failed, report.stats.fallback_failed, report.stats.written), (3 + 1, 3 + 1, 0));
+    assert_eq!((report.stats.lost, report.stats.written, report.stats.gap_events), (3, 0, 0));
+    assert_eq!(report.unreported, 3, "the primary trail could not be told");
 }
 
 #[tokio::test(start_paused = true)]
@@ -145,7 +147,7 @@ async fn a_panicking_sink_is_counted_and_auditing_goes_on() {
     handle.record(AuditEvent::new("second"));
     tokio::time::timeout(LIMIT, sink.written.wait_for(2)).await.unwrap();
     let stats = handle.stats();
-    assert_eq!((stats.sink_panics, stats.retries, stats.written, stats.failed), (1, 1, 2, 0));
+    assert_eq!((stats.sink_panics, stats.retries, stats.written, stats.lost), (1, 1, 2, 0));
 }
 
 #[tokio::test(start_paused = true)]
@@ -176,7 +178,7 @@ async fn shutdown_drains_every_queued_event_and_closes_intake() {
     let report = handle.shutdown(LIMIT).await;
     assert!(report.drained);
     assert_eq!(sink.len(), 250);
-    assert_eq!((report.stats.written, report.stats.batches, report.stats.enqueued), (250, 3, 250));
+    assert_eq!((report.stats.written, report.stats.batches, report.stats.accepted), (250, 3, 250));
 
     assert!(!handle.record(AuditEvent::new("late")));
     assert_eq!(handle.stats().dropped_closed, 1);
@@ -202,9 +204,9 @@ async fn shutdown_deadline_bounds_a_stalled_sink_and_reports_what_was_left() {
     assert_eq!(sink.entered.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert!(!report.drained);
     let stats = report.stats;
-    // The batch inside the sink failed at the deadline (no fallback: lost); the 15 still queued are abandoned.
-    assert_eq!((stats.written, stats.failed, stats.fallback_failed, stats.abandoned), (0, 10, 10, 15), "{stats:?}");
-    assert_eq!(stats.enqueued, 25);
+    // The batch inside the sink when the deadline came and the 15 still queued are abandoned, not "failed".
+    assert_eq!((stats.written, stats.lost, stats.abandoned, stats.queued), (0, 0, 25, 0), "{stats:?}");
+    assert_eq!(stats.accepted, 25);
 }
 
 /// A sink that says when it is dropped, i.e. when the worker has ended.

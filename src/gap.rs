@@ -1,0 +1,200 @@
+//! What each trail has been told about losses: `audit.gap` events, one ledger per trail.
+//!
+//! A gap event says what is missing from *its* trail since the trail's previous gap event, by reason; it is
+//! never cumulative. Its counts are marked as reported only once the gap event itself is written, so a gap
+//! event that fails is carried into the next one. The primary trail also counts the events that went to the
+//! fallback sink instead (they are missing from it); the fallback trail does not (they are its contents).
+
+use std::time::SystemTime;
+
+use crate::event::{AuditEvent, Outcome, kind};
+use crate::stats::Stats;
+
+/// Cumulative losses by reason, read off the counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Losses {
+    queue_full: u64,
+    queue_bytes: u64,
+    wait_timeout: u64,
+    closed: u64,
+    refused: u64,
+    sink_failed: u64,
+    abandoned: u64,
+    in_fallback: u64,
+}
+
+impl Losses {
+    pub(crate) fn of(stats: &Stats) -> Self {
+        Losses {
+            queue_full: stats.dropped_queue_full,
+            queue_bytes: stats.dropped_queue_bytes,
+            wait_timeout: stats.dropped_wait_timeout,
+            closed: stats.dropped_closed,
+            refused: stats.refused,
+            sink_failed: stats.lost,
+            abandoned: stats.abandoned,
+            in_fallback: stats.fallback_written,
+        }
+    }
+
+    pub(crate) fn since(self, earlier: Losses) -> Self {
+        Losses {
+            queue_full: self.queue_full - earlier.queue_full,
+            queue_bytes: self.queue_bytes - earlier.queue_bytes,
+            wait_timeout: self.wait_timeout - earlier.wait_timeout,
+            closed: self.closed - earlier.closed,
+            refused: self.refused - earlier.refused,
+            sink_failed: self.sink_failed - earlier.sink_failed,
+            abandoned: self.abandoned - earlier.abandoned,
+            in_fallback: self.in_fallback - earlier.in_fallback,
+        }
+    }
+
+    /// Events missing from a trail (refused requests are not: they were never served).
+    pub(crate) fn missing(self) -> u64 {
+        self.queue_full
+            + self.queue_bytes
+            + self.wait_timeout
+            + self.closed
+            + self.sink_failed
+            + self.abandoned
+            + self.in_fallback
+    }
+
+    fn is_empty(self) -> bool {
+        self == Losses::default()
+    }
+
+    pub(crate) fn by_reason(self) -> [(&'static str, u64); 8] {
+        [
+            ("queue_full", self.queue_full),
+            ("queue_bytes", self.queue_bytes),
+            ("wait_timeout", self.wait_timeout),
+            ("closed", self.closed),
+            ("refused", self.refused),
+            ("sink_failed", self.sink_failed),
+            ("abandoned", self.abandoned),
+            ("in_fallback", self.in_fallback),
+        ]
+    }
+}
+
+/// Which trail a ledger describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Trail {
+    Primary,
+    Fallback,
+}
+
+/// What one trail has been told so far.
+#[derive(Debug)]
+pub(crate) struct Ledger {
+    trail: Trail,
+    reported: Losses,
+}
+
+/// A gap event due to a trail, with the counts it settles once written.
+#[derive(Debug)]
+pub(crate) struct Due {
+    pub(crate) upto: Losses,
+    pub(crate) event: AuditEvent,
+}
+
+impl Ledger {
+    pub(crate) fn new(trail: Trail) -> Self {
+        Ledger { trail, reported: Losses::default() }
+    }
+
+    /// This trail's view of `now`: the fallback's own contents are not missing from it.
+    fn view(&self, mut now: Losses) -> Losses {
+        if self.trail == Trail::Fallback {
+            now.in_fallback = 0;
+        }
+        now
+    }
+
+    /// Whether this trail has losses it has not been told about.
+    pub(crate) fn is_due(&self, now: Losses) -> bool {
+        !self.view(now).since(self.reported).is_empty()
+    }
+
+    /// What the trail has not been told, as a count of missing events.
+    pub(crate) fn unreported(&self, now: Losses) -> u64 {
+        self.view(now).since(self.reported).missing()
+    }
+
+    /// The gap event for what this trail has not been told about, if anything.
+    pub(crate) fn due(&self, now: Losses) -> Option<Due> {
+        let upto = self.view(now);
+        let new = upto.since(self.reported);
+        (!new.is_empty()).then(|| Due { upto, event: gap_event(new, self.trail) })
+    }
+
+    /// The gap event made `upto` was written: its counts are reported.
+    pub(crate) fn written(&mut self, upto: Losses) {
+        self.reported = upto;
+    }
+}
+
+fn gap_event(new: Losses, trail: Trail) -> AuditEvent {
+    let mut event = AuditEvent::with_time(kind::AUDIT_GAP.into(), SystemTime::now()).outcome(Outcome::Error);
+    event.attributes.insert("lost".into(), new.missing().to_string());
+    event.attributes.insert(
+        "trail".into(),
+        match trail {
+            Trail::Primary => "primary",
+            Trail::Fallback => "fallback",
+        }
+        .into(),
+    );
+    for (reason, n) in new.by_reason() {
+        if n > 0 {
+            event.attributes.insert(reason.into(), n.to_string());
+        }
+    }
+    event
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(queue_full: u64, refused: u64, fallback_written: u64) -> Stats {
+        Stats { dropped_queue_full: queue_full, refused, fallback_written, ..Stats::default() }
+    }
+
+    #[test]
+    fn gap_events_are_not_cumulative_and_name_each_reason() {
+        let mut ledger = Ledger::new(Trail::Primary);
+        let first = ledger.due(Losses::of(&stats(3, 2, 0))).unwrap();
+        assert_eq!(first.event.kind, kind::AUDIT_GAP);
+        assert_eq!(first.event.attributes["lost"], "3", "refused requests are not missing events");
+        assert_eq!(first.event.attributes["queue_full"], "3");
+        assert_eq!(first.event.attributes["refused"], "2");
+        assert!(!first.event.attributes.contains_key("wait_timeout"));
+        ledger.written(first.upto);
+        assert!(ledger.due(Losses::of(&stats(3, 2, 0))).is_none());
+        let second = ledger.due(Losses::of(&stats(5, 2, 0))).unwrap();
+        assert_eq!(second.event.attributes["lost"], "2");
+    }
+
+    #[test]
+    fn a_gap_event_not_written_is_carried_into_the_next() {
+        let ledger = Ledger::new(Trail::Primary);
+        let _failed = ledger.due(Losses::of(&stats(3, 0, 0))).unwrap();
+        let next = ledger.due(Losses::of(&stats(4, 0, 0))).unwrap();
+        assert_eq!(next.event.attributes["queue_full"], "4");
+    }
+
+    #[test]
+    fn the_fallback_trail_does_not_count_its_own_contents_as_missing() {
+        let primary = Ledger::new(Trail::Primary);
+        let fallback = Ledger::new(Trail::Fallback);
+        let now = Losses::of(&stats(1, 0, 10));
+        assert_eq!(primary.due(now).unwrap().event.attributes["lost"], "11");
+        let fb = fallback.due(now).unwrap().event;
+        assert_eq!(fb.attributes["lost"], "1");
+        assert_eq!(fb.attributes["trail"], "fallback");
+        assert!(!fallback.is_due(Losses::of(&stats(0, 0, 10))));
+    }
+}
