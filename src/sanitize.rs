@@ -14,19 +14,15 @@ pub(crate) struct Limits {
     pub(crate) max_attributes: usize,
 }
 
-/// `s` with control characters replaced by `U+FFFD`, cut at a character boundary to at most `max` bytes;
-/// a cut string ends with `…` (within the bound) so a reader can tell it was cut.
+/// `s` with unsafe characters (see [`is_clean`]) replaced by `U+FFFD`, cut at a character boundary to at most
+/// `max` bytes; a cut string ends with `…` (within the bound) so a reader can tell it was cut.
 pub(crate) fn bounded(s: &str, max: usize) -> String {
-    // Fast path, taken by almost every real value: short, printable ASCII (a byte scan, no char decoding).
-    if s.len() <= max && s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        return s.to_owned();
-    }
-    if s.len() <= max && !s.chars().any(char::is_control) {
+    if s.len() <= max && is_clean(s) {
         return s.to_owned();
     }
     let mut out = String::with_capacity(s.len().min(max));
     for c in s.chars() {
-        let c = if c.is_control() { char::REPLACEMENT_CHARACTER } else { c };
+        let c = if is_unsafe(c) { char::REPLACEMENT_CHARACTER } else { c };
         if out.len() + c.len_utf8() > max {
             let mut keep = max.saturating_sub(ELLIPSIS.len_utf8()).min(out.len());
             while !out.is_char_boundary(keep) {
@@ -41,6 +37,20 @@ pub(crate) fn bounded(s: &str, max: usize) -> String {
         out.push(c);
     }
     out
+}
+
+/// Whether `s` holds no character that [`bounded`] replaces.
+pub(crate) fn is_clean(s: &str) -> bool {
+    // Fast path, taken by almost every real value: printable ASCII (a byte scan, no char decoding).
+    s.bytes().all(|b| (0x20..0x7f).contains(&b)) || !s.chars().any(is_unsafe)
+}
+
+/// Control characters (C0, DEL, C1), which can forge a line or a terminal escape; the Unicode line and
+/// paragraph separators, at which some readers break lines; and the bidirectional controls, which reorder how
+/// the text around them is displayed (as in the "Trojan Source" attack).
+fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// Like [`bounded`], for raw header bytes that may not be UTF-8.
@@ -110,6 +120,21 @@ mod tests {
     #[test]
     fn control_characters_are_replaced() {
         assert_eq!(bounded("a\nb\r\u{7f}c\u{85}", 64), "a\u{fffd}b\u{fffd}\u{fffd}c\u{fffd}");
+    }
+
+    #[test]
+    fn line_separators_and_bidi_controls_are_replaced() {
+        let invisible = [
+            '\u{2028}', '\u{2029}', '\u{202a}', '\u{202b}', '\u{202c}', '\u{202d}', '\u{202e}', '\u{2066}', '\u{2067}',
+            '\u{2068}', '\u{2069}', '\u{200e}', '\u{200f}', '\u{061c}',
+        ];
+        for c in invisible {
+            assert_eq!(bounded(&format!("a{c}b"), 64), "a\u{fffd}b", "U+{:04X}", c as u32);
+        }
+        // A right-to-left override (U+202E) that would make `invoice<RLO>fdp.exe` display as `invoiceexe.pdf`.
+        assert_eq!(bounded("invoice\u{202e}fdp.exe", 64), "invoice\u{fffd}fdp.exe");
+        // Characters that merely look unusual stay.
+        assert_eq!(bounded("ünïcödé 👀 \u{200d}", 64), "ünïcödé 👀 \u{200d}");
     }
 
     #[test]
