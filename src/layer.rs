@@ -25,20 +25,50 @@ pub const DEFAULT_BATCH_SIZE: usize = 512;
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 /// Default bound of one sink call.
 pub const DEFAULT_SINK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Query parameters redacted unless [`AuditLayerBuilder::redact_query_params`] says otherwise.
+/// Query parameters redacted unless [`AuditLayerBuilder::redact_query_params`] says otherwise: credentials,
+/// session ids, one-time codes and signatures, under the names frameworks, OAuth/OIDC and cloud presigned URLs use.
+/// A name also matches its spelling with `-` for `_`, and bracketed keys (`user[password]`, `token[]`).
 pub const DEFAULT_REDACTED_QUERY_PARAMS: &[&str] = &[
     "access_token",
     "api_key",
     "apikey",
+    "assertion",
+    "auth",
+    "authorization",
+    "client_assertion",
     "client_secret",
     "code",
+    "code_verifier",
+    "credential",
+    "credentials",
+    "id_token",
+    "jsessionid",
+    "jwt",
     "key",
+    "otp",
+    "passcode",
+    "passphrase",
+    "passwd",
     "password",
+    "phpsessid",
+    "pin",
+    "private_key",
+    "pwd",
     "refresh_token",
+    "samlresponse",
     "secret",
+    "session",
+    "session_id",
+    "sessionid",
+    "sid",
     "sig",
     "signature",
     "token",
+    "x_amz_credential",
+    "x_amz_security_token",
+    "x_amz_signature",
+    "x_goog_credential",
+    "x_goog_signature",
 ];
 /// Headers that are never recorded, whatever the configuration says.
 pub const SENSITIVE_HEADERS: &[&str] = &["authorization", "cookie", "proxy-authorization", "set-cookie"];
@@ -280,7 +310,12 @@ impl AuditLayerBuilder {
     }
 
     /// Replaces the list of query parameters whose values are recorded as `REDACTED`
-    /// ([`DEFAULT_REDACTED_QUERY_PARAMS`]). Names are compared case-insensitively after percent-decoding.
+    /// ([`DEFAULT_REDACTED_QUERY_PARAMS`]).
+    ///
+    /// Pairs are split at `&` and `;`. A key is decoded as a form decoder would (`+` is a space, then
+    /// percent-decoding, then trimmed) and matches a name when it, its base name or any bracketed segment equals
+    /// the name, ignoring ASCII case and counting `-` and `_` as the same: with `"password"` listed,
+    /// `?user[password]=…`, `?Password+=…` and `?%70assword[]=…` are all redacted.
     pub fn redact_query_params<I, N>(mut self, names: I) -> Self
     where
         I: IntoIterator<Item = N>,
