@@ -32,6 +32,19 @@ pub enum ConfigError {
     /// A header that carries credentials was asked to be captured.
     #[error("header `{0}` carries credentials and is never recorded in audit events")]
     SensitiveHeader(String),
+    /// A header whose name suggests a credential (see
+    /// [`SENSITIVE_HEADER_PARTS`](crate::SENSITIVE_HEADER_PARTS)) was asked to be recorded without
+    /// [`allow_sensitive_header`](crate::AuditLayerBuilder::allow_sensitive_header).
+    #[error(
+        "header `{header}` may carry a credential (its name contains `{part}`), so it is not recorded; if its \
+         values are safe to keep, allow it with `.allow_sensitive_header(\"{header}\")`"
+    )]
+    SensitiveHeaderNotAllowed {
+        /// The header's (lower-case) name.
+        header: String,
+        /// The part of the name that made it suspect.
+        part: &'static str,
+    },
     /// A table name is not a plain lower-case SQL identifier.
     #[error(
         "`{0}` is not a valid table name: use lower-case letters, digits and underscores (at most 48, not starting \

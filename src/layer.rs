@@ -72,6 +72,11 @@ pub const DEFAULT_REDACTED_QUERY_PARAMS: &[&str] = &[
 ];
 /// Headers that are never recorded, whatever the configuration says.
 pub const SENSITIVE_HEADERS: &[&str] = &["authorization", "cookie", "proxy-authorization", "set-cookie"];
+/// Parts of a header name that suggest a credential: a header whose lower-case name contains one (`x-api-key`,
+/// `x-csrf-token`, `x-auth-request-user`) is recorded only if [`AuditLayerBuilder::allow_sensitive_header`]
+/// names it; otherwise [`AuditLayerBuilder::build`] refuses it.
+pub const SENSITIVE_HEADER_PARTS: &[&str] =
+    &["auth", "cookie", "credential", "key", "passwd", "password", "pwd", "secret", "session", "token"];
 
 /// What the request path does when the queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -176,6 +181,7 @@ impl AuditLayer {
             keep_query: true,
             request_id_header: "x-request-id".to_owned(),
             capture_headers: Vec::new(),
+            allowed_sensitive_headers: Vec::new(),
             trusted_proxies: Vec::new(),
         }
     }
@@ -234,6 +240,7 @@ pub struct AuditLayerBuilder {
     keep_query: bool,
     request_id_header: String,
     capture_headers: Vec<String>,
+    allowed_sensitive_headers: Vec<String>,
     trusted_proxies: Vec<String>,
 }
 
@@ -337,10 +344,38 @@ impl AuditLayerBuilder {
         self
     }
 
-    /// Records the value of a request header as the attribute `header.<name>`. Credential headers
-    /// ([`SENSITIVE_HEADERS`]) are refused by [`build`](Self::build).
+    /// Records the value of a request header as the attribute `header.<name>`.
+    ///
+    /// [`build`](Self::build) refuses credential headers ([`SENSITIVE_HEADERS`]) always, and headers whose name
+    /// contains one of [`SENSITIVE_HEADER_PARTS`] unless [`allow_sensitive_header`](Self::allow_sensitive_header)
+    /// names them.
     pub fn capture_header(mut self, name: impl Into<String>) -> Self {
         self.capture_headers.push(name.into());
+        self
+    }
+
+    /// Allows a header whose name contains one of [`SENSITIVE_HEADER_PARTS`] to be recorded (by
+    /// [`capture_header`](Self::capture_header) or as the [`request_id_header`](Self::request_id_header)), once
+    /// you know its values are no secret. [`SENSITIVE_HEADERS`] stay refused.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use tower_audit::{AuditLayer, ConfigError, MemorySink};
+    ///
+    /// // oauth2-proxy passes the signed-in user on; "auth" in the name makes it suspect.
+    /// let refused = AuditLayer::builder(MemorySink::new()).capture_header("x-auth-request-user").build();
+    /// assert!(matches!(refused, Err(ConfigError::SensitiveHeaderNotAllowed { .. })));
+    ///
+    /// let allowed = AuditLayer::builder(MemorySink::new())
+    ///     .capture_header("x-auth-request-user")
+    ///     .allow_sensitive_header("x-auth-request-user")
+    ///     .build();
+    /// assert!(allowed.is_ok());
+    /// # }
+    /// ```
+    pub fn allow_sensitive_header(mut self, name: impl Into<String>) -> Self {
+        self.allowed_sensitive_headers.push(name.into());
         self
     }
 
@@ -363,7 +398,8 @@ impl AuditLayerBuilder {
     /// # Errors
     ///
     /// A [`ConfigError`] that names the setting: no Tokio runtime, a zero size, a batch larger than the
-    /// queue, an invalid or credential-carrying header name, a trusted proxy that does not parse.
+    /// queue, an invalid or credential-carrying header name (or one that looks like it and was not allowed), a
+    /// trusted proxy that does not parse.
     pub fn build(self) -> Result<(AuditLayer, AuditHandle), ConfigError> {
         for (setting, value) in [
             ("capacity", self.capacity),
@@ -378,21 +414,11 @@ impl AuditLayerBuilder {
         if self.batch_size > self.capacity {
             return Err(ConfigError::BatchLargerThanCapacity { batch_size: self.batch_size, capacity: self.capacity });
         }
-        let request_id_header = header_name(&self.request_id_header)?;
-        if SENSITIVE_HEADERS.contains(&request_id_header.as_str()) {
-            return Err(ConfigError::SensitiveHeader(request_id_header.to_string()));
-        }
-        let capture_headers = self
-            .capture_headers
-            .iter()
-            .map(|name| {
-                let name = header_name(name)?;
-                if SENSITIVE_HEADERS.contains(&name.as_str()) {
-                    return Err(ConfigError::SensitiveHeader(name.to_string()));
-                }
-                Ok(name)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let allowed =
+            self.allowed_sensitive_headers.iter().map(|name| header_name(name)).collect::<Result<Vec<_>, _>>()?;
+        let request_id_header = recordable_header(&self.request_id_header, &allowed)?;
+        let capture_headers =
+            self.capture_headers.iter().map(|name| recordable_header(name, &allowed)).collect::<Result<Vec<_>, _>>()?;
         let trusted_proxies = self
             .trusted_proxies
             .iter()
@@ -448,6 +474,21 @@ fn header_name(name: &str) -> Result<HeaderName, ConfigError> {
     HeaderName::from_bytes(name.as_bytes()).map_err(|_| ConfigError::InvalidHeaderName(name.to_owned()))
 }
 
+/// A header the layer may record: a valid name, never a credential header, and a credential-like name only
+/// when `allowed` lists it.
+fn recordable_header(name: &str, allowed: &[HeaderName]) -> Result<HeaderName, ConfigError> {
+    let name = header_name(name)?;
+    if SENSITIVE_HEADERS.contains(&name.as_str()) {
+        return Err(ConfigError::SensitiveHeader(name.to_string()));
+    }
+    if let Some(part) = SENSITIVE_HEADER_PARTS.iter().find(|part| name.as_str().contains(*part)) {
+        if !allowed.contains(&name) {
+            return Err(ConfigError::SensitiveHeaderNotAllowed { header: name.to_string(), part });
+        }
+    }
+    Ok(name)
+}
+
 impl fmt::Debug for AuditLayerBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuditLayerBuilder")
@@ -459,5 +500,83 @@ impl fmt::Debug for AuditLayerBuilder {
             .field("sink_timeout", &self.sink_timeout)
             .field("has_fallback", &self.fallback.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemorySink;
+
+    fn refused(builder: AuditLayerBuilder) -> String {
+        builder.build().map(drop).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn credential_like_headers_are_refused_by_name() {
+        for (header, part) in [
+            ("X-Api-Key", "key"),
+            ("x-auth-request-user", "auth"),
+            ("x-csrf-token", "token"),
+            ("x-client-secret", "secret"),
+            ("x-user-password", "password"),
+            ("x-passwd", "passwd"),
+            ("x-pwd", "pwd"),
+            ("x-session-id", "session"),
+            ("x-amz-credential", "credential"),
+            ("x-cookie-consent", "cookie"),
+        ] {
+            let lower = header.to_ascii_lowercase();
+            assert_eq!(
+                refused(AuditLayer::builder(MemorySink::new()).capture_header(header)),
+                format!(
+                    "header `{lower}` may carry a credential (its name contains `{part}`), so it is not recorded; if \
+                     its values are safe to keep, allow it with `.allow_sensitive_header(\"{lower}\")`"
+                )
+            );
+        }
+        let builder = AuditLayer::builder(MemorySink::new()).request_id_header("x-trace-token");
+        assert!(refused(builder).starts_with("header `x-trace-token` may carry a credential"));
+    }
+
+    #[test]
+    fn credential_headers_stay_refused_even_when_allowed() {
+        let builder = AuditLayer::builder(MemorySink::new())
+            .capture_header("Authorization")
+            .allow_sensitive_header("authorization");
+        assert_eq!(
+            refused(builder),
+            "header `authorization` carries credentials and is never recorded in audit events"
+        );
+        let builder = AuditLayer::builder(MemorySink::new()).allow_sensitive_header("bad header");
+        assert_eq!(refused(builder), "`bad header` is not a valid HTTP header name");
+    }
+
+    #[tokio::test]
+    async fn an_allowed_header_is_recorded_and_others_stay_refused() {
+        use tower::ServiceExt;
+
+        let refused_too = AuditLayer::builder(MemorySink::new())
+            .capture_header("x-auth-request-user")
+            .capture_header("x-api-key")
+            .allow_sensitive_header("X-Auth-Request-User");
+        assert!(refused(refused_too).starts_with("header `x-api-key` may carry a credential"));
+
+        let sink = MemorySink::new();
+        let (layer, handle) = AuditLayer::builder(sink.clone())
+            .capture_header("x-auth-request-user")
+            .allow_sensitive_header("X-Auth-Request-User")
+            .build()
+            .unwrap();
+        let service = layer.layer(tower::service_fn(|_req: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+        }));
+        let request = http::Request::get("/").header("x-auth-request-user", "alice").body(()).unwrap();
+        let response = service.oneshot(request).await.unwrap();
+        http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
+        assert!(handle.shutdown(Duration::from_secs(10)).await.drained);
+        let events = sink.events();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].attributes["header.x-auth-request-user"], "alice");
     }
 }

@@ -96,7 +96,7 @@ pub use self::future::ResponseFuture;
 pub use self::handle::{AuditHandle, ShutdownReport};
 pub use self::layer::{
     AuditLayer, AuditLayerBuilder, DEFAULT_BATCH_SIZE, DEFAULT_CAPACITY, DEFAULT_FLUSH_INTERVAL,
-    DEFAULT_REDACTED_QUERY_PARAMS, DEFAULT_SINK_TIMEOUT, Overflow, Retry, SENSITIVE_HEADERS,
+    DEFAULT_REDACTED_QUERY_PARAMS, DEFAULT_SINK_TIMEOUT, Overflow, Retry, SENSITIVE_HEADER_PARTS, SENSITIVE_HEADERS,
 };
 pub use self::pipeline::Stats;
 pub use self::service::AuditService;
