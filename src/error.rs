@@ -54,6 +54,22 @@ pub enum ConfigError {
     /// A trusted proxy is neither an IP address nor a CIDR network.
     #[error("trusted proxy `{0}` is neither an IP address nor a CIDR network (e.g. 10.0.0.0/8)")]
     InvalidProxy(String),
+    /// The client address is to be read from a header, but no proxy is trusted to set it.
+    #[error(
+        "client_addr_source reads `{header}`, but trusted_proxies is empty, so the header would never be believed: \
+         list the proxies that set it with `.trusted_proxies([..])`"
+    )]
+    ClientAddrSourceWithoutTrustedProxies {
+        /// The header the source reads.
+        header: String,
+    },
+    /// Proxies are trusted, but the client address source is the peer, so no header is ever read.
+    #[error(
+        "trusted_proxies is set, but client_addr_source is `ClientAddrSource::Peer`, which reads no header: name \
+         the header your proxy sets with `.client_addr_source(ClientAddrSource::XForwardedFor)` (or `Forwarded`, \
+         or `Header(..)`), or drop trusted_proxies"
+    )]
+    TrustedProxiesWithoutClientAddrSource,
 }
 
 /// A sink failed to write or flush a batch.

@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use tokio::sync::{mpsc, watch};
 use tower_layer::Layer;
 
+use crate::client_addr::ClientAddrSource;
 use crate::error::ConfigError;
 use crate::handle::AuditHandle;
 use crate::pipeline::{Core, RequestConfig, Shared};
@@ -183,6 +184,7 @@ impl AuditLayer {
             capture_headers: Vec::new(),
             allowed_sensitive_headers: Vec::new(),
             trusted_proxies: Vec::new(),
+            client_addr_source: ClientAddrSource::Peer,
         }
     }
 }
@@ -207,7 +209,7 @@ impl fmt::Debug for AuditLayer {
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
-/// use tower_audit::{AuditLayer, JsonLinesSink, Overflow, Retry, TracingSink};
+/// use tower_audit::{AuditLayer, ClientAddrSource, JsonLinesSink, Overflow, Retry, TracingSink};
 ///
 /// let path = std::env::temp_dir().join("audit-builder-example.jsonl");
 /// let (layer, handle) = AuditLayer::builder(JsonLinesSink::open(path)?)
@@ -218,6 +220,7 @@ impl fmt::Debug for AuditLayer {
 ///     .retry(Retry::default().max_retries(3))
 ///     .fallback(TracingSink::new())
 ///     .redact_query_params(["token", "session"])
+///     .client_addr_source(ClientAddrSource::XForwardedFor)
 ///     .trusted_proxies(["10.0.0.0/8"])
 ///     .capture_header("x-tenant-id")
 ///     .build()?;
@@ -242,6 +245,7 @@ pub struct AuditLayerBuilder {
     capture_headers: Vec<String>,
     allowed_sensitive_headers: Vec<String>,
     trusted_proxies: Vec<String>,
+    client_addr_source: ClientAddrSource,
 }
 
 impl AuditLayerBuilder {
@@ -379,11 +383,37 @@ impl AuditLayerBuilder {
         self
     }
 
-    /// Proxies (IP addresses or CIDR networks) whose `Forwarded` / `X-Forwarded-For` headers are believed.
+    /// Where the client address is read from ([`ClientAddrSource::Peer`]: the connection's peer, no header).
     ///
-    /// Empty by default: the client address is the connection's peer, so a client cannot forge it. When the
-    /// peer is a trusted proxy, the forwarded chain is walked from the right, skipping trusted hops; the first
-    /// untrusted address is the client. `Forwarded` is preferred over `X-Forwarded-For` when both are present.
+    /// Name the one header your proxy sets, and list the proxy in [`trusted_proxies`](Self::trusted_proxies):
+    /// only that header is read, and only from a trusted peer. [`build`](Self::build) refuses a header source
+    /// without trusted proxies (the header would never be believed) and trusted proxies with the `Peer` source
+    /// (they would change nothing).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_audit::ConfigError> {
+    /// use tower_audit::{AuditLayer, ClientAddrSource, MemorySink};
+    ///
+    /// // Behind a load balancer in 10.0.0.0/8 that appends to X-Forwarded-For.
+    /// let (layer, handle) = AuditLayer::builder(MemorySink::new())
+    ///     .client_addr_source(ClientAddrSource::XForwardedFor)
+    ///     .trusted_proxies(["10.0.0.0/8"])
+    ///     .build()?;
+    /// # drop((layer, handle));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn client_addr_source(mut self, source: ClientAddrSource) -> Self {
+        self.client_addr_source = source;
+        self
+    }
+
+    /// Proxies (IP addresses or CIDR networks) whose header, as named by
+    /// [`client_addr_source`](Self::client_addr_source), is believed. Empty by default.
+    ///
+    /// A header is read only when the connection's peer is one of them; a list such as `X-Forwarded-For` is
+    /// then walked from the right, skipping trusted hops, and the first untrusted address is the client.
     pub fn trusted_proxies<I, P>(mut self, proxies: I) -> Self
     where
         I: IntoIterator<Item = P>,
@@ -399,7 +429,7 @@ impl AuditLayerBuilder {
     ///
     /// A [`ConfigError`] that names the setting: no Tokio runtime, a zero size, a batch larger than the
     /// queue, an invalid or credential-carrying header name (or one that looks like it and was not allowed), a
-    /// trusted proxy that does not parse.
+    /// trusted proxy that does not parse, a client address source and trusted proxies that do not go together.
     pub fn build(self) -> Result<(AuditLayer, AuditHandle), ConfigError> {
         for (setting, value) in [
             ("capacity", self.capacity),
@@ -429,6 +459,13 @@ impl AuditLayerBuilder {
                     .map_err(|_| ConfigError::InvalidProxy(p.to_owned()))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        match (self.client_addr_source.header(), trusted_proxies.is_empty()) {
+            (Some(header), true) => {
+                return Err(ConfigError::ClientAddrSourceWithoutTrustedProxies { header: header.to_owned() });
+            }
+            (None, false) => return Err(ConfigError::TrustedProxiesWithoutClientAddrSource),
+            _ => {}
+        }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
 
         let (tx, rx) = mpsc::channel(self.capacity);
@@ -463,6 +500,7 @@ impl AuditLayerBuilder {
                 request_id_header,
                 capture_headers,
                 trusted_proxies,
+                client_addr_source: self.client_addr_source,
             },
         });
         let handle = AuditHandle::new(Arc::clone(&core), deadline_tx, report_rx);
@@ -550,6 +588,31 @@ mod tests {
         );
         let builder = AuditLayer::builder(MemorySink::new()).allow_sensitive_header("bad header");
         assert_eq!(refused(builder), "`bad header` is not a valid HTTP header name");
+    }
+
+    #[test]
+    fn client_addr_source_and_trusted_proxies_must_go_together() {
+        let header_only = AuditLayer::builder(MemorySink::new()).client_addr_source(ClientAddrSource::Forwarded);
+        assert_eq!(
+            refused(header_only),
+            "client_addr_source reads `forwarded`, but trusted_proxies is empty, so the header would never be \
+             believed: list the proxies that set it with `.trusted_proxies([..])`"
+        );
+        let real_ip = ClientAddrSource::Header(HeaderName::from_static("x-real-ip"));
+        let header_only = AuditLayer::builder(MemorySink::new()).client_addr_source(real_ip);
+        assert!(refused(header_only).starts_with("client_addr_source reads `x-real-ip`, but trusted_proxies is empty"));
+        let proxies_only = AuditLayer::builder(MemorySink::new()).trusted_proxies(["10.0.0.0/8"]);
+        assert_eq!(
+            refused(proxies_only),
+            "trusted_proxies is set, but client_addr_source is `ClientAddrSource::Peer`, which reads no header: name \
+             the header your proxy sets with `.client_addr_source(ClientAddrSource::XForwardedFor)` (or \
+             `Forwarded`, or `Header(..)`), or drop trusted_proxies"
+        );
+        // Both together pass validation (and only then need a runtime).
+        let both = AuditLayer::builder(MemorySink::new())
+            .client_addr_source(ClientAddrSource::XForwardedFor)
+            .trusted_proxies(["10.0.0.0/8"]);
+        assert!(matches!(both.build(), Err(ConfigError::NoRuntime)));
     }
 
     #[tokio::test]

@@ -62,7 +62,7 @@
 //! | retries | 5, 100 ms → 5 s, jittered | rides out a database restart |
 //! | sink timeout | 10 s | a sink that never returns cannot stall the pipeline |
 //! | redacted query parameters | [`DEFAULT_REDACTED_QUERY_PARAMS`] | tokens in URLs never reach the trail |
-//! | trusted proxies | none | `X-Forwarded-For` cannot be forged by default |
+//! | client address | the connection's peer ([`ClientAddrSource::Peer`]) | no header can forge it; a proxy's header is read only when you name it and the proxy |
 //!
 //! The worker never wakes per event: it drains the queue every flush interval, or as soon as a whole batch
 //! is waiting. A request pays for an atomic push, not for a cross-core wake-up.
@@ -88,7 +88,7 @@ pub mod sink;
 mod worker;
 
 pub use self::body::ResponseBody;
-pub use self::client_addr::ClientAddr;
+pub use self::client_addr::{ClientAddr, ClientAddrSource};
 pub use self::context::AuditContext;
 pub use self::error::{BoxError, ConfigError, SinkError};
 pub use self::event::{AuditEvent, Outcome, SCHEMA_VERSION, kind};
