@@ -32,6 +32,19 @@ pub enum ConfigError {
     /// A header that carries credentials was asked to be captured.
     #[error("header `{0}` carries credentials and is never recorded in audit events")]
     SensitiveHeader(String),
+    /// A header whose name suggests a credential (see
+    /// [`SENSITIVE_HEADER_PARTS`](crate::SENSITIVE_HEADER_PARTS)) was asked to be recorded without
+    /// [`allow_sensitive_header`](crate::AuditLayerBuilder::allow_sensitive_header).
+    #[error(
+        "header `{header}` may carry a credential (its name contains `{part}`), so it is not recorded; if its \
+         values are safe to keep, allow it with `.allow_sensitive_header(\"{header}\")`"
+    )]
+    SensitiveHeaderNotAllowed {
+        /// The header's (lower-case) name.
+        header: String,
+        /// The part of the name that made it suspect.
+        part: &'static str,
+    },
     /// A table name is not a plain lower-case SQL identifier.
     #[error(
         "`{0}` is not a valid table name: use lower-case letters, digits and underscores (at most 48, not starting \
@@ -41,6 +54,22 @@ pub enum ConfigError {
     /// A trusted proxy is neither an IP address nor a CIDR network.
     #[error("trusted proxy `{0}` is neither an IP address nor a CIDR network (e.g. 10.0.0.0/8)")]
     InvalidProxy(String),
+    /// The client address is to be read from a header, but no proxy is trusted to set it.
+    #[error(
+        "client_addr_source reads `{header}`, but trusted_proxies is empty, so the header would never be believed: \
+         list the proxies that set it with `.trusted_proxies([..])`"
+    )]
+    ClientAddrSourceWithoutTrustedProxies {
+        /// The header the source reads.
+        header: String,
+    },
+    /// Proxies are trusted, but the client address source is the peer, so no header is ever read.
+    #[error(
+        "trusted_proxies is set, but client_addr_source is `ClientAddrSource::Peer`, which reads no header: name \
+         the header your proxy sets with `.client_addr_source(ClientAddrSource::XForwardedFor)` (or `Forwarded`, \
+         or `Header(..)`), or drop trusted_proxies"
+    )]
+    TrustedProxiesWithoutClientAddrSource,
 }
 
 /// A sink failed to write or flush a batch.

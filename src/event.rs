@@ -9,7 +9,7 @@ use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::sanitize::{Limits, bounded};
+use crate::sanitize::{Limits, bounded, is_clean};
 
 /// Version of the event schema. Bumped whenever a field changes meaning or type.
 pub const SCHEMA_VERSION: u16 = 1;
@@ -30,8 +30,9 @@ pub mod kind {
 /// add custom ones built with [`AuditEvent::new`]. `id` and `seq` are assigned by the worker when it takes the
 /// event from the queue, so they are stable across retries of a batch (sinks use `id` for idempotent inserts).
 ///
-/// Every text field is bounded in length and free of control characters (they are replaced by `U+FFFD`), so
-/// hostile input can neither bloat memory nor forge a second line in a line-oriented sink.
+/// Every text field is bounded in length and free of control characters, Unicode line separators and bidi
+/// controls (they are replaced by `U+FFFD`), so hostile input can neither bloat memory, forge a second line in a
+/// line-oriented sink, nor reorder what a reader sees.
 ///
 /// ```
 /// use tower_audit::{AuditEvent, Outcome};
@@ -178,7 +179,7 @@ impl AuditEvent {
 }
 
 fn needs_bounding(s: &str, max: usize) -> bool {
-    s.len() > max || s.chars().any(char::is_control)
+    s.len() > max || !is_clean(s)
 }
 
 fn bound_in_place(field: &mut Option<String>, max: usize) {
@@ -314,6 +315,21 @@ mod tests {
         assert!(event.kind.len() <= 8 && !event.kind.contains('\n'), "{:?}", event.kind);
         assert!(event.actor.as_ref().unwrap().len() <= 8);
         assert_eq!(event.attributes.len(), 2);
+    }
+
+    #[test]
+    fn limits_replace_line_separators_and_bidi_controls() {
+        let limits = Limits { max_field_len: 64, max_path_len: 64, max_attributes: 4 };
+        let mut event = AuditEvent::new("user.renamed\u{2028}forged")
+            .actor("eve\u{202e}nimda")
+            .attribute("file\u{2066}", "invoice\u{200f}.pdf\u{2029}");
+        event.user_agent = Some("agent\u{061c}".into());
+        event.enforce_limits(&limits);
+        assert_eq!(event.kind, "user.renamed\u{fffd}forged");
+        assert_eq!(event.actor.as_deref(), Some("eve\u{fffd}nimda"));
+        assert_eq!(event.user_agent.as_deref(), Some("agent\u{fffd}"));
+        assert_eq!(event.attributes["file\u{fffd}"], "invoice\u{fffd}.pdf\u{fffd}");
+        assert_eq!(event.attributes.len(), 1);
     }
 
     #[test]

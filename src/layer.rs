@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tower_layer::Layer;
 
 use crate::call::Deadline;
+use crate::client_addr::ClientAddrSource;
 use crate::delivery::Sinks;
 use crate::error::ConfigError;
 use crate::handle::AuditHandle;
@@ -30,23 +31,58 @@ pub const DEFAULT_BATCH_SIZE: usize = 512;
 pub const DEFAULT_FLUSH_INTERVAL: Duration = Duration::from_millis(200);
 /// Default bound of one sink call.
 pub const DEFAULT_SINK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Query parameters redacted unless [`AuditLayerBuilder::redact_query_params`] says otherwise.
+/// Query parameters redacted unless [`AuditLayerBuilder::redact_query_params`] says otherwise: credentials,
+/// session ids, one-time codes and signatures, under the names frameworks, OAuth/OIDC and cloud presigned URLs use.
+/// A name also matches its spelling with `-` for `_`, and bracketed keys (`user[password]`, `token[]`).
 pub const DEFAULT_REDACTED_QUERY_PARAMS: &[&str] = &[
     "access_token",
     "api_key",
     "apikey",
+    "assertion",
+    "auth",
+    "authorization",
+    "client_assertion",
     "client_secret",
     "code",
+    "code_verifier",
+    "credential",
+    "credentials",
+    "id_token",
+    "jsessionid",
+    "jwt",
     "key",
+    "otp",
+    "passcode",
+    "passphrase",
+    "passwd",
     "password",
+    "phpsessid",
+    "pin",
+    "private_key",
+    "pwd",
     "refresh_token",
+    "samlresponse",
     "secret",
+    "session",
+    "session_id",
+    "sessionid",
+    "sid",
     "sig",
     "signature",
     "token",
+    "x_amz_credential",
+    "x_amz_security_token",
+    "x_amz_signature",
+    "x_goog_credential",
+    "x_goog_signature",
 ];
 /// Headers that are never recorded, whatever the configuration says.
 pub const SENSITIVE_HEADERS: &[&str] = &["authorization", "cookie", "proxy-authorization", "set-cookie"];
+/// Parts of a header name that suggest a credential: a header whose lower-case name contains one (`x-api-key`,
+/// `x-csrf-token`, `x-auth-request-user`) is recorded only if [`AuditLayerBuilder::allow_sensitive_header`]
+/// names it; otherwise [`AuditLayerBuilder::build`] refuses it.
+pub const SENSITIVE_HEADER_PARTS: &[&str] =
+    &["auth", "cookie", "credential", "key", "passwd", "password", "pwd", "secret", "session", "token"];
 
 /// What the request path does when the queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -159,7 +195,9 @@ impl AuditLayer {
             keep_query: true,
             request_id_header: "x-request-id".to_owned(),
             capture_headers: Vec::new(),
+            allowed_sensitive_headers: Vec::new(),
             trusted_proxies: Vec::new(),
+            client_addr_source: ClientAddrSource::Peer,
         }
     }
 }
@@ -184,7 +222,7 @@ impl fmt::Debug for AuditLayer {
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// use std::time::Duration;
-/// use tower_audit::{AuditLayer, JsonLinesSink, Overflow, Retry, TracingSink};
+/// use tower_audit::{AuditLayer, ClientAddrSource, JsonLinesSink, Overflow, Retry, TracingSink};
 ///
 /// let path = std::env::temp_dir().join("audit-builder-example.jsonl");
 /// let (layer, handle) = AuditLayer::builder(JsonLinesSink::open(path)?)
@@ -195,6 +233,7 @@ impl fmt::Debug for AuditLayer {
 ///     .retry(Retry::default().max_retries(3))
 ///     .fallback(TracingSink::new())
 ///     .redact_query_params(["token", "session"])
+///     .client_addr_source(ClientAddrSource::XForwardedFor)
 ///     .trusted_proxies(["10.0.0.0/8"])
 ///     .capture_header("x-tenant-id")
 ///     .build()?;
@@ -218,7 +257,9 @@ pub struct AuditLayerBuilder {
     keep_query: bool,
     request_id_header: String,
     capture_headers: Vec<String>,
+    allowed_sensitive_headers: Vec<String>,
     trusted_proxies: Vec<String>,
+    client_addr_source: ClientAddrSource,
 }
 
 impl AuditLayerBuilder {
@@ -301,7 +342,12 @@ impl AuditLayerBuilder {
     }
 
     /// Replaces the list of query parameters whose values are recorded as `REDACTED`
-    /// ([`DEFAULT_REDACTED_QUERY_PARAMS`]). Names are compared case-insensitively after percent-decoding.
+    /// ([`DEFAULT_REDACTED_QUERY_PARAMS`]).
+    ///
+    /// Pairs are split at `&` and `;`. A key is decoded as a form decoder would (`+` is a space, then
+    /// percent-decoding, then trimmed) and matches a name when it, its base name or any bracketed segment equals
+    /// the name, ignoring ASCII case and counting `-` and `_` as the same: with `"password"` listed,
+    /// `?user[password]=…`, `?Password+=…` and `?%70assword[]=…` are all redacted.
     pub fn redact_query_params<I, N>(mut self, names: I) -> Self
     where
         I: IntoIterator<Item = N>,
@@ -323,18 +369,72 @@ impl AuditLayerBuilder {
         self
     }
 
-    /// Records the value of a request header as the attribute `header.<name>`. Credential headers
-    /// ([`SENSITIVE_HEADERS`]) are refused by [`build`](Self::build).
+    /// Records the value of a request header as the attribute `header.<name>`.
+    ///
+    /// [`build`](Self::build) refuses credential headers ([`SENSITIVE_HEADERS`]) always, and headers whose name
+    /// contains one of [`SENSITIVE_HEADER_PARTS`] unless [`allow_sensitive_header`](Self::allow_sensitive_header)
+    /// names them.
     pub fn capture_header(mut self, name: impl Into<String>) -> Self {
         self.capture_headers.push(name.into());
         self
     }
 
-    /// Proxies (IP addresses or CIDR networks) whose `Forwarded` / `X-Forwarded-For` headers are believed.
+    /// Allows a header whose name contains one of [`SENSITIVE_HEADER_PARTS`] to be recorded (by
+    /// [`capture_header`](Self::capture_header) or as the [`request_id_header`](Self::request_id_header)), once
+    /// you know its values are no secret. [`SENSITIVE_HEADERS`] stay refused.
     ///
-    /// Empty by default: the client address is the connection's peer, so a client cannot forge it. When the
-    /// peer is a trusted proxy, the forwarded chain is walked from the right, skipping trusted hops; the first
-    /// untrusted address is the client. `Forwarded` is preferred over `X-Forwarded-For` when both are present.
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use tower_audit::{AuditLayer, ConfigError, MemorySink};
+    ///
+    /// // oauth2-proxy passes the signed-in user on; "auth" in the name makes it suspect.
+    /// let refused = AuditLayer::builder(MemorySink::new()).capture_header("x-auth-request-user").build();
+    /// assert!(matches!(refused, Err(ConfigError::SensitiveHeaderNotAllowed { .. })));
+    ///
+    /// let allowed = AuditLayer::builder(MemorySink::new())
+    ///     .capture_header("x-auth-request-user")
+    ///     .allow_sensitive_header("x-auth-request-user")
+    ///     .build();
+    /// assert!(allowed.is_ok());
+    /// # }
+    /// ```
+    pub fn allow_sensitive_header(mut self, name: impl Into<String>) -> Self {
+        self.allowed_sensitive_headers.push(name.into());
+        self
+    }
+
+    /// Where the client address is read from ([`ClientAddrSource::Peer`]: the connection's peer, no header).
+    ///
+    /// Name the one header your proxy sets, and list the proxy in [`trusted_proxies`](Self::trusted_proxies):
+    /// only that header is read, and only from a trusted peer. [`build`](Self::build) refuses a header source
+    /// without trusted proxies (the header would never be believed) and trusted proxies with the `Peer` source
+    /// (they would change nothing).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_audit::ConfigError> {
+    /// use tower_audit::{AuditLayer, ClientAddrSource, MemorySink};
+    ///
+    /// // Behind a load balancer in 10.0.0.0/8 that appends to X-Forwarded-For.
+    /// let (layer, handle) = AuditLayer::builder(MemorySink::new())
+    ///     .client_addr_source(ClientAddrSource::XForwardedFor)
+    ///     .trusted_proxies(["10.0.0.0/8"])
+    ///     .build()?;
+    /// # drop((layer, handle));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn client_addr_source(mut self, source: ClientAddrSource) -> Self {
+        self.client_addr_source = source;
+        self
+    }
+
+    /// Proxies (IP addresses or CIDR networks) whose header, as named by
+    /// [`client_addr_source`](Self::client_addr_source), is believed. Empty by default.
+    ///
+    /// A header is read only when the connection's peer is one of them; a list such as `X-Forwarded-For` is
+    /// then walked from the right, skipping trusted hops, and the first untrusted address is the client.
     pub fn trusted_proxies<I, P>(mut self, proxies: I) -> Self
     where
         I: IntoIterator<Item = P>,
@@ -349,7 +449,8 @@ impl AuditLayerBuilder {
     /// # Errors
     ///
     /// A [`ConfigError`] that names the setting: no Tokio runtime, a zero size, a batch larger than the
-    /// queue, an invalid or credential-carrying header name, a trusted proxy that does not parse.
+    /// queue, an invalid or credential-carrying header name (or one that looks like it and was not allowed), a
+    /// trusted proxy that does not parse, a client address source and trusted proxies that do not go together.
     pub fn build(self) -> Result<(AuditLayer, AuditHandle), ConfigError> {
         for (setting, value) in [
             ("capacity", self.capacity),
@@ -365,21 +466,11 @@ impl AuditLayerBuilder {
         if self.batch_size > self.capacity {
             return Err(ConfigError::BatchLargerThanCapacity { batch_size: self.batch_size, capacity: self.capacity });
         }
-        let request_id_header = header_name(&self.request_id_header)?;
-        if SENSITIVE_HEADERS.contains(&request_id_header.as_str()) {
-            return Err(ConfigError::SensitiveHeader(request_id_header.to_string()));
-        }
-        let capture_headers = self
-            .capture_headers
-            .iter()
-            .map(|name| {
-                let name = header_name(name)?;
-                if SENSITIVE_HEADERS.contains(&name.as_str()) {
-                    return Err(ConfigError::SensitiveHeader(name.to_string()));
-                }
-                Ok(name)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let allowed =
+            self.allowed_sensitive_headers.iter().map(|name| header_name(name)).collect::<Result<Vec<_>, _>>()?;
+        let request_id_header = recordable_header(&self.request_id_header, &allowed)?;
+        let capture_headers =
+            self.capture_headers.iter().map(|name| recordable_header(name, &allowed)).collect::<Result<Vec<_>, _>>()?;
         let trusted_proxies = self
             .trusted_proxies
             .iter()
@@ -390,6 +481,13 @@ impl AuditLayerBuilder {
                     .map_err(|_| ConfigError::InvalidProxy(p.to_owned()))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        match (self.client_addr_source.header(), trusted_proxies.is_empty()) {
+            (Some(header), true) => {
+                return Err(ConfigError::ClientAddrSourceWithoutTrustedProxies { header: header.to_owned() });
+            }
+            (None, false) => return Err(ConfigError::TrustedProxiesWithoutClientAddrSource),
+            _ => {}
+        }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
 
         // Unbounded: the gate in `Shared` admits events by count and bytes, so the channel never refuses.
@@ -422,6 +520,7 @@ impl AuditLayerBuilder {
                 request_id_header,
                 capture_headers,
                 trusted_proxies,
+                client_addr_source: self.client_addr_source,
             },
         });
         let handle = AuditHandle::new(Arc::clone(&core), deadline_tx, report_rx);
@@ -431,6 +530,21 @@ impl AuditLayerBuilder {
 
 fn header_name(name: &str) -> Result<HeaderName, ConfigError> {
     HeaderName::from_bytes(name.as_bytes()).map_err(|_| ConfigError::InvalidHeaderName(name.to_owned()))
+}
+
+/// A header the layer may record: a valid name, never a credential header, and a credential-like name only
+/// when `allowed` lists it.
+fn recordable_header(name: &str, allowed: &[HeaderName]) -> Result<HeaderName, ConfigError> {
+    let name = header_name(name)?;
+    if SENSITIVE_HEADERS.contains(&name.as_str()) {
+        return Err(ConfigError::SensitiveHeader(name.to_string()));
+    }
+    if let Some(part) = SENSITIVE_HEADER_PARTS.iter().find(|part| name.as_str().contains(*part)) {
+        if !allowed.contains(&name) {
+            return Err(ConfigError::SensitiveHeaderNotAllowed { header: name.to_string(), part });
+        }
+    }
+    Ok(name)
 }
 
 impl fmt::Debug for AuditLayerBuilder {
@@ -445,5 +559,108 @@ impl fmt::Debug for AuditLayerBuilder {
             .field("sink_timeout", &self.sink_timeout)
             .field("has_fallback", &self.fallback.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemorySink;
+
+    fn refused(builder: AuditLayerBuilder) -> String {
+        builder.build().map(drop).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn credential_like_headers_are_refused_by_name() {
+        for (header, part) in [
+            ("X-Api-Key", "key"),
+            ("x-auth-request-user", "auth"),
+            ("x-csrf-token", "token"),
+            ("x-client-secret", "secret"),
+            ("x-user-password", "password"),
+            ("x-passwd", "passwd"),
+            ("x-pwd", "pwd"),
+            ("x-session-id", "session"),
+            ("x-amz-credential", "credential"),
+            ("x-cookie-consent", "cookie"),
+        ] {
+            let lower = header.to_ascii_lowercase();
+            assert_eq!(
+                refused(AuditLayer::builder(MemorySink::new()).capture_header(header)),
+                format!(
+                    "header `{lower}` may carry a credential (its name contains `{part}`), so it is not recorded; if \
+                     its values are safe to keep, allow it with `.allow_sensitive_header(\"{lower}\")`"
+                )
+            );
+        }
+        let builder = AuditLayer::builder(MemorySink::new()).request_id_header("x-trace-token");
+        assert!(refused(builder).starts_with("header `x-trace-token` may carry a credential"));
+    }
+
+    #[test]
+    fn credential_headers_stay_refused_even_when_allowed() {
+        let builder = AuditLayer::builder(MemorySink::new())
+            .capture_header("Authorization")
+            .allow_sensitive_header("authorization");
+        assert_eq!(
+            refused(builder),
+            "header `authorization` carries credentials and is never recorded in audit events"
+        );
+        let builder = AuditLayer::builder(MemorySink::new()).allow_sensitive_header("bad header");
+        assert_eq!(refused(builder), "`bad header` is not a valid HTTP header name");
+    }
+
+    #[test]
+    fn client_addr_source_and_trusted_proxies_must_go_together() {
+        let header_only = AuditLayer::builder(MemorySink::new()).client_addr_source(ClientAddrSource::Forwarded);
+        assert_eq!(
+            refused(header_only),
+            "client_addr_source reads `forwarded`, but trusted_proxies is empty, so the header would never be \
+             believed: list the proxies that set it with `.trusted_proxies([..])`"
+        );
+        let real_ip = ClientAddrSource::Header(HeaderName::from_static("x-real-ip"));
+        let header_only = AuditLayer::builder(MemorySink::new()).client_addr_source(real_ip);
+        assert!(refused(header_only).starts_with("client_addr_source reads `x-real-ip`, but trusted_proxies is empty"));
+        let proxies_only = AuditLayer::builder(MemorySink::new()).trusted_proxies(["10.0.0.0/8"]);
+        assert_eq!(
+            refused(proxies_only),
+            "trusted_proxies is set, but client_addr_source is `ClientAddrSource::Peer`, which reads no header: name \
+             the header your proxy sets with `.client_addr_source(ClientAddrSource::XForwardedFor)` (or \
+             `Forwarded`, or `Header(..)`), or drop trusted_proxies"
+        );
+        // Both together pass validation (and only then need a runtime).
+        let both = AuditLayer::builder(MemorySink::new())
+            .client_addr_source(ClientAddrSource::XForwardedFor)
+            .trusted_proxies(["10.0.0.0/8"]);
+        assert!(matches!(both.build(), Err(ConfigError::NoRuntime)));
+    }
+
+    #[tokio::test]
+    async fn an_allowed_header_is_recorded_and_others_stay_refused() {
+        use tower::ServiceExt;
+
+        let refused_too = AuditLayer::builder(MemorySink::new())
+            .capture_header("x-auth-request-user")
+            .capture_header("x-api-key")
+            .allow_sensitive_header("X-Auth-Request-User");
+        assert!(refused(refused_too).starts_with("header `x-api-key` may carry a credential"));
+
+        let sink = MemorySink::new();
+        let (layer, handle) = AuditLayer::builder(sink.clone())
+            .capture_header("x-auth-request-user")
+            .allow_sensitive_header("X-Auth-Request-User")
+            .build()
+            .unwrap();
+        let service = layer.layer(tower::service_fn(|_req: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+        }));
+        let request = http::Request::get("/").header("x-auth-request-user", "alice").body(()).unwrap();
+        let response = service.oneshot(request).await.unwrap();
+        http_body_util::BodyExt::collect(response.into_body()).await.unwrap();
+        assert!(handle.shutdown(Duration::from_secs(10)).await.drained);
+        let events = sink.events();
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0].attributes["header.x-auth-request-user"], "alice");
     }
 }

@@ -62,7 +62,7 @@
 //! | retries | 5, 100 ms → 5 s, jittered | rides out a database restart |
 //! | sink timeout | 10 s | a sink that never returns cannot stall the pipeline |
 //! | redacted query parameters | [`DEFAULT_REDACTED_QUERY_PARAMS`] | tokens in URLs never reach the trail |
-//! | trusted proxies | none | `X-Forwarded-For` cannot be forged by default |
+//! | client address | the connection's peer ([`ClientAddrSource::Peer`]) | no header can forge it; a proxy's header is read only when you name it and the proxy |
 //!
 //! The worker never wakes per event: it drains the queue every flush interval, or as soon as a whole batch
 //! is waiting. A request pays for an atomic push, not for a cross-core wake-up.
@@ -94,7 +94,7 @@ mod stats;
 mod worker;
 
 pub use self::body::ResponseBody;
-pub use self::client_addr::ClientAddr;
+pub use self::client_addr::{ClientAddr, ClientAddrSource};
 pub use self::context::AuditContext;
 pub use self::error::{BoxError, ConfigError, SinkError};
 pub use self::event::{AuditEvent, Outcome, SCHEMA_VERSION, kind};
@@ -102,7 +102,8 @@ pub use self::future::ResponseFuture;
 pub use self::handle::{AuditHandle, ShutdownReport};
 pub use self::layer::{
     AuditLayer, AuditLayerBuilder, DEFAULT_BATCH_SIZE, DEFAULT_CAPACITY, DEFAULT_FLUSH_INTERVAL,
-    DEFAULT_MAX_QUEUED_BYTES, DEFAULT_REDACTED_QUERY_PARAMS, DEFAULT_SINK_TIMEOUT, Overflow, Retry, SENSITIVE_HEADERS,
+    DEFAULT_MAX_QUEUED_BYTES, DEFAULT_REDACTED_QUERY_PARAMS, DEFAULT_SINK_TIMEOUT, Overflow, Retry,
+    SENSITIVE_HEADER_PARTS, SENSITIVE_HEADERS,
 };
 pub use self::service::AuditService;
 #[cfg(feature = "postgres")]

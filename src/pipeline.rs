@@ -32,6 +32,7 @@ pub(crate) struct RequestConfig {
     pub(crate) request_id_header: HeaderName,
     pub(crate) capture_headers: Vec<HeaderName>,
     pub(crate) trusted_proxies: Vec<IpNet>,
+    pub(crate) client_addr_source: crate::ClientAddrSource,
 }
 
 /// Shared by producers, the handle and the worker (the worker holds no sender, so dropping every producer

@@ -70,7 +70,7 @@ impl RequestState {
                 route,
                 path,
                 request_id: header(&config.request_id_header),
-                client_addr: crate::client_addr::resolve(req, &config.trusted_proxies),
+                client_addr: crate::client_addr::resolve(req, &config.client_addr_source, &config.trusted_proxies),
                 user_agent: header(&http::header::USER_AGENT),
             },
             fields: Mutex::new(HandlerFields { actor: None, attributes }),

@@ -14,19 +14,15 @@ pub(crate) struct Limits {
     pub(crate) max_attributes: usize,
 }
 
-/// `s` with control characters replaced by `U+FFFD`, cut at a character boundary to at most `max` bytes;
-/// a cut string ends with `…` (within the bound) so a reader can tell it was cut.
+/// `s` with unsafe characters (see [`is_clean`]) replaced by `U+FFFD`, cut at a character boundary to at most
+/// `max` bytes; a cut string ends with `…` (within the bound) so a reader can tell it was cut.
 pub(crate) fn bounded(s: &str, max: usize) -> String {
-    // Fast path, taken by almost every real value: short, printable ASCII (a byte scan, no char decoding).
-    if s.len() <= max && s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        return s.to_owned();
-    }
-    if s.len() <= max && !s.chars().any(char::is_control) {
+    if s.len() <= max && is_clean(s) {
         return s.to_owned();
     }
     let mut out = String::with_capacity(s.len().min(max));
     for c in s.chars() {
-        let c = if c.is_control() { char::REPLACEMENT_CHARACTER } else { c };
+        let c = if is_unsafe(c) { char::REPLACEMENT_CHARACTER } else { c };
         if out.len() + c.len_utf8() > max {
             let mut keep = max.saturating_sub(ELLIPSIS.len_utf8()).min(out.len());
             while !out.is_char_boundary(keep) {
@@ -43,6 +39,20 @@ pub(crate) fn bounded(s: &str, max: usize) -> String {
     out
 }
 
+/// Whether `s` holds no character that [`bounded`] replaces.
+pub(crate) fn is_clean(s: &str) -> bool {
+    // Fast path, taken by almost every real value: printable ASCII (a byte scan, no char decoding).
+    s.bytes().all(|b| (0x20..0x7f).contains(&b)) || !s.chars().any(is_unsafe)
+}
+
+/// Control characters (C0, DEL, C1), which can forge a line or a terminal escape; the Unicode line and
+/// paragraph separators, at which some readers break lines; and the bidirectional controls, which reorder how
+/// the text around them is displayed (as in the "Trojan Source" attack).
+fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
 /// Like [`bounded`], for raw header bytes that may not be UTF-8.
 pub(crate) fn bounded_bytes(bytes: &[u8], max: usize) -> String {
     match std::str::from_utf8(bytes) {
@@ -51,11 +61,15 @@ pub(crate) fn bounded_bytes(bytes: &[u8], max: usize) -> String {
     }
 }
 
+/// What separates query pairs: `&`, and `;` (which some servers and frameworks still accept).
+const PAIR_SEPARATORS: [char; 2] = ['&', ';'];
+
 /// The path with the values of the named query parameters replaced by [`REDACTED`], bounded to `max` bytes.
 ///
-/// `path_and_query` is the request target as received (`/path?query`). `redact` holds lower-case names; keys are
-/// compared case-insensitively after percent-decoding, so `%74oken` is redacted like `token`. With
-/// `keep_query == false` the query is dropped altogether.
+/// `path_and_query` is the request target as received (`/path?query`). `redact` holds lower-case names. A key
+/// is read as a form decoder reads it (`+` is a space, then percent-decoding, then trimmed) and redacted when
+/// it, its base name or any bracketed segment (`user[password]`, `token[]`) matches a name, ignoring ASCII case
+/// and counting `-` and `_` as the same. With `keep_query == false` the query is dropped altogether.
 pub(crate) fn redacted_path(path_and_query: &str, redact: &[String], keep_query: bool, max: usize) -> String {
     let (path, query) = match path_and_query.split_once('?') {
         Some((path, query)) if keep_query && !query.is_empty() => (path, query),
@@ -63,16 +77,14 @@ pub(crate) fn redacted_path(path_and_query: &str, redact: &[String], keep_query:
         None => return bounded(path_and_query, max),
     };
     // Usual case: nothing to redact, one allocation.
-    if !query.split('&').any(|pair| is_redacted(key(pair), redact)) {
+    if !query.split(PAIR_SEPARATORS).any(|pair| is_redacted(key(pair), redact)) {
         return bounded(path_and_query, max);
     }
     let mut out = String::with_capacity(path_and_query.len());
     out.push_str(path);
     out.push('?');
-    for (i, pair) in query.split('&').enumerate() {
-        if i > 0 {
-            out.push('&');
-        }
+    for piece in query.split_inclusive(PAIR_SEPARATORS) {
+        let pair = piece.strip_suffix(PAIR_SEPARATORS).unwrap_or(piece);
         let key = key(pair);
         if is_redacted(key, redact) {
             out.push_str(key);
@@ -81,6 +93,7 @@ pub(crate) fn redacted_path(path_and_query: &str, redact: &[String], keep_query:
         } else {
             out.push_str(pair);
         }
+        out.push_str(&piece[pair.len()..]);
     }
     bounded(&out, max)
 }
@@ -90,12 +103,20 @@ fn key(pair: &str) -> &str {
 }
 
 fn is_redacted(raw_key: &str, redact: &[String]) -> bool {
-    if raw_key.contains('%') {
-        let key = percent_decode_str(raw_key).decode_utf8_lossy();
-        redact.iter().any(|name| name.eq_ignore_ascii_case(&key))
-    } else {
-        redact.iter().any(|name| name.eq_ignore_ascii_case(raw_key))
+    let matches = |key: &str| redact.iter().any(|name| same_name(name, key));
+    // Usual case: a plain name, compared as it is.
+    if !raw_key.bytes().any(|b| matches!(b, b'%' | b'+' | b'[' | b']') || b.is_ascii_whitespace()) {
+        return matches(raw_key);
     }
+    let decoded = percent_decode_str(&raw_key.replace('+', " ")).decode_utf8_lossy().into_owned();
+    let key = decoded.trim();
+    matches(key) || key.split(['[', ']']).map(str::trim).any(|part| !part.is_empty() && matches(part))
+}
+
+/// ASCII case-insensitive equality that also counts `-` and `_` as the same (`access-token`, `Access_Token`).
+fn same_name(name: &str, key: &str) -> bool {
+    let fold = |b: u8| if b == b'-' { b'_' } else { b.to_ascii_lowercase() };
+    name.len() == key.len() && name.bytes().zip(key.bytes()).all(|(a, b)| fold(a) == fold(b))
 }
 
 #[cfg(test)]
@@ -110,6 +131,21 @@ mod tests {
     #[test]
     fn control_characters_are_replaced() {
         assert_eq!(bounded("a\nb\r\u{7f}c\u{85}", 64), "a\u{fffd}b\u{fffd}\u{fffd}c\u{fffd}");
+    }
+
+    #[test]
+    fn line_separators_and_bidi_controls_are_replaced() {
+        let invisible = [
+            '\u{2028}', '\u{2029}', '\u{202a}', '\u{202b}', '\u{202c}', '\u{202d}', '\u{202e}', '\u{2066}', '\u{2067}',
+            '\u{2068}', '\u{2069}', '\u{200e}', '\u{200f}', '\u{061c}',
+        ];
+        for c in invisible {
+            assert_eq!(bounded(&format!("a{c}b"), 64), "a\u{fffd}b", "U+{:04X}", c as u32);
+        }
+        // A right-to-left override (U+202E) that would make `invoice<RLO>fdp.exe` display as `invoiceexe.pdf`.
+        assert_eq!(bounded("invoice\u{202e}fdp.exe", 64), "invoice\u{fffd}fdp.exe");
+        // Characters that merely look unusual stay.
+        assert_eq!(bounded("ünïcödé 👀 \u{200d}", 64), "ünïcödé 👀 \u{200d}");
     }
 
     #[test]
@@ -149,5 +185,50 @@ mod tests {
         let path = redacted_path("/cb?a=1&b=2", &["token".to_owned()], true, 1024);
         assert_eq!(path, "/cb?a=1&b=2");
         assert_eq!(redacted_path("/cb?", &[], true, 1024), "/cb");
+    }
+
+    fn defaults() -> Vec<String> {
+        crate::layer::DEFAULT_REDACTED_QUERY_PARAMS.iter().map(|name| (*name).to_owned()).collect()
+    }
+
+    #[test]
+    fn bracketed_keys_are_redacted_by_their_base_or_any_segment() {
+        let path = redacted_path("/cb?token[]=S1&user[password]=S2&user[name]=bob", &defaults(), true, 1024);
+        assert_eq!(path, "/cb?token[]=REDACTED&user[password]=REDACTED&user[name]=bob");
+        let path = redacted_path("/cb?a[b][secret][]=S&[token]=S&%74oken%5B0%5D=S&list[]=1", &defaults(), true, 1024);
+        assert_eq!(path, "/cb?a[b][secret][]=REDACTED&[token]=REDACTED&%74oken%5B0%5D=REDACTED&list[]=1");
+    }
+
+    #[test]
+    fn semicolon_separates_pairs_like_ampersand() {
+        let path = redacted_path("/cb?a=1;token=S3", &defaults(), true, 1024);
+        assert_eq!(path, "/cb?a=1;token=REDACTED");
+        let path = redacted_path("/cb?a=1;b=2&password=S;c=3", &defaults(), true, 1024);
+        assert_eq!(path, "/cb?a=1;b=2&password=REDACTED;c=3");
+    }
+
+    #[test]
+    fn plus_is_a_space_and_keys_are_trimmed() {
+        let path = redacted_path("/cb?token+=S4", &defaults(), true, 1024);
+        assert_eq!(path, "/cb?token+=REDACTED");
+        let path = redacted_path("/cb?+password%20=S&%20secret=S&%09token=S&a+b=1", &defaults(), true, 1024);
+        assert_eq!(path, "/cb?+password%20=REDACTED&%20secret=REDACTED&%09token=REDACTED&a+b=1");
+    }
+
+    #[test]
+    fn default_list_covers_sessions_identity_tokens_and_short_password_names() {
+        let path = redacted_path("/cb?session=A&jwt=B&id_token=C&pwd=D&auth=E&q=ok", &defaults(), true, 1024);
+        assert_eq!(path, "/cb?session=REDACTED&jwt=REDACTED&id_token=REDACTED&pwd=REDACTED&auth=REDACTED&q=ok");
+        let path = redacted_path("/cb?SessionId=A&passwd=B&credentials=C&private_key=D&otp=E", &defaults(), true, 1024);
+        assert_eq!(
+            path,
+            "/cb?SessionId=REDACTED&passwd=REDACTED&credentials=REDACTED&private_key=REDACTED&otp=REDACTED"
+        );
+    }
+
+    #[test]
+    fn hyphen_and_underscore_are_the_same_in_names() {
+        let path = redacted_path("/cb?access-token=A&Session-ID=B&x_amz_signature=C", &defaults(), true, 1024);
+        assert_eq!(path, "/cb?access-token=REDACTED&Session-ID=REDACTED&x_amz_signature=REDACTED");
     }
 }

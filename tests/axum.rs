@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::Path;
 use axum::routing::get;
-use tower_audit::{AuditContext, AuditEvent, AuditHandle, AuditLayer, MemorySink, Outcome};
+use tower_audit::{AuditContext, AuditEvent, AuditHandle, AuditLayer, ClientAddrSource, MemorySink, Outcome};
 
 const LIMIT: Duration = Duration::from_secs(10);
 
@@ -77,7 +77,11 @@ async fn router_layer_records_route_template_client_address_and_actor() {
 #[tokio::test]
 async fn forwarded_address_is_believed_only_from_a_trusted_proxy() {
     let sink = MemorySink::new();
-    let (layer, handle) = AuditLayer::builder(sink.clone()).trusted_proxies(["127.0.0.1/32"]).build().unwrap();
+    let (layer, handle) = AuditLayer::builder(sink.clone())
+        .client_addr_source(ClientAddrSource::XForwardedFor)
+        .trusted_proxies(["127.0.0.1/32"])
+        .build()
+        .unwrap();
     let addr = serve(layer).await;
     let res = reqwest::Client::new()
         .get(format!("http://{addr}/users/1"))
@@ -89,6 +93,64 @@ async fn forwarded_address_is_believed_only_from_a_trusted_proxy() {
     let events = events_after(&handle, &sink).await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].client_addr, Some("198.51.100.23".parse().unwrap()));
+}
+
+/// The loopback client plays the trusted proxy: it sets the forwarding headers a real proxy would pass on.
+#[tokio::test]
+async fn forged_forwarded_header_is_ignored_when_the_source_is_x_forwarded_for() {
+    let sink = MemorySink::new();
+    let (layer, handle) = AuditLayer::builder(sink.clone())
+        .client_addr_source(ClientAddrSource::XForwardedFor)
+        .trusted_proxies(["127.0.0.1/32"])
+        .build()
+        .unwrap();
+    let addr = serve(layer).await;
+    let client = reqwest::Client::new();
+    // The client forged `Forwarded`; the proxy appended the address it saw to `X-Forwarded-For`.
+    let res = client
+        .get(format!("http://{addr}/users/1"))
+        .header("forwarded", "for=6.6.6.6")
+        .header("x-forwarded-for", "198.51.100.23")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.text().await.unwrap(), "user 1");
+    // A forged `Forwarded` alone: the trusted peer is recorded, never the forgery.
+    let res = client.get(format!("http://{addr}/users/2")).header("forwarded", "for=6.6.6.6").send().await.unwrap();
+    assert_eq!(res.text().await.unwrap(), "user 2");
+
+    let events = events_after(&handle, &sink).await;
+    let addrs: Vec<_> = events.iter().map(|e| (e.actor.as_deref(), e.client_addr)).collect();
+    assert_eq!(
+        addrs,
+        [
+            (Some("user-1"), Some("198.51.100.23".parse().unwrap())),
+            (Some("user-2"), Some("127.0.0.1".parse().unwrap())),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn single_value_header_set_by_the_proxy_is_the_only_one_read() {
+    let sink = MemorySink::new();
+    let (layer, handle) = AuditLayer::builder(sink.clone())
+        .client_addr_source(ClientAddrSource::Header(http::HeaderName::from_static("x-real-ip")))
+        .trusted_proxies(["127.0.0.1"])
+        .build()
+        .unwrap();
+    let addr = serve(layer).await;
+    let res = reqwest::Client::new()
+        .get(format!("http://{addr}/users/3"))
+        .header("forwarded", "for=6.6.6.6")
+        .header("x-forwarded-for", "6.6.6.7")
+        .header("x-real-ip", "203.0.113.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.text().await.unwrap(), "user 3");
+    let events = events_after(&handle, &sink).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].client_addr, Some("203.0.113.9".parse().unwrap()));
 }
 
 #[tokio::test]
