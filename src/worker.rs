@@ -84,11 +84,11 @@ impl Worker {
                     return self.shut_down(batch, state).await;
                 }
                 let gap_due = state.primary.is_due(self.losses());
-                if took.full || (ticked && (!batch.is_empty() || gap_due)) {
-                    if self.deliver(&mut batch, &mut state).await {
-                        // The shutdown deadline passed during the write (shutdown began meanwhile).
-                        return self.shut_down(batch, state).await;
-                    }
+                // `deliver` is `true` when the shutdown deadline passed during the write (shutdown began meanwhile).
+                if (took.full || (ticked && (!batch.is_empty() || gap_due)))
+                    && self.deliver(&mut batch, &mut state).await
+                {
+                    return self.shut_down(batch, state).await;
                 }
                 if !took.full {
                     break;
