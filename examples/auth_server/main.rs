@@ -79,7 +79,7 @@ async fn main() -> Result<(), app::BoxError> {
     .await?;
     if let Some(audit) = server.audit {
         let report = audit.shutdown(Duration::from_secs(10)).await;
-        println!("audit pipeline: {}", serde_json::to_string_pretty(&report)?);
+        println!("audit pipeline: {report}");
     }
     server.users.close().await;
     Ok(())

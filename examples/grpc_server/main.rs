@@ -28,6 +28,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     })
     .await?;
     let report = handle.shutdown(Duration::from_secs(10)).await;
-    println!("audit pipeline: {}", serde_json::to_string(&report)?);
+    println!("audit pipeline: {report}");
     Ok(())
 }
