@@ -564,17 +564,7 @@ async fn the_queue_is_bounded_in_bytes_and_drops_past_the_budget_are_counted() {
     assert!(accepted > 1 && accepted < 10, "{accepted} events of ~10 KB in 64 KiB");
     let per_event = s.queued_bytes / accepted;
     assert!(s.queued_bytes <= BUDGET as u64 && s.queued_bytes + per_event > BUDGET as u64, "{s:?}");
-    sink.open.notify_waiters();
-    let stop = tokio::spawn({
-        let handle = handle.clone();
-        async move { handle.shutdown(LIMIT).await }
-    });
-    eventually(LIMIT, || {
-        sink.open.notify_waiters();
-        stop.is_finished()
-    })
-    .await;
-    let report = stop.await.unwrap();
+    let report = sink.shutdown_open(&handle).await;
     assert_eq!((report.stats.written, report.stats.queued_bytes), (1 + accepted, 0));
     assert_identity(&report.stats);
 }

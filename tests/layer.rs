@@ -388,17 +388,7 @@ async fn drop_policy_never_waits_and_counts_each_drop() {
     assert_eq!(stats.accepted, 5);
 
     // Unblock the sink: everything queued is written, then a gap event reports the 4 losses.
-    sink.open.notify_waiters();
-    let stop = tokio::spawn({
-        let handle = handle.clone();
-        async move { handle.shutdown(LIMIT).await }
-    });
-    eventually(LIMIT, || {
-        sink.open.notify_waiters();
-        stop.is_finished()
-    })
-    .await;
-    let report = stop.await.unwrap();
+    let report = sink.shutdown_open(&handle).await;
     assert!(report.drained);
     let written = sink.written.lock().unwrap().clone();
     let gap: Vec<_> = written.iter().filter(|e| e.kind == kind::AUDIT_GAP).collect();

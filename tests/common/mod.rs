@@ -39,6 +39,21 @@ impl GateSink {
     pub fn entered(&self) -> usize {
         self.entered.load(Ordering::SeqCst)
     }
+
+    /// Shuts the pipeline down while holding the gate open, so every batch goes through.
+    pub async fn shutdown_open(&self, handle: &tower_audit::AuditHandle) -> tower_audit::ShutdownReport {
+        self.open.notify_waiters();
+        let stop = tokio::spawn({
+            let handle = handle.clone();
+            async move { handle.shutdown(Duration::from_secs(10)).await }
+        });
+        eventually(Duration::from_secs(10), || {
+            self.open.notify_waiters();
+            stop.is_finished()
+        })
+        .await;
+        stop.await.unwrap()
+    }
 }
 
 impl AuditSink for GateSink {
