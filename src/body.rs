@@ -7,7 +7,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::event::Outcome;
-use crate::request::Pending;
+use crate::request::{Pending, UnwindGuard};
 
 pin_project! {
     /// Response body of [`AuditService`](crate::AuditService).
@@ -61,8 +61,9 @@ impl<B: Body> Body for ResponseBody<B> {
         if let Some(pending) = this.pending.as_mut() {
             pending.body_polled = true;
         }
+        let guard = UnwindGuard(this.pending);
         let frame = ready!(body.as_mut().poll_frame(cx));
-        if let Some(pending) = this.pending {
+        if let Some(pending) = guard.0 {
             match &frame {
                 Some(Ok(frame)) => {
                     if let Some(trailers) = frame.trailers_ref() {

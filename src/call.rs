@@ -16,6 +16,13 @@ use crate::error::SinkError;
 use crate::sink::BoxFuture;
 use crate::stats::{Counters, add};
 
+/// `d` from now, or a year from now when `d` is longer (a `Duration::MAX` setting means "no limit", not a
+/// panic).
+pub(crate) fn after(d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
+    Instant::now() + d.min(FAR)
+}
+
 /// The shutdown deadline, once a handle has asked for shutdown.
 #[derive(Debug, Clone)]
 pub(crate) struct Deadline(pub(crate) watch::Receiver<Option<Instant>>);
@@ -42,7 +49,7 @@ impl Deadline {
     /// meanwhile is obeyed too). A deadline already passed means the future is not polled at all.
     pub(crate) async fn within<F: Future>(&self, limit: Option<Duration>, future: F) -> Within<F::Output> {
         let mut deadline = self.0.clone();
-        let until = limit.map(|limit| Instant::now() + limit);
+        let until = limit.map(after);
         tokio::pin!(future);
         loop {
             let shutdown = *deadline.borrow_and_update();
@@ -64,6 +71,23 @@ impl Deadline {
                 biased;
                 output = &mut future => return Within::Done(output),
                 () = expired => return if is_shutdown { Within::Deadline } else { Within::Limit },
+                Ok(()) = deadline.changed() => {}
+            }
+        }
+    }
+}
+
+impl Deadline {
+    /// Waits until `until`; `false` as soon as a shutdown deadline is known that comes first (then there is
+    /// no point waiting: whatever was to start at `until` would start too late).
+    pub(crate) async fn wait_before_it(&self, until: Instant) -> bool {
+        let mut deadline = self.0.clone();
+        loop {
+            if deadline.borrow_and_update().is_some_and(|d| d <= until) {
+                return false;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return true,
                 Ok(()) = deadline.changed() => {}
             }
         }
@@ -107,13 +131,13 @@ pub(crate) async fn call<'a>(
     }
     let future = match catch_unwind(AssertUnwindSafe(make)) {
         Ok(future) => future,
-        Err(panic) => return panicked(counters, &*panic),
+        Err(panic) => return panicked(counters, panic),
     };
-    let guarded = Guarded { inner: Some(future), drop_panics: &counters.sink_panics };
+    let guarded = Guarded { inner: Some(future), panicked: false, drop_panics: &counters.sink_panics };
     match deadline.within(Some(timeout), guarded).await {
         Within::Done(Ok(Ok(()))) => Called::Ok,
         Within::Done(Ok(Err(e))) => Called::Failed(Failure::Sink(e)),
-        Within::Done(Err(panic)) => panicked(counters, &*panic),
+        Within::Done(Err(panic)) => panicked(counters, panic),
         Within::Limit => {
             add(&counters.sink_timeouts, 1);
             Called::Failed(Failure::Timeout)
@@ -122,9 +146,18 @@ pub(crate) async fn call<'a>(
     }
 }
 
-fn panicked(counters: &Counters, panic: &(dyn Any + Send)) -> Called {
+fn panicked(counters: &Counters, panic: Box<dyn Any + Send>) -> Called {
     add(&counters.sink_panics, 1);
-    Called::Failed(Failure::Panic(panic_message(panic)))
+    let message = panic_message(&*panic);
+    drop_payload(panic);
+    Called::Failed(Failure::Panic(message))
+}
+
+/// Drops a panic's payload, whose own `Drop` may panic too (then that payload is leaked: it cannot be dropped).
+fn drop_payload(panic: Box<dyn Any + Send>) {
+    if let Err(again) = catch_unwind(AssertUnwindSafe(move || drop(panic))) {
+        std::mem::forget(again);
+    }
 }
 
 fn panic_message(panic: &(dyn Any + Send)) -> String {
@@ -138,6 +171,8 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
 /// A sink's future, polled and dropped under `catch_unwind`.
 struct Guarded<'a> {
     inner: Option<BoxFuture<'a, Result<(), SinkError>>>,
+    /// The call already panicked when polled (and is counted as such): a panic when dropping it is not another.
+    panicked: bool,
     /// A panic while dropping the future (after a timeout, or once done) is counted here.
     drop_panics: &'a AtomicU64,
 }
@@ -145,8 +180,11 @@ struct Guarded<'a> {
 impl Guarded<'_> {
     fn drop_inner(&mut self) {
         if let Some(future) = self.inner.take() {
-            if catch_unwind(AssertUnwindSafe(move || drop(future))).is_err() {
-                add(self.drop_panics, 1);
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(move || drop(future))) {
+                drop_payload(panic);
+                if !self.panicked {
+                    add(self.drop_panics, 1);
+                }
             }
         }
     }
@@ -162,7 +200,10 @@ impl Future for Guarded<'_> {
         let output = match catch_unwind(AssertUnwindSafe(|| future.as_mut().poll(cx))) {
             Ok(Poll::Pending) => return Poll::Pending,
             Ok(Poll::Ready(result)) => Ok(result),
-            Err(panic) => Err(panic),
+            Err(panic) => {
+                self.panicked = true;
+                Err(panic)
+            }
         };
         self.drop_inner();
         Poll::Ready(output)

@@ -3,10 +3,8 @@
 
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use crate::Retry;
-use crate::call::{Called, Deadline, call};
+use crate::call::{Called, Deadline, after, call};
 use crate::event::AuditEvent;
 use crate::sink::DynSink;
 use crate::stats::{Counters, add};
@@ -31,7 +29,8 @@ pub(crate) struct Sinks {
 
 impl Sinks {
     /// Writes `batch` to the primary sink, retrying with backoff. A retry that could not start before the
-    /// shutdown deadline is not waited for: the batch fails at once, while there is still time for the fallback.
+    /// shutdown deadline (one known when the retry is planned, or set while waiting for it) is not waited for:
+    /// the batch fails at once, while there is still time for the fallback.
     pub(crate) async fn primary(&self, batch: &[AuditEvent], deadline: &Deadline, counters: &Counters) -> Written {
         let mut attempt = 0;
         loop {
@@ -40,8 +39,8 @@ impl Sinks {
                 Called::Deadline => return Written::Deadline,
                 Called::Failed(failure) => failure,
             };
-            let delay = self.retry.delay(attempt + 1);
-            let no_time = deadline.get().is_some_and(|d| Instant::now() + delay >= d);
+            let retry_at = after(self.retry.delay(attempt + 1));
+            let no_time = deadline.get().is_some_and(|d| retry_at >= d);
             if attempt >= self.retry.max_retries || no_time {
                 tracing::error!(
                     events = batch.len(),
@@ -54,15 +53,19 @@ impl Sinks {
             tracing::warn!(
                 events = batch.len(),
                 attempt = attempt + 1,
-                retry_in_ms = delay.as_millis() as u64,
+                retry_in_ms = retry_at.saturating_duration_since(tokio::time::Instant::now()).as_millis() as u64,
                 error = %failure,
                 "audit sink failed to write a batch; retrying"
             );
+            if !deadline.wait_before_it(retry_at).await {
+                tracing::error!(
+                    events = batch.len(),
+                    "shutdown deadline before the next retry; handing the batch to the fallback sink"
+                );
+                return Written::Failed;
+            }
             add(&counters.retries, 1);
             attempt += 1;
-            if !matches!(deadline.within(None, tokio::time::sleep(delay)).await, crate::call::Within::Done(())) {
-                return Written::Deadline;
-            }
         }
     }
 

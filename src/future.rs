@@ -9,7 +9,7 @@ use pin_project_lite::pin_project;
 
 use crate::body::ResponseBody;
 use crate::event::Outcome;
-use crate::request::Pending;
+use crate::request::{Pending, UnwindGuard};
 
 pin_project! {
     /// Response future of [`AuditService`](crate::AuditService).
@@ -58,8 +58,9 @@ where
                 return Poll::Ready(Ok(response));
             }
         };
+        let guard = UnwindGuard(this.pending);
         let result = ready!(future.poll(cx));
-        let mut pending = this.pending.take().expect("ResponseFuture polled after completion");
+        let mut pending = guard.0.take().expect("ResponseFuture polled after completion");
         Poll::Ready(match result {
             Ok(response) => {
                 pending.status = Some(response.status());

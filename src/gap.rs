@@ -61,10 +61,6 @@ impl Losses {
             + self.in_fallback
     }
 
-    fn is_empty(self) -> bool {
-        self == Losses::default()
-    }
-
     pub(crate) fn by_reason(self) -> [(&'static str, u64); 8] {
         [
             ("queue_full", self.queue_full),
@@ -113,9 +109,10 @@ impl Ledger {
         now
     }
 
-    /// Whether this trail has losses it has not been told about.
+    /// Whether events are missing from this trail that it has not been told about. Refused requests never
+    /// make a gap event due by themselves (nothing is missing); they ride along in the next one.
     pub(crate) fn is_due(&self, now: Losses) -> bool {
-        !self.view(now).since(self.reported).is_empty()
+        self.unreported(now) > 0
     }
 
     /// What the trail has not been told, as a count of missing events.
@@ -127,7 +124,7 @@ impl Ledger {
     pub(crate) fn due(&self, now: Losses) -> Option<Due> {
         let upto = self.view(now);
         let new = upto.since(self.reported);
-        (!new.is_empty()).then(|| Due { upto, event: gap_event(new, self.trail) })
+        (new.missing() > 0).then(|| Due { upto, event: gap_event(new, self.trail) })
     }
 
     /// The gap event made `upto` was written: its counts are reported.
@@ -166,6 +163,7 @@ mod tests {
     #[test]
     fn gap_events_are_not_cumulative_and_name_each_reason() {
         let mut ledger = Ledger::new(Trail::Primary);
+        assert!(ledger.due(Losses::of(&stats(0, 2, 0))).is_none(), "refused requests alone: nothing is missing");
         let first = ledger.due(Losses::of(&stats(3, 2, 0))).unwrap();
         assert_eq!(first.event.kind, kind::AUDIT_GAP);
         assert_eq!(first.event.attributes["lost"], "3", "refused requests are not missing events");

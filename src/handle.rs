@@ -43,9 +43,10 @@ pub struct ShutdownReport {
     /// It says nothing about events dropped or lost earlier: see [`Stats::missing`].
     pub drained: bool,
     /// Events missing from the primary trail (dropped, lost, abandoned, or written to the fallback instead)
-    /// that no `audit.gap` event in the primary trail reports, because the last one could not be written
-    /// (the primary sink was down) or the deadline came first. Zero means the primary trail accounts for
-    /// every loss itself.
+    /// that no `audit.gap` event in the primary trail reports: because the last one could not be written (the
+    /// primary sink was down), the deadline came first, or the loss came after the last gap event was written
+    /// (events `dropped_closed` while the pipeline shut down, or `abandoned` at the deadline). Zero means the
+    /// primary trail accounts for every loss itself.
     pub unreported: u64,
 }
 
@@ -99,18 +100,24 @@ impl AuditHandle {
     /// still in flight, so stop the server gracefully first. A steady stream of producers cannot delay it: it
     /// returns as soon as what was queued at the call is written. Nothing is attempted after the deadline, the
     /// fallback sink included; what it catches is counted as `abandoned` and the report says `drained: false`.
-    /// Calling it again (from any clone) returns the same report.
+    /// Calling it again (from any clone, at once or later) returns the same report: a later call keeps the first
+    /// call's deadline, whatever its own `timeout`.
     pub async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
-        let deadline = Instant::now() + timeout;
+        let deadline = crate::call::after(timeout);
         self.core.shared.close();
         // The first call sets the deadline; later calls wait for the same report.
         self.control.deadline.send_if_modified(|current| current.is_none() && current.insert(deadline) == &deadline);
+        // A later call waits for the first call's deadline, so that every call returns the same report.
+        let deadline = self.control.deadline.borrow().unwrap_or(deadline);
         let mut report = self.control.report.clone();
         // The worker obeys the deadline itself; the grace covers its last bookkeeping after it.
         match tokio::time::timeout_at(deadline + REPORT_GRACE, report.wait_for(Option::is_some)).await {
             Ok(Ok(report)) => report.expect("waited for Some"),
             // The worker is gone without a report (its task was aborted) or missed the deadline.
-            _ => ShutdownReport { stats: self.stats(), drained: false, unreported: self.stats().missing() },
+            _ => {
+                let stats = self.stats();
+                ShutdownReport { stats, drained: false, unreported: stats.missing() + stats.queued }
+            }
         }
     }
 }

@@ -92,10 +92,11 @@ pub enum Overflow {
     /// request never waits. The default.
     #[default]
     Drop,
-    /// When the queue is full, `poll_ready` waits at most this long for room (the service is not ready
-    /// meanwhile; shutdown ends the wait). `call` then reserves a slot if one is free. A request without a slot
-    /// goes on, and its event is queued at the end if there is room then, else dropped and counted
-    /// (`dropped_wait_timeout`).
+    /// When the queue is full (in events or bytes), `poll_ready` waits at most this long for room (the service
+    /// is not ready meanwhile; shutdown ends the wait); then the request goes on. Its event is queued at the end
+    /// if there is room then, else dropped and counted: `dropped_wait_timeout` when the wait ran out,
+    /// `dropped_queue_full` when room was found and taken by others since. Back-pressure, not a guarantee:
+    /// nothing is reserved, so the byte budget holds.
     Wait(Duration),
     /// `call` reserves a slot for the request's event before calling the inner service; when none can be had
     /// (queue full, byte budget reached, shutting down, worker gone), it answers `503 Service Unavailable`
@@ -452,6 +453,11 @@ impl AuditLayerBuilder {
     /// queue, an invalid or credential-carrying header name (or one that looks like it and was not allowed), a
     /// trusted proxy that does not parse, a client address source and trusted proxies that do not go together.
     pub fn build(self) -> Result<(AuditLayer, AuditHandle), ConfigError> {
+        for (setting, value) in [("flush_interval", self.flush_interval), ("sink_timeout", self.sink_timeout)] {
+            if value.is_zero() {
+                return Err(ConfigError::Zero { setting });
+            }
+        }
         for (setting, value) in [
             ("capacity", self.capacity),
             ("max_queued_bytes", self.max_queued_bytes),

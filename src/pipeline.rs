@@ -86,6 +86,10 @@ impl Core {
         let counters = &self.shared.counters;
         if let Err(refusal) = self.shared.gate.enter(bytes, slot.is_some()) {
             self.count_refusal(refusal, on_full);
+            if refusal != Refusal::Closed && matches!(self.config.overflow, crate::Overflow::Wait(_)) {
+                // A refused admission raised and lowered the counts: a waiter that looked meanwhile saw no room.
+                self.shared.room.notify_waiters();
+            }
             return false;
         }
         // Inside the gate: counted as accepted before the worker can see (and settle) it.
@@ -130,7 +134,7 @@ impl Core {
     /// otherwise (the worker drains on its own schedule).
     fn wake_if_batch_waiting(&self) {
         let shared = &*self.shared;
-        if shared.gate.used() >= self.batch_size
+        if shared.gate.queued() >= self.batch_size
             && !shared.wake_pending.load(Relaxed)
             && !shared.wake_pending.swap(true, Relaxed)
         {

@@ -142,11 +142,36 @@ pub(crate) struct Pending {
     /// Whether anyone polled the response body: a body dropped unpolled was never wanted (`HEAD`, 204, 304),
     /// which is not a cancellation.
     pub(crate) body_polled: bool,
+    /// A panic unwound through the layer while it polled the inner future or body.
+    panicked: bool,
+}
+
+/// Held across a poll of the inner future or body: if a panic unwinds through that poll, the request's
+/// event says so, however late it is emitted (a catch-panic middleware outside the layer drops the future
+/// only after it has caught the panic).
+pub(crate) struct UnwindGuard<'a>(pub(crate) &'a mut Option<Pending>);
+
+impl Drop for UnwindGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(pending) = self.0.as_mut() {
+                pending.panicked = true;
+            }
+        }
+    }
 }
 
 impl Pending {
     pub(crate) fn new(state: Arc<RequestState>, slot: Option<Slot>, on_full: OnFull) -> Self {
-        Pending { state: Some(state), slot, on_full, status: None, grpc_status: None, body_polled: false }
+        Pending {
+            state: Some(state),
+            slot,
+            on_full,
+            status: None,
+            grpc_status: None,
+            body_polled: false,
+            panicked: false,
+        }
     }
 
     /// Reads the gRPC status from response headers (trailers-only responses) or trailers.
@@ -159,10 +184,6 @@ impl Pending {
 
     /// Emits the event. `outcome` overrides the outcome derived from the status codes.
     pub(crate) fn finish(&mut self, outcome: Option<Outcome>) {
-        self.emit(outcome, false);
-    }
-
-    fn emit(&mut self, outcome: Option<Outcome>, panicked: bool) {
         let Some(state) = self.state.take() else { return };
         let outcome = outcome.unwrap_or_else(|| match (self.grpc_status, self.status) {
             (Some(code), _) => Outcome::from_grpc_code(code),
@@ -191,7 +212,7 @@ impl Pending {
         event.client_addr = info.client_addr;
         event.user_agent = info.user_agent;
         event.attributes = fields.attributes;
-        if panicked {
+        if self.panicked {
             event.attributes.insert("panic".to_owned(), "true".to_owned());
         }
         core.push(event, self.slot.take(), self.on_full);
@@ -200,9 +221,8 @@ impl Pending {
 
 impl Drop for Pending {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            // The inner service or the body panicked while we were inside it (the panic unwinds through us).
-            self.emit(Some(Outcome::Error), true);
+        if self.panicked {
+            self.finish(Some(Outcome::Error));
         } else if self.status.is_some() && !self.body_polled {
             self.finish(None);
         } else {

@@ -34,7 +34,7 @@ use crate::stats::add;
 /// - when the response future is dropped, or the body dropped part-way (outcome `cancelled`).
 ///
 /// With [`Overflow::Drop`] (the default) `poll_ready` is the inner service's. Under `Wait` it first waits for
-/// room in the queue, under `FailClosed` it answers at once when the queue is full; `call` reserves the
+/// room in the queue, under `FailClosed` it answers at once when the queue is full and `call` reserves the
 /// request's slot (see [`Overflow`]).
 pub struct AuditService<S> {
     inner: S,
@@ -165,9 +165,8 @@ where
                 Ok(slot) => (Some(slot), OnFull::QueueFull),
                 Err(_) => return self.refuse(),
             },
-            (Overflow::Wait(_), Ready::Waited(on_full)) => (self.core.reserve().ok(), on_full),
+            (Overflow::Wait(_), Ready::Waited(on_full)) => (None, on_full),
             // `Drop`, or `call` without `poll_ready` (a contract breach).
-            (Overflow::Wait(_), _) => (self.core.reserve().ok(), OnFull::QueueFull),
             _ => (None, OnFull::QueueFull),
         };
         let state = Arc::new(RequestState::capture(&req, Arc::clone(&self.core)));

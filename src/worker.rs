@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::call::Deadline;
+use crate::call::{Deadline, after};
 use crate::delivery::{Sinks, Written};
 use crate::event::AuditEvent;
 use crate::gap::{Due, Ledger, Losses, Trail};
@@ -57,7 +57,7 @@ impl Worker {
         let mut batch = Vec::with_capacity(self.config.batch_size);
         let mut requests = self.deadline.0.clone();
         let mut listening = true;
-        let mut tick = Instant::now() + self.config.flush_interval;
+        let mut tick = after(self.config.flush_interval);
         loop {
             let ticked = tokio::select! {
                 biased;
@@ -71,7 +71,7 @@ impl Worker {
                 }
                 _ = self.shared.wake.notified() => false,
                 _ = tokio::time::sleep_until(tick) => {
-                    tick = Instant::now() + self.config.flush_interval;
+                    tick = after(self.config.flush_interval);
                     true
                 }
             };

@@ -34,13 +34,22 @@ pub(crate) struct Gate {
     used: AtomicUsize,
     /// Bytes of the events in the queue.
     bytes: AtomicUsize,
+    /// Slots reserved and not yet used (part of `used`).
+    reserved: AtomicUsize,
     capacity: usize,
     max_bytes: usize,
 }
 
 impl Gate {
     pub(crate) fn new(capacity: usize, max_bytes: usize) -> Self {
-        Self { state: AtomicU64::new(0), used: AtomicUsize::new(0), bytes: AtomicUsize::new(0), capacity, max_bytes }
+        Self {
+            state: AtomicU64::new(0),
+            used: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            reserved: AtomicUsize::new(0),
+            capacity,
+            max_bytes,
+        }
     }
 
     /// Admits one event of `bytes`, or refuses it. `reserved`: the event takes a slot reserved earlier with
@@ -50,6 +59,9 @@ impl Gate {
     /// On `Ok` the caller is inside the gate: it must publish the event, then call [`leave`](Self::leave).
     /// On `Err` it is not inside and must not call `leave`.
     pub(crate) fn enter(&self, bytes: usize, reserved: bool) -> Result<(), Refusal> {
+        if reserved {
+            self.reserved.fetch_sub(1, SeqCst);
+        }
         let state = self.state.fetch_add(1, SeqCst);
         if state & CLOSED != 0 {
             if reserved {
@@ -95,6 +107,7 @@ impl Gate {
             self.used.fetch_sub(1, SeqCst);
             return Err(Refusal::Full);
         }
+        self.reserved.fetch_add(1, SeqCst);
         Ok(())
     }
 
@@ -132,8 +145,14 @@ impl Gate {
     }
 
     /// Events queued or reserved.
+    #[allow(dead_code)] // read by the model checker (`tools/model-check`)
     pub(crate) fn used(&self) -> usize {
         self.used.load(SeqCst)
+    }
+
+    /// Events in the queue, reservations left out (a moment's estimate: the two counts are read apart).
+    pub(crate) fn queued(&self) -> usize {
+        self.used.load(SeqCst).saturating_sub(self.reserved.load(SeqCst))
     }
 
     /// Bytes of the queued events.
