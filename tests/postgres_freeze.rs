@@ -18,7 +18,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Connection as _;
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
 use tower_audit::{AuditEvent, AuditHandle, AuditLayer, AuditSink, MemorySink, PostgresSink, Retry, Stats};
 
 /// Events recorded per test: one batch.
@@ -49,7 +50,6 @@ async fn frozen_mid_insert_the_retry_on_a_fresh_connection_writes_every_event_on
 
     let report = handle.shutdown(PATIENCE).await;
     let ledger = fx.ledger(&fallback).await;
-    fx.drop_schema().await;
     assert!(report.drained, "{report:?}");
     let (in_postgres, in_fallback) = ledger.assert_each_event_in_exactly_one_place(&report.stats);
     assert_eq!((in_postgres, in_fallback), (EVENTS, 0), "{:?}", report.stats);
@@ -86,7 +86,6 @@ async fn frozen_through_every_retry_the_fallback_holds_the_batch_and_postgres_ne
 
     let report = handle.shutdown(PATIENCE).await;
     let ledger = fx.ledger(&fallback).await;
-    fx.drop_schema().await;
     assert!(report.drained, "{report:?}");
     let (in_postgres, in_fallback) = ledger.assert_each_event_in_exactly_one_place(&report.stats);
     assert_eq!((in_postgres, in_fallback), (0, EVENTS), "{:?}", report.stats);
@@ -128,7 +127,6 @@ async fn frozen_in_commit_the_idempotent_retry_resolves_the_ambiguity() {
 
     let report = handle.shutdown(PATIENCE).await;
     let ledger = fx.ledger(&fallback).await;
-    fx.drop_schema().await;
     assert!(report.drained, "{report:?}");
     let (in_postgres, in_fallback) = ledger.assert_each_event_in_exactly_one_place(&report.stats);
     assert_eq!((in_postgres, in_fallback), (EVENTS, 0), "{:?}", report.stats);
@@ -208,10 +206,36 @@ impl Fixture {
             .collect();
         Ledger { postgres, fallback }
     }
+}
 
-    async fn drop_schema(&self) {
-        self.execute(format!("SET lock_timeout = '10s'; DROP SCHEMA {} CASCADE; RESET lock_timeout", self.schema))
-            .await;
+impl Drop for Fixture {
+    /// Drops the schema, also when the test failed (on a thread and runtime of its own, as the test's runtime may
+    /// be unwinding). Ends first any session still holding a lock in the schema: only this test's sessions can.
+    fn drop(&mut self) {
+        let schema = self.schema.clone();
+        let sql = format!(
+            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
+             JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = '{schema}' AND l.pid <> pg_backend_pid(); \
+             SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {schema} CASCADE"
+        );
+        let dropped = std::thread::spawn(move || -> Result<(), String> {
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+            runtime
+                .block_on(async {
+                    let mut conn = PgConnection::connect(&pg_url()).await?;
+                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await?;
+                    conn.close().await
+                })
+                .map_err(|e| e.to_string())
+        })
+        .join();
+        match dropped {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("could not drop schema {}: {e}", self.schema),
+            Err(_) => eprintln!("could not drop schema {}: the cleanup thread panicked", self.schema),
+        }
     }
 }
 
