@@ -1,6 +1,8 @@
 use std::time::Duration;
 
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Connection as _;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgPool, PgPoolOptions, Postgres};
 
 use crate::error::{ConfigError, SinkError};
 use crate::event::AuditEvent;
@@ -9,8 +11,35 @@ use crate::sink::sql::{COLUMNS, DEFAULT_TABLE, Row, Table};
 
 const SCHEMA: &str = include_str!("../../migrations/postgres/0001_audit_events.sql");
 
-/// Writes batches into a Postgres table, one `INSERT … SELECT FROM UNNEST(…)` statement (one round trip) per
-/// batch, idempotent on the event id (`ON CONFLICT (id) DO NOTHING`), so a retried batch never duplicates a row.
+/// Writes batches into a Postgres table, one transaction per batch holding one `INSERT … SELECT FROM UNNEST(…)`
+/// statement, idempotent on the event id (`ON CONFLICT (id) DO NOTHING`), so a retried batch never duplicates a
+/// row.
+///
+/// # Written, failed, ambiguous
+///
+/// The worker bounds each write by its sink timeout; when that passes it drops the write, retries the batch (same
+/// ids) and in the end hands it to the fallback sink. Dropping the write does not stop a statement the server has
+/// already received: a stalled backend (stopped, swapped out, waiting for a lock) runs it whenever it gets going
+/// again. It acts on a cancel request or its `statement_timeout` only once it runs again (with a fresh timer for
+/// a statement it had not yet read), and it notices a closed socket only after running what it had read. So this
+/// sink sends `COMMIT` only once the `INSERT` has answered, and closes (never returns to the pool) a connection
+/// whose write was dropped half-way. A batch's outcome is then one of:
+///
+/// - **written** (`Ok`): `COMMIT` answered; every event of the batch is in the table exactly once.
+/// - **failed** (an error, or the write dropped, before `COMMIT` was sent): the transaction can never commit; the
+///   server rolls it back when it reads the `ROLLBACK` or the end of the session, however late. A batch the
+///   worker counts as failed and hands to the fallback is in the fallback only.
+/// - **ambiguous** (the write dropped, or the connection lost, while `COMMIT` was on its way): the rows may
+///   commit. The worker retries it like a failure and the idempotent insert settles it: the uncommitted rows hold
+///   their ids, so the retry's insert waits until that transaction ends, then skips the rows that committed or
+///   writes them itself; `Ok` means the batch is in the table exactly once. Only when the retries run out before
+///   the server finishes that `COMMIT` does the batch reach the fallback while it may still commit: it can then
+///   be in both places (a duplicate, never a loss); merge the fallback back on `id`.
+///
+/// The price is two more round trips per batch (`BEGIN`, `COMMIT`), small beside the insert itself. A
+/// server-side `statement_timeout` below the sink timeout on the sink's connections (e.g.
+/// `?options[statement_timeout]=4s` in the URL) makes a live but slow backend give up on its own, freeing the ids
+/// sooner for the retry; the guarantees above do not depend on it.
 ///
 /// # Its own pool
 ///
@@ -170,7 +199,7 @@ impl AuditSink for PostgresSink {
         for event in batch {
             c.push(Row::from_event(event)?);
         }
-        sqlx::query(sqlx::AssertSqlSafe(self.insert.clone()))
+        let insert = sqlx::query(sqlx::AssertSqlSafe(self.insert.clone()))
             .bind(c.id)
             .bind(c.seq)
             .bind(c.micros)
@@ -187,10 +216,36 @@ impl AuditSink for PostgresSink {
             .bind(c.client_addr)
             .bind(c.user_agent)
             .bind(c.attributes)
-            .bind(c.version)
-            .execute(&self.pool)
-            .await
-            .map_err(SinkError::backend)?;
-        Ok(())
+            .bind(c.version);
+        let mut checkout = Checkout { conn: self.pool.acquire().await.map_err(SinkError::backend)?, answered: false };
+        let written = async {
+            let mut tx = checkout.conn.begin().await?;
+            insert.execute(&mut *tx).await?;
+            // Only now: a write dropped before this point can never commit.
+            tx.commit().await
+        }
+        .await;
+        checkout.answered = true;
+        written.map_err(SinkError::backend)
+    }
+}
+
+/// A pooled connection that goes back to the pool only if the write on it got an answer (success or error).
+///
+/// Dropped before that (the worker gave up at its sink timeout), it is closed instead. Returned, sqlx would test
+/// it with a `Sync` and wait, with no time limit, for the server's answers to everything already sent, holding a
+/// pool slot all the while; and a write dropped during `BEGIN` would put it back in the pool inside that
+/// transaction. Closed, its slot frees once `Terminate` is written (sqlx bounds that by 5 s), and the server ends
+/// the session, rolling back a transaction without `COMMIT`, whenever the backend gets to it.
+struct Checkout {
+    conn: PoolConnection<Postgres>,
+    answered: bool,
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.conn.close_on_drop();
+        }
     }
 }
