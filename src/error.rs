@@ -51,6 +51,19 @@ pub enum ConfigError {
          with a digit), optionally after `schema.` in Postgres"
     )]
     InvalidTableName(String),
+    /// The name given to [`instance`](crate::AuditLayerBuilder::instance) cannot be recorded as it is.
+    #[error(
+        "instance name {name:?} {problem}: name the process with 1 to {max_field_len} bytes (max_field_len) of \
+         printable text, such as the host or pod name"
+    )]
+    InvalidInstance {
+        /// The name as given.
+        name: String,
+        /// What is wrong with it.
+        problem: &'static str,
+        /// The longest text field allowed ([`max_field_len`](crate::AuditLayerBuilder::max_field_len)).
+        max_field_len: usize,
+    },
     /// A trusted proxy is neither an IP address nor a CIDR network.
     #[error("trusted proxy `{0}` is neither an IP address nor a CIDR network (e.g. 10.0.0.0/8)")]
     InvalidProxy(String),

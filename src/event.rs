@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::StatusCode;
@@ -11,8 +12,10 @@ use uuid::Uuid;
 
 use crate::sanitize::{Limits, bounded, is_clean};
 
-/// Version of the event schema. Bumped whenever a field changes meaning or type.
-pub const SCHEMA_VERSION: u16 = 1;
+/// Version of the event schema. Bumped whenever a field is added or changes meaning or type.
+///
+/// 2 added [`AuditEvent::instance`] and [`AuditEvent::boot`]; a version 1 record reads with both `None`.
+pub const SCHEMA_VERSION: u16 = 2;
 
 /// Well-known values of [`AuditEvent::kind`].
 pub mod kind {
@@ -27,8 +30,9 @@ pub mod kind {
 /// One audit record.
 ///
 /// The layer builds one per request; handlers and [`AuditHandle::record`](crate::AuditHandle::record)
-/// add custom ones built with [`AuditEvent::new`]. `id` and `seq` are assigned by the worker when it takes the
-/// event from the queue, so they are stable across retries of a batch (sinks use `id` for idempotent inserts).
+/// add custom ones built with [`AuditEvent::new`]. The worker stamps `instance`, `boot`, `seq` and `id` when it
+/// takes the event from the queue, so they are stable across retries of a batch (sinks use `id` for idempotent
+/// inserts), and `(boot, seq)` names one event of one pipeline run.
 ///
 /// Every text field is bounded in length and free of control characters, Unicode line separators and bidi
 /// controls (they are replaced by `U+FFFD`), so hostile input can neither bloat memory, forge a second line in a
@@ -51,7 +55,19 @@ pub struct AuditEvent {
     pub version: u16,
     /// Unique, time-ordered id (UUIDv7), assigned by the worker.
     pub id: Uuid,
-    /// Per-pipeline sequence number, assigned by the worker in queue order, starting at 1.
+    /// The process that recorded the event, assigned by the worker: the name given to
+    /// [`AuditLayerBuilder::instance`](crate::AuditLayerBuilder::instance), or by default the host name and a
+    /// random suffix, the same for every pipeline of the process. `None` until stamped, and in a record written
+    /// before schema version 2.
+    #[serde(default)]
+    pub instance: Option<Arc<str>>,
+    /// The pipeline run that recorded the event (a UUIDv7 made when the layer was built, see
+    /// [`AuditHandle::boot`](crate::AuditHandle::boot)), assigned by the worker. `None` until stamped, and in a
+    /// record written before schema version 2.
+    #[serde(default)]
+    pub boot: Option<Uuid>,
+    /// Sequence number within the [`boot`](Self::boot), assigned by the worker in the order it hands events to
+    /// the sinks, starting at 1. `0` until stamped.
     pub seq: u64,
     /// When the request started (or the custom event was created).
     #[serde(with = "rfc3339")]
@@ -94,6 +110,8 @@ impl AuditEvent {
         Self {
             version: SCHEMA_VERSION,
             id: Uuid::nil(),
+            instance: None,
+            boot: None,
             seq: 0,
             time,
             kind,
@@ -284,6 +302,8 @@ mod tests {
         let mut event =
             AuditEvent::new("auth.login").actor("bob").outcome(Outcome::Denied).attribute("reason", "bad_password");
         event.id = Uuid::from_u128(42);
+        event.instance = Some("web-1-5f3a9c1e".into());
+        event.boot = Some(Uuid::from_u128(7));
         event.seq = 7;
         event.method = Some("POST".into());
         event.route = Some("/login".into());
@@ -299,8 +319,20 @@ mod tests {
         let json = serde_json::to_string(&event).unwrap();
         assert!(json.contains(r#""time":"2023-11-14T22:13:20.123456Z""#), "{json}");
         assert!(json.contains(r#""outcome":"denied""#), "{json}");
+        assert!(
+            json.contains(r#""instance":"web-1-5f3a9c1e","boot":"00000000-0000-0000-0000-000000000007""#),
+            "{json}"
+        );
         let back: AuditEvent = serde_json::from_str(&json).unwrap();
         assert_eq!(back, event);
+    }
+
+    #[test]
+    fn a_version_1_record_reads_without_instance_and_boot() {
+        let line = r#"{"version":1,"id":"00000000-0000-0000-0000-00000000002a","seq":7,"time":"2023-11-14T22:13:20.123456Z","kind":"auth.login","outcome":"denied","method":"POST","route":null,"path":null,"status":401,"grpc_status":null,"latency_us":null,"request_id":null,"actor":"bob","client_addr":null,"user_agent":null,"attributes":{}}"#;
+        let event: AuditEvent = serde_json::from_str(line).unwrap();
+        assert_eq!((event.version, event.seq, event.instance, event.boot), (1, 7, None, None));
+        assert_eq!((event.id, event.status, event.actor.as_deref()), (Uuid::from_u128(42), Some(401), Some("bob")));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
+use uuid::Uuid;
 
 use crate::event::AuditEvent;
 use crate::pipeline::Core;
@@ -25,6 +26,8 @@ pub struct AuditHandle {
 struct Control {
     deadline: watch::Sender<Option<Instant>>,
     report: watch::Receiver<Option<ShutdownReport>>,
+    instance: Arc<str>,
+    boot: Uuid,
 }
 
 const REPORT_GRACE: Duration = Duration::from_millis(100);
@@ -68,8 +71,41 @@ impl AuditHandle {
         core: Arc<Core>,
         deadline: watch::Sender<Option<Instant>>,
         report: watch::Receiver<Option<ShutdownReport>>,
+        instance: Arc<str>,
+        boot: Uuid,
     ) -> Self {
-        Self { core, control: Arc::new(Control { deadline, report }) }
+        Self { core, control: Arc::new(Control { deadline, report, instance, boot }) }
+    }
+
+    /// The name of this process in the trail, on every event the pipeline writes
+    /// ([`AuditEvent::instance`]): as given to [`AuditLayerBuilder::instance`](crate::AuditLayerBuilder::instance),
+    /// or the per-process default.
+    pub fn instance(&self) -> &str {
+        &self.control.instance
+    }
+
+    /// This pipeline run's id, on every event it writes ([`AuditEvent::boot`]): a UUIDv7 made when the layer was
+    /// built, so each build gets its own, and boots sort by when they began. Its events are numbered from 1
+    /// ([`AuditEvent::seq`]); `(boot, seq)` names one event.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use tower_audit::{AuditEvent, AuditLayer, MemorySink};
+    ///
+    /// let sink = MemorySink::new();
+    /// let (_layer, handle) = AuditLayer::builder(sink.clone()).build()?;
+    /// handle.record(AuditEvent::new("config.reloaded"));
+    /// handle.shutdown(Duration::from_secs(5)).await;
+    /// let event = &sink.events()[0];
+    /// assert_eq!((event.boot, event.seq), (Some(handle.boot()), 1));
+    /// assert_eq!(event.instance.as_deref(), Some(handle.instance()));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn boot(&self) -> Uuid {
+        self.control.boot
     }
 
     /// A snapshot of the pipeline's counters.
@@ -124,6 +160,10 @@ impl AuditHandle {
 
 impl fmt::Debug for AuditHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AuditHandle").field("stats", &self.stats()).finish()
+        f.debug_struct("AuditHandle")
+            .field("instance", &self.instance())
+            .field("boot", &self.boot())
+            .field("stats", &self.stats())
+            .finish()
     }
 }

@@ -18,6 +18,7 @@ use crate::pipeline::{Core, RequestConfig, Shared};
 use crate::sanitize::Limits;
 use crate::service::AuditService;
 use crate::sink::{AuditSink, DynSink};
+use crate::stamp::{Stamper, default_instance, instance_name, new_boot};
 use crate::worker::{Queue, Worker, WorkerConfig};
 
 /// Default queue capacity (events).
@@ -199,6 +200,7 @@ impl AuditLayer {
             allowed_sensitive_headers: Vec::new(),
             trusted_proxies: Vec::new(),
             client_addr_source: ClientAddrSource::Peer,
+            instance: None,
         }
     }
 }
@@ -261,6 +263,7 @@ pub struct AuditLayerBuilder {
     allowed_sensitive_headers: Vec<String>,
     trusted_proxies: Vec<String>,
     client_addr_source: ClientAddrSource,
+    instance: Option<String>,
 }
 
 impl AuditLayerBuilder {
@@ -339,6 +342,30 @@ impl AuditLayerBuilder {
     /// The most custom attributes one event keeps (32).
     pub fn max_attributes(mut self, n: usize) -> Self {
         self.limits.max_attributes = n;
+        self
+    }
+
+    /// The name of this process in the trail: every event's [`instance`](crate::AuditEvent::instance).
+    ///
+    /// By default, the host name, `-` and 8 random hex digits (`web-3-5f3a9c1e`), made once per process: every
+    /// pipeline of the process shares it, and a restarted process gets a new one. Name it yourself when you
+    /// have a better name (a pod or service instance id). [`build`](Self::build) refuses a name that is blank,
+    /// longer than [`max_field_len`](Self::max_field_len) or holds a control character
+    /// ([`ConfigError::InvalidInstance`]).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_audit::ConfigError> {
+    /// use tower_audit::{AuditLayer, MemorySink};
+    ///
+    /// let (layer, handle) = AuditLayer::builder(MemorySink::new()).instance("checkout-7f9c").build()?;
+    /// assert_eq!(handle.instance(), "checkout-7f9c");
+    /// # drop(layer);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn instance(mut self, name: impl Into<String>) -> Self {
+        self.instance = Some(name.into());
         self
     }
 
@@ -451,7 +478,8 @@ impl AuditLayerBuilder {
     ///
     /// A [`ConfigError`] that names the setting: no Tokio runtime, a zero size, a batch larger than the
     /// queue, an invalid or credential-carrying header name (or one that looks like it and was not allowed), a
-    /// trusted proxy that does not parse, a client address source and trusted proxies that do not go together.
+    /// trusted proxy that does not parse, a client address source and trusted proxies that do not go together,
+    /// an instance name that cannot be recorded.
     pub fn build(self) -> Result<(AuditLayer, AuditHandle), ConfigError> {
         for (setting, value) in [("flush_interval", self.flush_interval), ("sink_timeout", self.sink_timeout)] {
             if value.is_zero() {
@@ -494,7 +522,12 @@ impl AuditLayerBuilder {
             (None, false) => return Err(ConfigError::TrustedProxiesWithoutClientAddrSource),
             _ => {}
         }
+        let instance = match &self.instance {
+            Some(name) => instance_name(name, self.limits.max_field_len)?,
+            None => default_instance(self.limits.max_field_len),
+        };
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| ConfigError::NoRuntime)?;
+        let boot = new_boot();
 
         // Unbounded: the gate in `Shared` admits events by count and bytes, so the channel never refuses.
         let (tx, rx) = mpsc::unbounded_channel();
@@ -512,6 +545,7 @@ impl AuditLayerBuilder {
             },
             deadline: Deadline(deadline_rx),
             report: report_tx,
+            stamper: Stamper::new(Arc::clone(&instance), boot),
         };
         runtime.spawn(worker.run());
         let core = Arc::new(Core {
@@ -529,7 +563,7 @@ impl AuditLayerBuilder {
                 client_addr_source: self.client_addr_source,
             },
         });
-        let handle = AuditHandle::new(Arc::clone(&core), deadline_tx, report_rx);
+        let handle = AuditHandle::new(Arc::clone(&core), deadline_tx, report_rx, instance, boot);
         Ok((AuditLayer { core }, handle))
     }
 }
@@ -564,6 +598,7 @@ impl fmt::Debug for AuditLayerBuilder {
             .field("retry", &self.retry)
             .field("sink_timeout", &self.sink_timeout)
             .field("has_fallback", &self.fallback.is_some())
+            .field("instance", &self.instance)
             .finish_non_exhaustive()
     }
 }

@@ -33,6 +33,8 @@ pub(crate) struct Worker {
     pub(crate) config: WorkerConfig,
     pub(crate) deadline: Deadline,
     pub(crate) report: watch::Sender<Option<ShutdownReport>>,
+    /// The stamping stage as built with the layer (its identity, no event stamped yet); `run` stamps with a copy.
+    pub(crate) stamper: Stamper,
 }
 
 /// What the loop keeps between batches.
@@ -48,7 +50,7 @@ struct State {
 impl Worker {
     pub(crate) async fn run(mut self) {
         let mut state = State {
-            stamper: Stamper::default(),
+            stamper: self.stamper.clone(),
             primary: Ledger::new(Trail::Primary),
             fallback: Ledger::new(Trail::Fallback),
             warned: Losses::default(),

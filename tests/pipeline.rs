@@ -119,6 +119,86 @@ async fn exhausted_retries_go_to_the_fallback_and_are_reported_in_the_trail() {
     assert_eq!(trail.iter().map(|e| e.seq).collect::<Vec<_>>(), [6, 7]);
 }
 
+/// Every event of a pipeline, in either trail and gap events included, carries its instance and boot, and
+/// one sequence runs through both trails.
+#[tokio::test(start_paused = true)]
+async fn every_event_in_every_trail_carries_the_instance_and_the_boot() {
+    let primary = ScriptedSink::new(&[Step::Fail]);
+    let fallback = MemorySink::new();
+    let (_layer, handle) = AuditLayer::builder(primary.clone())
+        .instance("api-eu-1")
+        .batch_size(3)
+        .flush_interval(Duration::from_millis(10))
+        .retry(Retry::none())
+        .fallback(fallback.clone())
+        .build()
+        .unwrap();
+    assert_eq!(handle.instance(), "api-eu-1");
+    for e in events(3) {
+        assert!(handle.record(e));
+    }
+    tokio::time::timeout(LIMIT, fallback.wait_for(3)).await.unwrap();
+    assert!(handle.record(AuditEvent::new("after")));
+    assert!(handle.shutdown(LIMIT).await.drained);
+
+    let stamped = |events: Vec<AuditEvent>| -> Vec<_> {
+        events.into_iter().map(|e| (e.kind.into_owned(), e.instance, e.boot, e.seq)).collect()
+    };
+    let at = |kind: &str, seq| (kind.to_owned(), Some("api-eu-1".into()), Some(handle.boot()), seq);
+    assert_eq!(stamped(fallback.events()), [at("test.event", 1), at("test.event", 2), at("test.event", 3)]);
+    assert_eq!(stamped(primary.written.events()), [at(kind::AUDIT_GAP, 4), at("after", 5)]);
+}
+
+/// Two pipelines of one process share the default instance (the host name and a random suffix) and have a
+/// boot each, each counting from 1.
+#[tokio::test]
+async fn two_pipelines_of_one_process_share_the_instance_and_count_their_own_boots() {
+    let sinks = [MemorySink::new(), MemorySink::new()];
+    let mut handles = Vec::new();
+    for sink in &sinks {
+        let (_layer, handle) = AuditLayer::builder(sink.clone()).build().unwrap();
+        for e in events(2) {
+            assert!(handle.record(e));
+        }
+        assert!(handle.shutdown(LIMIT).await.drained);
+        handles.push(handle);
+    }
+    assert_eq!(handles[0].instance(), handles[1].instance());
+    assert_ne!(handles[0].boot(), handles[1].boot());
+    let host = gethostname::gethostname();
+    let (head, suffix) = handles[0].instance().rsplit_once('-').unwrap();
+    assert_eq!((head, suffix.len()), (host.to_str().unwrap(), 8));
+    for (sink, handle) in sinks.iter().zip(&handles) {
+        assert_eq!(handle.boot().get_version_num(), 7);
+        let identity: Vec<_> = sink.events().into_iter().map(|e| (e.instance, e.boot, e.seq)).collect();
+        let at = |seq| (Some(handle.instance().into()), Some(handle.boot()), seq);
+        assert_eq!(identity, [at(1), at(2)]);
+    }
+}
+
+#[test]
+fn an_instance_name_that_cannot_be_recorded_is_refused() {
+    let refused = |builder: tower_audit::AuditLayerBuilder| builder.build().unwrap_err().to_string();
+    let builder = || AuditLayer::builder(MemorySink::new());
+    assert_eq!(
+        refused(builder().instance("api\n1")),
+        "instance name \"api\\n1\" holds a control character, a line or paragraph separator, or a bidi control: \
+         name the process with 1 to 256 bytes (max_field_len) of printable text, such as the host or pod name"
+    );
+    assert_eq!(
+        refused(builder().instance(" ")),
+        "instance name \" \" is empty or blank: name the process with 1 to 256 bytes (max_field_len) of printable \
+         text, such as the host or pod name"
+    );
+    assert!(
+        refused(builder().max_field_len(8).instance("api-eu-12")).starts_with(
+            "instance name \"api-eu-12\" is longer than max_field_len: name the process with 1 to 8 bytes"
+        )
+    );
+    // A valid name passes validation (and only then needs a runtime).
+    assert!(matches!(builder().instance("api-eu-1").build(), Err(tower_audit::ConfigError::NoRuntime)));
+}
+
 #[tokio::test(start_paused = true)]
 async fn without_a_fallback_failed_events_are_counted_as_lost() {
     let (_layer, handle) = AuditLayer::builder(FailingSink)

@@ -29,6 +29,12 @@ async fn json_lines_sink_appends_one_object_per_line_even_for_hostile_text() {
     assert_eq!(lines.len(), 3, "{text}");
     let events: Vec<AuditEvent> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    for line in &lines {
+        let object: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(object["version"], 2, "{line}");
+        assert_eq!(object["instance"], handle.instance(), "{line}");
+        assert_eq!(object["boot"], handle.boot().to_string(), "{line}");
+    }
     assert_eq!(events[1].actor.as_deref(), Some("eve\u{fffd}{\"kind\":\"forged\"}\u{fffd}\u{fffd}"));
     assert_eq!(events[2].attributes["note"], "quotes \" and \\ and ünïcödé");
 
@@ -36,6 +42,24 @@ async fn json_lines_sink_appends_one_object_per_line_even_for_hostile_text() {
     let again = JsonLinesSink::open(&path).unwrap();
     again.write_batch(&events[..1]).await.unwrap();
     assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 4);
+}
+
+/// A file written before schema version 2 keeps reading: its lines have no `instance` or `boot`.
+#[tokio::test]
+async fn json_lines_written_before_version_2_still_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.jsonl");
+    let v1 = r#"{"version":1,"id":"018f3a5c-0000-7000-8000-000000000001","seq":1,"time":"2025-05-01T10:00:00.000001Z","kind":"auth.login","outcome":"success","method":null,"route":null,"path":null,"status":null,"grpc_status":null,"latency_us":null,"request_id":null,"actor":"alice","client_addr":null,"user_agent":null,"attributes":{}}"#;
+    std::fs::write(&path, format!("{v1}\n")).unwrap();
+    let (_layer, handle) = AuditLayer::builder(JsonLinesSink::open(&path).unwrap()).build().unwrap();
+    handle.record(AuditEvent::new("auth.logout").actor("alice"));
+    assert!(handle.shutdown(LIMIT).await.drained);
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    let events: Vec<AuditEvent> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let identity: Vec<_> = events.iter().map(|e| (e.version, e.instance.as_deref(), e.boot, e.seq)).collect();
+    assert_eq!(identity, [(1, None, None, 1), (2, Some(handle.instance()), Some(handle.boot()), 1)]);
+    assert_eq!((events[0].kind.as_ref(), events[0].actor.as_deref()), ("auth.login", Some("alice")));
 }
 
 #[test]
@@ -92,6 +116,8 @@ async fn tracing_sink_emits_one_event_per_audit_event_with_its_fields() {
     assert_eq!(field(0, "kind").as_deref(), Some("token.revoked"));
     assert_eq!(field(0, "actor").as_deref(), Some("admin"));
     assert_eq!(field(0, "seq").as_deref(), Some("1"));
+    assert_eq!(field(0, "instance").as_deref(), Some(handle.instance()));
+    assert_eq!(field(0, "boot"), Some(handle.boot().to_string()));
     assert_eq!(field(0, "attributes").as_deref(), Some(r#"{"token_id":"t-9"}"#));
     assert_eq!(field(1, "outcome").as_deref(), Some("denied"));
     assert_eq!(field(1, "actor"), None, "unset fields are not recorded");

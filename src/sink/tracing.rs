@@ -39,6 +39,8 @@ impl AuditSink for TracingSink {
             tracing::info!(
                 target: TracingSink::TARGET,
                 id = %event.id,
+                instance = event.instance.as_deref(),
+                boot = event.boot.map(tracing::field::display),
                 seq = event.seq,
                 time = %humantime::format_rfc3339_micros(event.time),
                 kind = &*event.kind,
