@@ -12,9 +12,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use common::*;
-use sqlx::Row as _;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use tower_audit::{AuditEvent, AuditLayer, AuditSink, ConfigError, MemorySink, PostgresSink, Retry};
+use sqlx::{AssertSqlSafe, Connection as _, Row as _};
+use tower_audit::{AuditEvent, AuditLayer, AuditSink, ConfigError, MemorySink, PostgresSink, Retry, SinkError};
+use uuid::Uuid;
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// An admin pool, or `None` (after saying why) when no server is configured or answering.
@@ -56,7 +57,7 @@ async fn every_field_round_trips_exactly_including_hostile_values() {
     let rows = sqlx::query(
         "SELECT id::text, seq, (EXTRACT(EPOCH FROM time) * 1000000)::int8 AS micros, kind, outcome, method, route, \
          path, status, grpc_status, latency_us, request_id, actor, host(client_addr) AS client_addr, user_agent, \
-         attributes::text AS attributes, version FROM t_round_trip ORDER BY seq",
+         attributes::text AS attributes, version, instance, boot::text FROM t_round_trip ORDER BY seq",
     )
     .fetch_all(&admin)
     .await
@@ -82,6 +83,9 @@ async fn every_field_round_trips_exactly_including_hostile_values() {
         let attributes: BTreeMap<String, String> = serde_json::from_str(&row.get::<String, _>("attributes")).unwrap();
         assert_eq!(attributes, e.attributes);
         assert_eq!(row.get::<i16, _>("version"), e.version as i16);
+        assert_eq!(row.get::<Option<String>, _>("instance").as_deref(), e.instance.as_deref());
+        assert_eq!(row.get::<Option<String>, _>("boot"), e.boot.map(|b| b.to_string()));
+        assert_eq!((e.instance.as_deref(), e.boot), (Some(handle.instance()), Some(handle.boot())));
     }
     assert_eq!(expected[2].path.as_deref().unwrap().len(), 1024, "the 10 KiB path is cut to the bound");
 }
@@ -136,7 +140,10 @@ async fn schema_is_idempotent_indexed_schema_qualified_and_validated() {
     .fetch_all(&admin)
     .await
     .unwrap();
-    assert_eq!(indexes, ["trail_actor_time_idx", "trail_kind_time_idx", "trail_pkey", "trail_time_idx"]);
+    assert_eq!(
+        indexes,
+        ["trail_actor_time_idx", "trail_boot_seq_key", "trail_kind_time_idx", "trail_pkey", "trail_time_idx"]
+    );
     let attributes_type: String = sqlx::query_scalar(
         "SELECT data_type::text FROM information_schema.columns \
          WHERE table_schema = 't_audit_schema' AND table_name = 'trail' AND column_name = 'attributes'",
@@ -263,4 +270,193 @@ async fn connection_killed_and_refused_every_event_lands_exactly_once() {
     assert_eq!((min, max), (0, EVENTS as i64 - 1));
     check.close().await;
     sql(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).execute(&admin).await.unwrap();
+}
+
+/// A schema of the test's own (random suffix), dropped at the end, also when the test fails.
+struct Scratch {
+    schema: String,
+}
+
+impl Scratch {
+    async fn new(admin: &PgPool, prefix: &str) -> Self {
+        let schema = format!("{prefix}_{:08x}", fastrand::u32(..));
+        sqlx::raw_sql(AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(admin).await.unwrap();
+        Self { schema }
+    }
+
+    /// The audit table of the test.
+    fn table(&self) -> String {
+        format!("{}.events", self.schema)
+    }
+}
+
+impl Drop for Scratch {
+    /// On a thread and runtime of its own, as the test's runtime may be unwinding; ends first any session still
+    /// holding a lock in the schema (only this test's sessions can).
+    fn drop(&mut self) {
+        let schema = self.schema.clone();
+        let sql = format!(
+            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
+             JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname = '{schema}' AND l.pid <> pg_backend_pid(); \
+             SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {schema} CASCADE"
+        );
+        let dropped = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&pg_url()).await?;
+                sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut conn).await?;
+                conn.close().await
+            })
+        })
+        .join();
+        if !matches!(dropped, Ok(Ok(()))) {
+            eprintln!("could not drop schema {}: {dropped:?}", self.schema);
+        }
+    }
+}
+
+/// What `ensure_schema` ran before schema version 2: `migrations/postgres/0001` alone, for `<schema>.events`.
+fn version_1_ddl(scratch: &Scratch) -> String {
+    include_str!("../migrations/postgres/0001_audit_events.sql")
+        .replace("audit_events_", "events_")
+        .replace("audit_events", &scratch.table())
+}
+
+async fn index_names(admin: &PgPool, scratch: &Scratch) -> Vec<String> {
+    sqlx::query_scalar("SELECT indexname::text FROM pg_indexes WHERE schemaname = $1 ORDER BY 1")
+        .bind(&scratch.schema)
+        .fetch_all(admin)
+        .await
+        .unwrap()
+}
+
+/// A version 1 table with rows is upgraded in place: its rows keep a NULL instance and boot, the pipeline's
+/// rows carry its own and count from 1. Upgrading again changes nothing, and once upgraded `ensure_schema`
+/// leaves the table alone (an `ALTER TABLE` would wait for a reader's lock).
+#[tokio::test]
+async fn ensure_schema_upgrades_a_version_1_table_in_place() {
+    let Some(admin) = admin().await else { return };
+    let scratch = Scratch::new(&admin, "t_upgrade").await;
+    let table = scratch.table();
+    sqlx::raw_sql(AssertSqlSafe(version_1_ddl(&scratch))).execute(&admin).await.unwrap();
+    let old_ids = [Uuid::now_v7(), Uuid::now_v7()];
+    for (seq, id) in (1i64..).zip(old_ids) {
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {table} (id, seq, time, kind, outcome, actor, version) \
+             VALUES ($1::uuid, $2, now(), 'v1.event', 'success', 'old', 1)"
+        )))
+        .bind(id.to_string())
+        .bind(seq)
+        .execute(&admin)
+        .await
+        .unwrap();
+    }
+
+    let sink = PostgresSink::connect(&pg_url()).await.unwrap().table(&table).unwrap();
+    sink.ensure_schema().await.unwrap();
+    sink.ensure_schema().await.unwrap();
+    assert_eq!(
+        index_names(&admin, &scratch).await,
+        ["events_actor_time_idx", "events_boot_seq_key", "events_kind_time_idx", "events_pkey", "events_time_idx"]
+    );
+    let (_layer, handle) = AuditLayer::builder(sink.clone()).build().unwrap();
+    for _ in 0..3 {
+        assert!(handle.record(AuditEvent::new("v2.event")));
+    }
+    let report = handle.shutdown(LIMIT).await;
+    assert!(report.drained && report.stats.written == 3, "{report}");
+
+    type Stored = (Option<String>, i64, String, Option<String>, Option<String>, i16);
+    let rows: Vec<Stored> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT CASE WHEN version = 1 THEN id::text END, seq, kind, instance, boot::text, version \
+         FROM {table} ORDER BY version, seq"
+    )))
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    let old = |i: usize| (Some(old_ids[i].to_string()), i as i64 + 1, "v1.event".to_owned(), None, None, 1);
+    let new = |seq| {
+        let identity = (Some(handle.instance().to_owned()), Some(handle.boot().to_string()));
+        (None, seq, "v2.event".to_owned(), identity.0, identity.1, 2)
+    };
+    assert_eq!(rows, [old(0), old(1), new(1), new(2), new(3)]);
+
+    let mut reader = admin.begin().await.unwrap();
+    sqlx::query(AssertSqlSafe(format!("SELECT count(*) FROM {table}"))).execute(&mut *reader).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), sink.ensure_schema())
+        .await
+        .expect("ensure_schema on an upgraded table waited for a reader's lock")
+        .unwrap();
+    reader.rollback().await.unwrap();
+    assert_eq!(count(&admin, &table).await, 5);
+}
+
+/// Two pipelines built one after the other on one table: the same instance, two boots, each counting from 1.
+/// The database keeps `(boot, seq)` unique: a retried event (same id) is skipped as before, but another event
+/// under a number already taken is refused, through the sink and directly.
+#[tokio::test]
+async fn two_boots_count_from_one_and_boot_seq_is_unique() {
+    let Some(admin) = admin().await else { return };
+    let scratch = Scratch::new(&admin, "t_boots").await;
+    let table = scratch.table();
+    let sink = PostgresSink::connect(&pg_url()).await.unwrap().table(&table).unwrap();
+    sink.ensure_schema().await.unwrap();
+    let mut runs = Vec::new();
+    for n in [3, 2] {
+        let copy = MemorySink::new();
+        let (_layer, handle) =
+            AuditLayer::builder(TeeSink { primary: sink.clone(), copy: copy.clone() }).build().unwrap();
+        for _ in 0..n {
+            assert!(handle.record(AuditEvent::new("boot.test")));
+        }
+        let report = handle.shutdown(LIMIT).await;
+        assert!(report.drained && report.stats.written == n, "{report}");
+        runs.push((handle, copy.events()));
+    }
+    let (first, second) = (&runs[0].0, &runs[1].0);
+    assert_eq!(first.instance(), second.instance());
+    assert_ne!(first.boot(), second.boot());
+
+    let mut rows: Vec<(String, String, i64)> =
+        sqlx::query_as(AssertSqlSafe(format!("SELECT instance, boot::text, seq FROM {table}")))
+            .fetch_all(&admin)
+            .await
+            .unwrap();
+    rows.sort();
+    let mut expected: Vec<(String, String, i64)> = [(first, 1..=3), (second, 1..=2)]
+        .into_iter()
+        .flat_map(|(h, seqs)| seqs.map(|seq| (h.instance().to_owned(), h.boot().to_string(), seq)))
+        .collect();
+    expected.sort();
+    assert_eq!(rows, expected);
+
+    // A retry sends the same event again: skipped on its id, nothing added.
+    let stored = &runs[0].1[0];
+    assert_eq!((stored.boot, stored.seq), (Some(first.boot()), 1));
+    sink.write_batch(std::slice::from_ref(stored)).await.unwrap();
+    assert_eq!(count(&admin, &table).await, 5);
+
+    // Another event under (first boot, 1): refused through the sink, and directly.
+    let mut forged = stored.clone();
+    forged.id = Uuid::now_v7();
+    let refused = |err: &sqlx::Error| {
+        let db = err.as_database_error().unwrap();
+        (db.code().map(|c| c.into_owned()), db.constraint().map(str::to_owned))
+    };
+    let unique_violation = (Some("23505".to_owned()), Some("events_boot_seq_key".to_owned()));
+    let SinkError::Backend(err) = sink.write_batch(&[forged]).await.unwrap_err() else { panic!("not a backend error") };
+    assert_eq!(refused(err.downcast_ref().unwrap()), unique_violation, "{err}");
+    let err = sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {table} (id, seq, time, kind, outcome, version, instance, boot) \
+         VALUES ($1::uuid, 1, now(), 'forged', 'success', 2, $2, $3::uuid)"
+    )))
+    .bind(Uuid::now_v7().to_string())
+    .bind(first.instance())
+    .bind(first.boot().to_string())
+    .execute(&admin)
+    .await
+    .unwrap_err();
+    assert_eq!(refused(&err), unique_violation, "{err}");
+    assert_eq!(count(&admin, &table).await, 5);
 }

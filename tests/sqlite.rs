@@ -8,7 +8,8 @@ use std::time::Duration;
 use common::*;
 use sqlx::Row as _;
 use sqlx::sqlite::SqlitePool;
-use tower_audit::{AuditEvent, AuditLayer, AuditSink, ConfigError, MemorySink, SqliteSink};
+use tower_audit::{AuditEvent, AuditLayer, AuditSink, ConfigError, MemorySink, SinkError, SqliteSink};
+use uuid::Uuid;
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -43,7 +44,7 @@ async fn every_field_round_trips_exactly_including_hostile_values() {
     assert_eq!(expected.len(), 3);
     let rows = sqlx::query(
         "SELECT id, seq, time, kind, outcome, method, route, path, status, grpc_status, latency_us, request_id, \
-         actor, client_addr, user_agent, attributes, version FROM audit_events ORDER BY seq",
+         actor, client_addr, user_agent, attributes, version, instance, boot FROM audit_events ORDER BY seq",
     )
     .fetch_all(&reader)
     .await
@@ -69,6 +70,9 @@ async fn every_field_round_trips_exactly_including_hostile_values() {
             serde_json::from_str(&row.get::<String, _>("attributes")).unwrap();
         assert_eq!(attributes, e.attributes);
         assert_eq!(row.get::<i64, _>("version"), i64::from(e.version));
+        assert_eq!(row.get::<Option<String>, _>("instance").as_deref(), e.instance.as_deref());
+        assert_eq!(row.get::<Option<String>, _>("boot"), e.boot.map(|b| b.to_string()));
+        assert_eq!((e.instance.as_deref(), e.boot), (Some(handle.instance()), Some(handle.boot())));
     }
     assert_eq!(expected[0].actor.as_deref(), Some("o'brien \"the\" ünïcödé 👀"));
     let long = expected[2].path.as_deref().unwrap();
@@ -128,7 +132,15 @@ async fn schema_is_idempotent_indexed_and_the_table_name_is_validated() {
     .fetch_all(&reader)
     .await
     .unwrap();
-    assert_eq!(indexes, ["security_trail_actor_time_idx", "security_trail_kind_time_idx", "security_trail_time_idx"]);
+    assert_eq!(
+        indexes,
+        [
+            "security_trail_actor_time_idx",
+            "security_trail_boot_seq_key",
+            "security_trail_kind_time_idx",
+            "security_trail_time_idx"
+        ]
+    );
 
     for bad in ["audit; DROP TABLE audit_events", "Audit", "main.audit", "x\"y"] {
         let err = sqlite.clone().table(bad).unwrap_err();
@@ -172,4 +184,144 @@ async fn the_readme_cookbook_queries_answer_correctly() {
     let failures: Vec<(String, i64)> =
         sqlx::query_as(sqlx::AssertSqlSafe(queries[1].1.clone())).fetch_all(&reader).await.unwrap();
     assert_eq!(failures, [("mallory@example.com".into(), 3), ("alice@example.com".into(), 1)]);
+}
+
+async fn index_names(reader: &SqlitePool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'audit_events' \
+         AND name NOT LIKE 'sqlite_%' ORDER BY name",
+    )
+    .fetch_all(reader)
+    .await
+    .unwrap()
+}
+
+/// A version 1 table with rows is upgraded in place: its rows keep a NULL instance and boot, the pipeline's
+/// rows carry its own and count from 1. Upgrading again changes nothing.
+#[tokio::test]
+async fn ensure_schema_upgrades_a_version_1_table_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.db");
+    let reader = SqlitePool::connect(&format!("sqlite://{}?mode=rwc", path.display())).await.unwrap();
+    // What `ensure_schema` ran before schema version 2.
+    sqlx::raw_sql(include_str!("../migrations/sqlite/0001_audit_events.sql")).execute(&reader).await.unwrap();
+    let old_ids = [Uuid::now_v7(), Uuid::now_v7()];
+    for (seq, id) in (1i64..).zip(old_ids) {
+        sqlx::query(
+            "INSERT INTO audit_events (id, seq, time, kind, outcome, actor, version) \
+             VALUES (?, ?, '2026-01-02T03:04:05.000006Z', 'v1.event', 'success', 'old', 1)",
+        )
+        .bind(id.to_string())
+        .bind(seq)
+        .execute(&reader)
+        .await
+        .unwrap();
+    }
+
+    let sqlite = SqliteSink::connect(path.to_str().unwrap()).await.unwrap();
+    sqlite.ensure_schema().await.unwrap();
+    sqlite.ensure_schema().await.unwrap();
+    let columns: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM pragma_table_info('audit_events')").fetch_all(&reader).await.unwrap();
+    assert_eq!(columns[columns.len() - 3..], ["version", "instance", "boot"]);
+    assert_eq!(
+        index_names(&reader).await,
+        [
+            "audit_events_actor_time_idx",
+            "audit_events_boot_seq_key",
+            "audit_events_kind_time_idx",
+            "audit_events_time_idx"
+        ]
+    );
+    let (_layer, handle) = AuditLayer::builder(sqlite).build().unwrap();
+    for _ in 0..3 {
+        assert!(handle.record(AuditEvent::new("v2.event")));
+    }
+    let report = handle.shutdown(LIMIT).await;
+    assert!(report.drained && report.stats.written == 3, "{report}");
+
+    type Stored = (Option<String>, i64, String, Option<String>, Option<String>, i64);
+    let rows: Vec<Stored> = sqlx::query_as(
+        "SELECT CASE WHEN version = 1 THEN id END, seq, kind, instance, boot, version FROM audit_events \
+         ORDER BY version, seq",
+    )
+    .fetch_all(&reader)
+    .await
+    .unwrap();
+    let old = |i: usize| (Some(old_ids[i].to_string()), i as i64 + 1, "v1.event".to_owned(), None, None, 1);
+    let new = |seq| {
+        let identity = (Some(handle.instance().to_owned()), Some(handle.boot().to_string()));
+        (None, seq, "v2.event".to_owned(), identity.0, identity.1, 2)
+    };
+    assert_eq!(rows, [old(0), old(1), new(1), new(2), new(3)]);
+}
+
+/// Two pipelines built one after the other on one table: the same instance, two boots, each counting from 1.
+/// The database keeps `(boot, seq)` unique: a retried event (same id) is skipped as before, but another event
+/// under a number already taken is refused, through the sink and directly.
+#[tokio::test]
+async fn two_boots_count_from_one_and_boot_seq_is_unique() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sqlite, reader) = sink(&dir).await;
+    let mut runs = Vec::new();
+    for n in [3, 2] {
+        let copy = MemorySink::new();
+        let (_layer, handle) =
+            AuditLayer::builder(TeeSink { primary: sqlite.clone(), copy: copy.clone() }).build().unwrap();
+        for _ in 0..n {
+            assert!(handle.record(AuditEvent::new("boot.test")));
+        }
+        let report = handle.shutdown(LIMIT).await;
+        assert!(report.drained && report.stats.written == n, "{report}");
+        runs.push((handle, copy.events()));
+    }
+    let (first, second) = (&runs[0].0, &runs[1].0);
+    assert_eq!(first.instance(), second.instance());
+    assert_ne!(first.boot(), second.boot());
+
+    let mut rows: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT instance, boot, seq FROM audit_events").fetch_all(&reader).await.unwrap();
+    rows.sort();
+    let mut expected: Vec<(String, String, i64)> = [(first, 1..=3), (second, 1..=2)]
+        .into_iter()
+        .flat_map(|(h, seqs)| seqs.map(|seq| (h.instance().to_owned(), h.boot().to_string(), seq)))
+        .collect();
+    expected.sort();
+    assert_eq!(rows, expected);
+    let count =
+        async || -> i64 { sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&reader).await.unwrap() };
+
+    // A retry sends the same event again: skipped on its id, nothing added.
+    let stored = &runs[0].1[0];
+    assert_eq!((stored.boot, stored.seq), (Some(first.boot()), 1));
+    sqlite.write_batch(std::slice::from_ref(stored)).await.unwrap();
+    assert_eq!(count().await, 5);
+
+    // Another event under (first boot, 1): refused through the sink, and directly.
+    let refused = |err: &sqlx::Error| {
+        let db = err.as_database_error().unwrap();
+        (db.kind(), db.message().to_owned())
+    };
+    let unique_violation = (
+        sqlx::error::ErrorKind::UniqueViolation,
+        "UNIQUE constraint failed: audit_events.boot, audit_events.seq".to_owned(),
+    );
+    let mut forged = stored.clone();
+    forged.id = Uuid::now_v7();
+    let SinkError::Backend(err) = sqlite.write_batch(&[forged]).await.unwrap_err() else {
+        panic!("not a backend error")
+    };
+    assert_eq!(refused(err.downcast_ref().unwrap()), unique_violation, "{err}");
+    let err = sqlx::query(
+        "INSERT INTO audit_events (id, seq, time, kind, outcome, version, instance, boot) \
+         VALUES (?, 1, '2026-01-02T03:04:05.000006Z', 'forged', 'success', 2, ?, ?)",
+    )
+    .bind(Uuid::now_v7().to_string())
+    .bind(first.instance())
+    .bind(first.boot().to_string())
+    .execute(&reader)
+    .await
+    .unwrap_err();
+    assert_eq!(refused(&err), unique_violation, "{err}");
+    assert_eq!(count().await, 5);
 }

@@ -1,5 +1,5 @@
 -- tower-audit: the audit events table for Postgres (event schema version 1).
--- PostgresSink::ensure_schema() runs exactly this, with `audit_events` replaced by the configured table name.
+-- PostgresSink::ensure_schema() runs exactly this (then 0002), with `audit_events` replaced by the configured table name.
 CREATE TABLE IF NOT EXISTS audit_events (
     id          uuid        PRIMARY KEY,
     seq         bigint      NOT NULL,

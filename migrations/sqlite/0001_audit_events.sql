@@ -1,5 +1,5 @@
 -- tower-audit: the audit events table for SQLite (event schema version 1).
--- SqliteSink::ensure_schema() runs exactly this, with `audit_events` replaced by the configured table name.
+-- SqliteSink::ensure_schema() runs exactly this (then 0002), with `audit_events` replaced by the configured table name.
 -- `time` is RFC 3339 in UTC with microseconds (2026-11-25T02:35:08.941293Z): it sorts as text.
 -- `attributes` is a JSON object (query it with json_extract).
 CREATE TABLE IF NOT EXISTS audit_events (

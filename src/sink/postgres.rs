@@ -9,11 +9,16 @@ use crate::event::AuditEvent;
 use crate::sink::AuditSink;
 use crate::sink::sql::{COLUMNS, DEFAULT_TABLE, Row, Table};
 
-const SCHEMA: &str = include_str!("../../migrations/postgres/0001_audit_events.sql");
+/// Schema version 1: the table and its indexes.
+const SCHEMA_V1: &str = include_str!("../../migrations/postgres/0001_audit_events.sql");
+/// Schema version 2: `instance`, `boot` and the unique `(boot, seq)` index.
+const SCHEMA_V2: &str = include_str!("../../migrations/postgres/0002_identity.sql");
+/// The index schema version 2 adds, as named in its file.
+const V2_INDEX: &str = "audit_events_boot_seq_key";
 
 /// Writes batches into a Postgres table, one transaction per batch holding one `INSERT … SELECT FROM UNNEST(…)`
 /// statement, idempotent on the event id (`ON CONFLICT (id) DO NOTHING`), so a retried batch never duplicates a
-/// row.
+/// row. An event with another id under a `(boot, seq)` already stored fails the batch (the table's unique index).
 ///
 /// # Written, failed, ambiguous
 ///
@@ -120,15 +125,41 @@ impl PostgresSink {
         Ok(self)
     }
 
-    /// Creates the table and its indexes (time, actor, kind) if they do not exist. The DDL is the one in
-    /// `migrations/postgres/`, for those who run migrations themselves.
+    /// Brings the table to schema version 2: creates it with its indexes (time, actor, kind, and the unique
+    /// `(boot, seq)`) if it does not exist, and upgrades a version 1 table in place (adds the `instance` and
+    /// `boot` columns, NULL in the rows already there, and the unique index). Running it again changes nothing.
+    /// The DDL is the one in `migrations/postgres/`, `0001` then `0002`, for those who run migrations
+    /// themselves.
+    ///
+    /// The upgrade runs only when the table lacks one of those: its `ALTER TABLE`s would lock the table
+    /// exclusively, behind any query reading it, even when they change nothing. Building the unique index on a
+    /// large version 1 table blocks writes while it reads the table; see the migration file to build it
+    /// concurrently beforehand.
     ///
     /// # Errors
     ///
     /// [`SinkError::Backend`] when the statements fail.
     pub async fn ensure_schema(&self) -> Result<(), SinkError> {
-        let sql = self.table.schema_sql(SCHEMA);
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&self.pool).await.map_err(SinkError::backend)?;
+        self.upgrade().await.map_err(SinkError::backend)
+    }
+
+    async fn upgrade(&self) -> Result<(), sqlx::Error> {
+        let run = |template| sqlx::raw_sql(sqlx::AssertSqlSafe(self.table.schema_sql(template)));
+        run(SCHEMA_V1).execute(&self.pool).await?;
+        let at_v2: bool = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM pg_attribute \
+                     WHERE attrelid = to_regclass($1) AND attname IN ('instance', 'boot') AND NOT attisdropped) = 2 \
+                AND EXISTS (SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+                            WHERE i.indrelid = to_regclass($1) AND c.relname = $2)",
+        )
+        .bind(self.table.qualified())
+        .bind(self.table.schema_sql(V2_INDEX))
+        .fetch_one(&self.pool)
+        .await?;
+        if !at_v2 {
+            // Several statements in one simple query: one transaction.
+            run(SCHEMA_V2).execute(&self.pool).await?;
+        }
         Ok(())
     }
 }
@@ -138,12 +169,12 @@ fn insert_sql(table: &Table) -> String {
         "INSERT INTO {table} ({COLUMNS}) \
          SELECT id::uuid, seq, 'epoch'::timestamptz + micros * interval '1 microsecond', kind, outcome, method, \
                 route, path, status, grpc_status, latency_us, request_id, actor, client_addr::inet, user_agent, \
-                attributes::jsonb, version \
+                attributes::jsonb, version, instance, boot::uuid \
          FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], \
                      $8::text[], $9::int4[], $10::int4[], $11::int8[], $12::text[], $13::text[], $14::text[], \
-                     $15::text[], $16::text[], $17::int2[]) \
+                     $15::text[], $16::text[], $17::int2[], $18::text[], $19::text[]) \
               AS t(id, seq, micros, kind, outcome, method, route, path, status, grpc_status, latency_us, \
-                   request_id, actor, client_addr, user_agent, attributes, version) \
+                   request_id, actor, client_addr, user_agent, attributes, version, instance, boot) \
          ON CONFLICT (id) DO NOTHING",
         table = table.qualified()
     )
@@ -169,6 +200,8 @@ struct Columns {
     user_agent: Vec<Option<String>>,
     attributes: Vec<String>,
     version: Vec<i16>,
+    instance: Vec<Option<String>>,
+    boot: Vec<Option<String>>,
 }
 
 impl Columns {
@@ -190,6 +223,8 @@ impl Columns {
         self.user_agent.push(row.user_agent);
         self.attributes.push(row.attributes);
         self.version.push(row.version);
+        self.instance.push(row.instance);
+        self.boot.push(row.boot);
     }
 }
 
@@ -216,7 +251,9 @@ impl AuditSink for PostgresSink {
             .bind(c.client_addr)
             .bind(c.user_agent)
             .bind(c.attributes)
-            .bind(c.version);
+            .bind(c.version)
+            .bind(c.instance)
+            .bind(c.boot);
         let mut checkout = Checkout { conn: self.pool.acquire().await.map_err(SinkError::backend)?, answered: false };
         let written = async {
             let mut tx = checkout.conn.begin().await?;
@@ -247,5 +284,19 @@ impl Drop for Checkout {
         if !self.answered {
             self.conn.close_on_drop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_version_2_check_looks_for_the_index_the_file_creates() {
+        assert!(
+            SCHEMA_V2.contains(&format!("CREATE UNIQUE INDEX IF NOT EXISTS {V2_INDEX} ON audit_events (boot, seq);"))
+        );
+        let table = Table::parse("logs.trail", true).unwrap();
+        assert_eq!(table.schema_sql(V2_INDEX), "trail_boot_seq_key");
     }
 }

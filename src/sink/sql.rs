@@ -58,10 +58,10 @@ fn is_identifier(s: &str) -> bool {
         && s.len() <= MAX_TABLE_LEN
 }
 
-/// The columns, in the order both sinks bind them.
+/// The columns, in the order both sinks bind them (the schema version 2 columns last, as they are in the table).
 pub(crate) const COLUMNS: &str = "id, seq, time, kind, outcome, method, route, path, status, grpc_status, latency_us, \
-                                  request_id, actor, client_addr, user_agent, attributes, version";
-pub(crate) const COLUMN_COUNT: usize = 17;
+                                  request_id, actor, client_addr, user_agent, attributes, version, instance, boot";
+pub(crate) const COLUMN_COUNT: usize = 19;
 
 /// One event as column values.
 pub(crate) struct Row {
@@ -83,6 +83,8 @@ pub(crate) struct Row {
     pub(crate) user_agent: Option<String>,
     pub(crate) attributes: String,
     pub(crate) version: i16,
+    pub(crate) instance: Option<String>,
+    pub(crate) boot: Option<String>,
 }
 
 impl Row {
@@ -107,6 +109,8 @@ impl Row {
             user_agent: event.user_agent.clone(),
             attributes: serde_json::to_string(&event.attributes)?,
             version: i16::try_from(event.version).unwrap_or(i16::MAX),
+            instance: event.instance.as_deref().map(str::to_owned),
+            boot: event.boot.map(|boot| boot.hyphenated().to_string()),
         })
     }
 }
@@ -114,6 +118,11 @@ impl Row {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn columns_are_counted() {
+        assert_eq!(COLUMNS.split(',').count(), COLUMN_COUNT);
+    }
 
     #[test]
     fn table_names_are_validated() {

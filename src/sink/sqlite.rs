@@ -9,14 +9,18 @@ use crate::event::AuditEvent;
 use crate::sink::AuditSink;
 use crate::sink::sql::{COLUMN_COUNT, COLUMNS, DEFAULT_TABLE, Row, Table};
 
-const SCHEMA: &str = include_str!("../../migrations/sqlite/0001_audit_events.sql");
+/// Schema version 1: the table and its indexes.
+const SCHEMA_V1: &str = include_str!("../../migrations/sqlite/0001_audit_events.sql");
+/// Schema version 2: `instance`, `boot` and the unique `(boot, seq)` index.
+const SCHEMA_V2: &str = include_str!("../../migrations/sqlite/0002_identity.sql");
 
 /// SQLite's limit on bound parameters in one statement (since 3.32, as bundled).
 const MAX_BINDS: usize = 32_766;
 const ROWS_PER_STATEMENT: usize = MAX_BINDS / COLUMN_COUNT;
 
 /// Writes batches into an SQLite table: one transaction per batch, multi-row `INSERT … VALUES` statements
-/// chunked under SQLite's bound-parameter limit, idempotent on the event id (`ON CONFLICT (id) DO NOTHING`).
+/// chunked under SQLite's bound-parameter limit, idempotent on the event id (`ON CONFLICT (id) DO NOTHING`). An
+/// event with another id under a `(boot, seq)` already stored fails the batch (the table's unique index).
 ///
 /// [`connect`](Self::connect) opens a dedicated pool of one connection (SQLite serialises writers anyway) in WAL
 /// mode with `synchronous = NORMAL`, creating the database file if needed. Keep the audit database apart from
@@ -97,16 +101,56 @@ impl SqliteSink {
         Ok(self)
     }
 
-    /// Creates the table and its indexes (time, actor, kind) if they do not exist. The DDL is the one in
-    /// `migrations/sqlite/`.
+    /// Brings the table to schema version 2, in one write transaction: creates it with its indexes (time,
+    /// actor, kind, and the unique `(boot, seq)`) if it does not exist, and upgrades a version 1 table in place
+    /// (adds the `instance` and `boot` columns, NULL in the rows already there, and the unique index). Running it
+    /// again changes nothing. The DDL is the one in `migrations/sqlite/`, `0001` then `0002`.
     ///
     /// # Errors
     ///
     /// [`SinkError::Backend`] when the statements fail.
     pub async fn ensure_schema(&self) -> Result<(), SinkError> {
-        let sql = self.table.schema_sql(SCHEMA);
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&self.pool).await.map_err(SinkError::backend)?;
-        Ok(())
+        self.upgrade().await.map_err(SinkError::backend)
+    }
+
+    async fn upgrade(&self) -> Result<(), sqlx::Error> {
+        // IMMEDIATE: take the write lock before reading the columns, so two processes cannot both add one.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(self.table.schema_sql(SCHEMA_V1))).execute(&mut *tx).await?;
+        let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info(?)")
+            .bind(self.table.qualified())
+            .fetch_all(&mut *tx)
+            .await?;
+        let v2 = self.table.schema_sql(SCHEMA_V2);
+        for statement in statements(&v2) {
+            // SQLite has no `ADD COLUMN IF NOT EXISTS`.
+            if added_column(&statement).is_some_and(|added| columns.iter().any(|c| c.eq_ignore_ascii_case(added))) {
+                continue;
+            }
+            sqlx::raw_sql(sqlx::AssertSqlSafe(statement)).execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    }
+}
+
+/// The statements of a schema file, without its comments (whole lines starting with `--`).
+fn statements(sql: &str) -> Vec<String> {
+    let code: Vec<&str> = sql.lines().filter(|line| !line.trim_start().starts_with("--")).collect();
+    code.join("\n").split(';').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+}
+
+/// The column an `ALTER TABLE … ADD COLUMN name …` statement adds.
+fn added_column(statement: &str) -> Option<&str> {
+    let words: Vec<&str> = statement.split_whitespace().take(6).collect();
+    match words.as_slice() {
+        [alter, table, _, add, column, name]
+            if [(alter, "alter"), (table, "table"), (add, "add"), (column, "column")]
+                .iter()
+                .all(|(word, keyword)| word.eq_ignore_ascii_case(keyword)) =>
+        {
+            Some(name)
+        }
+        _ => None,
     }
 }
 
@@ -135,12 +179,36 @@ impl AuditSink for SqliteSink {
                     .push_bind(&row.client_addr)
                     .push_bind(&row.user_agent)
                     .push_bind(&row.attributes)
-                    .push_bind(row.version);
+                    .push_bind(row.version)
+                    .push_bind(&row.instance)
+                    .push_bind(&row.boot);
             });
             insert.push(" ON CONFLICT (id) DO NOTHING");
             insert.build().execute(&mut *tx).await.map_err(SinkError::backend)?;
         }
         tx.commit().await.map_err(SinkError::backend)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_version_2_file_is_read_as_two_added_columns_and_an_index() {
+        let v2 = Table::parse("trail", false).unwrap().schema_sql(SCHEMA_V2);
+        let found = statements(&v2);
+        assert_eq!(
+            found,
+            [
+                "ALTER TABLE trail ADD COLUMN instance TEXT",
+                "ALTER TABLE trail ADD COLUMN boot TEXT",
+                "CREATE UNIQUE INDEX IF NOT EXISTS trail_boot_seq_key ON trail (boot, seq)",
+            ]
+        );
+        assert_eq!(found.iter().map(|s| added_column(s)).collect::<Vec<_>>(), [Some("instance"), Some("boot"), None]);
+        let multi_line = "-- a comment; with a semicolon\nCREATE TABLE a (\n    x INTEGER -- no\n);\nSELECT 1;\n";
+        assert_eq!(statements(multi_line), ["CREATE TABLE a (\n    x INTEGER -- no\n)", "SELECT 1"]);
     }
 }
