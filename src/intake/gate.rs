@@ -126,8 +126,10 @@ impl Gate {
 
     /// The worker took `events` events holding `bytes` out of the queue.
     pub(crate) fn taken(&self, events: usize, bytes: usize) {
-        self.used.fetch_sub(events, SeqCst);
+        // Bytes first: a producer that looks in between is refused as `Full` (true until the slot is given back),
+        // never as over the byte budget for bytes already leaving.
         self.bytes.fetch_sub(bytes, SeqCst);
+        self.used.fetch_sub(events, SeqCst);
     }
 
     /// Refuses every later `enter` and `reserve`. Idempotent.
