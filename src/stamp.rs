@@ -13,7 +13,7 @@ use crate::sanitize::{bounded, is_clean};
 
 /// Stamps events with one pipeline run's identity and numbers them from 1, in the order the worker hands them
 /// to the sinks. Cheap per event: a reference count, a copy of 16 bytes, a counter and a new id.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Stamper {
     instance: Arc<str>,
     boot: Uuid,

@@ -39,7 +39,6 @@ pub(crate) struct Worker {
 
 /// What the loop keeps between batches.
 struct State {
-    stamper: Stamper,
     primary: Ledger,
     fallback: Ledger,
     /// Losses already warned about through `tracing`, and when.
@@ -50,7 +49,6 @@ struct State {
 impl Worker {
     pub(crate) async fn run(mut self) {
         let mut state = State {
-            stamper: self.stamper.clone(),
             primary: Ledger::new(Trail::Primary),
             fallback: Ledger::new(Trail::Fallback),
             warned: Losses::default(),
@@ -130,7 +128,7 @@ impl Worker {
         if let Some(due) = gap {
             events.insert(0, due.event);
         }
-        events.iter_mut().for_each(|e| state.stamper.stamp(e));
+        events.iter_mut().for_each(|e| self.stamper.stamp(e));
         let counters = &self.shared.counters;
         let written = self.sinks.primary(events, &self.deadline, counters).await;
         if reported.is_some() {
@@ -149,7 +147,7 @@ impl Worker {
             Written::Failed if self.sinks.fallback.is_none() => add(&counters.lost, n),
             Written::Failed => {
                 if let Some(mut due) = state.fallback.due(self.losses()) {
-                    state.stamper.stamp(&mut due.event);
+                    self.stamper.stamp(&mut due.event);
                     match self.sinks.fallback(std::slice::from_ref(&due.event), &self.deadline, counters).await {
                         Written::Yes => {
                             add(&counters.gap_events, 1);
