@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, Connection as _, Row as _};
+use sqlx::{AssertSqlSafe, Row as _};
 use tower_audit::{AuditEvent, AuditLayer, AuditSink, ConfigError, MemorySink, PostgresSink, Retry, SinkError};
 use uuid::Uuid;
 
@@ -291,28 +291,8 @@ impl Scratch {
 }
 
 impl Drop for Scratch {
-    /// On a thread and runtime of its own, as the test's runtime may be unwinding; ends first any session still
-    /// holding a lock in the schema (only this test's sessions can).
     fn drop(&mut self) {
-        let schema = self.schema.clone();
-        let sql = format!(
-            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
-             JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = '{schema}' AND l.pid <> pg_backend_pid(); \
-             SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {schema} CASCADE"
-        );
-        let dropped = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async {
-                let mut conn = sqlx::PgConnection::connect(&pg_url()).await?;
-                sqlx::raw_sql(AssertSqlSafe(sql)).execute(&mut conn).await?;
-                conn.close().await
-            })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!("could not drop schema {}: {dropped:?}", self.schema);
-        }
+        drop_pg_schema(&self.schema);
     }
 }
 
@@ -402,18 +382,7 @@ async fn two_boots_count_from_one_and_boot_seq_is_unique() {
     let table = scratch.table();
     let sink = PostgresSink::connect(&pg_url()).await.unwrap().table(&table).unwrap();
     sink.ensure_schema().await.unwrap();
-    let mut runs = Vec::new();
-    for n in [3, 2] {
-        let copy = MemorySink::new();
-        let (_layer, handle) =
-            AuditLayer::builder(TeeSink { primary: sink.clone(), copy: copy.clone() }).build().unwrap();
-        for _ in 0..n {
-            assert!(handle.record(AuditEvent::new("boot.test")));
-        }
-        let report = handle.shutdown(LIMIT).await;
-        assert!(report.drained && report.stats.written == n, "{report}");
-        runs.push((handle, copy.events()));
-    }
+    let runs = two_boots(sink.clone()).await;
     let (first, second) = (&runs[0].0, &runs[1].0);
     assert_eq!(first.instance(), second.instance());
     assert_ne!(first.boot(), second.boot());

@@ -18,8 +18,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use sqlx::Connection as _;
-use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 use tower_audit::{AuditEvent, AuditHandle, AuditLayer, AuditSink, MemorySink, PostgresSink, Retry, Stats};
 
 /// Events recorded per test: one batch.
@@ -209,33 +208,8 @@ impl Fixture {
 }
 
 impl Drop for Fixture {
-    /// Drops the schema, also when the test failed (on a thread and runtime of its own, as the test's runtime may
-    /// be unwinding). Ends first any session still holding a lock in the schema: only this test's sessions can.
     fn drop(&mut self) {
-        let schema = self.schema.clone();
-        let sql = format!(
-            "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
-             JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = '{schema}' AND l.pid <> pg_backend_pid(); \
-             SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {schema} CASCADE"
-        );
-        let dropped = std::thread::spawn(move || -> Result<(), String> {
-            let runtime =
-                tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-            runtime
-                .block_on(async {
-                    let mut conn = PgConnection::connect(&pg_url()).await?;
-                    sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await?;
-                    conn.close().await
-                })
-                .map_err(|e| e.to_string())
-        })
-        .join();
-        match dropped {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("could not drop schema {}: {e}", self.schema),
-            Err(_) => eprintln!("could not drop schema {}: the cleanup thread panicked", self.schema),
-        }
+        drop_pg_schema(&self.schema);
     }
 }
 

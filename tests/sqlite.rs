@@ -263,18 +263,7 @@ async fn ensure_schema_upgrades_a_version_1_table_in_place() {
 async fn two_boots_count_from_one_and_boot_seq_is_unique() {
     let dir = tempfile::tempdir().unwrap();
     let (sqlite, reader) = sink(&dir).await;
-    let mut runs = Vec::new();
-    for n in [3, 2] {
-        let copy = MemorySink::new();
-        let (_layer, handle) =
-            AuditLayer::builder(TeeSink { primary: sqlite.clone(), copy: copy.clone() }).build().unwrap();
-        for _ in 0..n {
-            assert!(handle.record(AuditEvent::new("boot.test")));
-        }
-        let report = handle.shutdown(LIMIT).await;
-        assert!(report.drained && report.stats.written == n, "{report}");
-        runs.push((handle, copy.events()));
-    }
+    let runs = two_boots(sqlite.clone()).await;
     let (first, second) = (&runs[0].0, &runs[1].0);
     assert_eq!(first.instance(), second.instance());
     assert_ne!(first.boot(), second.boot());

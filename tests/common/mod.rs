@@ -288,3 +288,51 @@ pub async fn pg_pool(options: sqlx::postgres::PgPoolOptions) -> Option<sqlx::PgP
         Err(e) => panic!("TOWER_AUDIT_PG_URL={url} is set, but the server is unreachable: {e}"),
     }
 }
+
+/// Drops a test's own Postgres schema, usable from `Drop` (on a thread and runtime of its own, as the test's
+/// runtime may be unwinding). Ends first any session still holding a lock in the schema: only that test's
+/// sessions can. Says so, without failing, when it cannot.
+#[cfg(feature = "postgres")]
+pub fn drop_pg_schema(schema: &str) {
+    use sqlx::Connection;
+    let sql = format!(
+        "SELECT pg_terminate_backend(l.pid) FROM pg_locks l \
+         JOIN pg_class c ON c.oid = l.relation JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = '{schema}' AND l.pid <> pg_backend_pid(); \
+         SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS {schema} CASCADE"
+    );
+    let dropped = std::thread::spawn(move || -> Result<(), String> {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        runtime
+            .block_on(async {
+                let mut conn = sqlx::PgConnection::connect(&pg_url()).await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await?;
+                conn.close().await
+            })
+            .map_err(|e| e.to_string())
+    })
+    .join();
+    match dropped {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => eprintln!("could not drop schema {schema}: {e}"),
+        Err(_) => eprintln!("could not drop schema {schema}: the cleanup thread panicked"),
+    }
+}
+
+/// Runs two pipelines one after the other into `sink` (3 events, then 2), each shut down cleanly; returns each
+/// one's handle and the events it wrote.
+pub async fn two_boots<S: AuditSink + Clone>(sink: S) -> Vec<(tower_audit::AuditHandle, Vec<AuditEvent>)> {
+    let mut runs = Vec::new();
+    for n in [3, 2] {
+        let copy = tower_audit::MemorySink::new();
+        let (_layer, handle) =
+            tower_audit::AuditLayer::builder(TeeSink { primary: sink.clone(), copy: copy.clone() }).build().unwrap();
+        for _ in 0..n {
+            assert!(handle.record(AuditEvent::new("boot.test")));
+        }
+        let report = handle.shutdown(Duration::from_secs(10)).await;
+        assert!(report.drained && report.stats.written == n, "{report}");
+        runs.push((handle, copy.events()));
+    }
+    runs
+}
