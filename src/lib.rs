@@ -75,6 +75,7 @@
 mod body;
 mod call;
 mod client_addr;
+mod config;
 mod context;
 mod delivery;
 mod error;
@@ -95,16 +96,16 @@ mod worker;
 
 pub use self::body::ResponseBody;
 pub use self::client_addr::{ClientAddr, ClientAddrSource};
+pub use self::config::{
+    DEFAULT_BATCH_SIZE, DEFAULT_CAPACITY, DEFAULT_FLUSH_INTERVAL, DEFAULT_MAX_QUEUED_BYTES,
+    DEFAULT_REDACTED_QUERY_PARAMS, DEFAULT_SINK_TIMEOUT, Overflow, Retry, SENSITIVE_HEADER_PARTS, SENSITIVE_HEADERS,
+};
 pub use self::context::AuditContext;
 pub use self::error::{BoxError, ConfigError, SinkError};
 pub use self::event::{AuditEvent, Outcome, SCHEMA_VERSION, kind};
 pub use self::future::ResponseFuture;
 pub use self::handle::{AuditHandle, ShutdownReport};
-pub use self::layer::{
-    AuditLayer, AuditLayerBuilder, DEFAULT_BATCH_SIZE, DEFAULT_CAPACITY, DEFAULT_FLUSH_INTERVAL,
-    DEFAULT_MAX_QUEUED_BYTES, DEFAULT_REDACTED_QUERY_PARAMS, DEFAULT_SINK_TIMEOUT, Overflow, Retry,
-    SENSITIVE_HEADER_PARTS, SENSITIVE_HEADERS,
-};
+pub use self::layer::{AuditLayer, AuditLayerBuilder};
 pub use self::service::AuditService;
 #[cfg(feature = "postgres")]
 pub use self::sink::PostgresSink;

@@ -188,7 +188,7 @@ mod tests {
     }
 
     fn defaults() -> Vec<String> {
-        crate::layer::DEFAULT_REDACTED_QUERY_PARAMS.iter().map(|name| (*name).to_owned()).collect()
+        crate::config::DEFAULT_REDACTED_QUERY_PARAMS.iter().map(|name| (*name).to_owned()).collect()
     }
 
     #[test]
