@@ -14,8 +14,8 @@ use super::error::ApiError;
 use super::routes::AppState;
 use super::tokens::now;
 
-/// How requests are audited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How requests are audited (`--audit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AuditMode {
     /// `tower-audit`: one event per request plus security events, queued without waiting. The default.
     Layer,

@@ -51,11 +51,11 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            database_url: "sqlite://auth_server.db?mode=rwc".to_owned(),
+            database_url: "sqlite://data/auth_server.db?mode=rwc".to_owned(),
             db_pool_size: 5,
             db_acquire_timeout: Duration::from_secs(5),
             audit: AuditMode::Layer,
-            audit_sink: AuditSinkKind::Sqlite("sqlite://auth_server_audit.db".to_owned()),
+            audit_sink: AuditSinkKind::Sqlite("sqlite://data/auth_server_audit.db".to_owned()),
             jwt_secret: None,
             access_ttl: Duration::from_secs(15 * 60),
             refresh_ttl: Duration::from_secs(30 * 24 * 3600),
