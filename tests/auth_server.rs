@@ -1,8 +1,8 @@
 //! The example auth server, driven over a real loopback socket with a real HTTP client. The router is the very
-//! one `cargo run --example auth_server` serves (`examples/auth_server/app.rs`).
+//! one `cargo run --example auth_server` serves (`examples/auth_server/app/`).
 #![cfg(all(feature = "sqlite", feature = "postgres"))]
 
-#[path = "../examples/auth_server/app.rs"]
+#[path = "../examples/auth_server/app/mod.rs"]
 mod app;
 mod common;
 

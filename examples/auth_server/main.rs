@@ -2,76 +2,131 @@
 //!
 //! ```text
 //! cargo run --release --example auth_server --features sqlite,postgres
+//! cargo run --example auth_server --features sqlite,postgres -- --help
 //! ```
 //!
-//! Flags (each also an environment variable):
+//! Flags (each also an environment variable; `--help` lists them with their defaults):
 //!
 //! | flag | env | default |
 //! |---|---|---|
 //! | `--addr ADDR` | `ADDR` | `127.0.0.1:3000` |
-//! | `--database-url URL` | `DATABASE_URL` | `sqlite://auth_server.db?mode=rwc` (created on first start) |
+//! | `--data-dir DIR` | `DATA_DIR` | `data` (created if missing; holds the default databases below) |
+//! | `--database-url URL` | `DATABASE_URL` | `sqlite://DIR/auth_server.db?mode=rwc` (created on first start) |
 //! | `--db-pool-size N` | `DB_POOL_SIZE` | `5` |
 //! | `--audit layer\|inline\|off` | `AUDIT` | `layer` |
-//! | `--audit-sink sqlite\|jsonl\|postgres\|stalled` | `AUDIT_SINK` | `sqlite` (`auth_server_audit.db`); `stalled` never returns (benchmarks) |
-//! | `--audit-url URL_OR_PATH` | `AUDIT_URL` | per sink: `sqlite://auth_server_audit.db`, `auth_server_audit.jsonl`, `$DATABASE_URL` |
+//! | `--audit-sink sqlite\|jsonl\|postgres\|stalled` | `AUDIT_SINK` | `sqlite`; `stalled` never returns (benchmarks) |
+//! | `--audit-url URL_OR_PATH` | `AUDIT_URL` | per sink: `sqlite://DIR/auth_server_audit.db`, `DIR/auth_server_audit.jsonl`, the user store's URL |
 //! | — | `JWT_SECRET` | generated at start |
+//! | — | `RUST_LOG` | `info` |
+//!
+//! The address is bound before anything is created, so a port already in use fails at once, naming the address
+//! and the flag to change it.
 
 mod app;
 
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use app::{AuditMode, AuditSinkKind, Config, Server};
+use clap::{CommandFactory, Parser, ValueEnum};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 
-fn setting(args: &[String], flag: &str, env: &str) -> Option<String> {
-    args.iter()
-        .position(|a| a == flag)
-        .and_then(|i| args.get(i + 1).cloned())
-        .or_else(|| args.iter().find_map(|a| a.strip_prefix(&format!("{flag}=")).map(str::to_owned)))
-        .or_else(|| std::env::var(env).ok())
+/// The incident's auth API (register, login, me, refresh, logout), every request and security event audited.
+#[derive(Debug, Parser)]
+#[command(
+    name = "auth_server",
+    after_help = "Environment only:\n  \
+    JWT_SECRET  HS256 signing secret [default: generated at start; tokens then die with the process]\n  \
+    RUST_LOG    log filter, e.g. `debug` or `tower_audit=trace,info` [default: info]"
+)]
+struct Cli {
+    /// Address to listen on.
+    #[arg(long, env = "ADDR", default_value = "127.0.0.1:3000")]
+    addr: String,
+    /// Directory for the default databases and JSON-lines file; created if missing.
+    #[arg(long, env = "DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// The user store: `sqlite://…` or `postgres://…` [default: sqlite://<DATA_DIR>/auth_server.db?mode=rwc]
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// Connections in the user store's pool.
+    #[arg(long, env = "DB_POOL_SIZE", default_value_t = 5)]
+    db_pool_size: u32,
+    /// How requests are audited.
+    #[arg(long, env = "AUDIT", value_enum, default_value_t = AuditMode::Layer)]
+    audit: AuditMode,
+    /// Where the layer writes audit events.
+    #[arg(long, env = "AUDIT_SINK", value_enum, default_value_t = SinkKind::Sqlite)]
+    audit_sink: SinkKind,
+    /// The sink's database URL or file [default: sqlite://<DATA_DIR>/auth_server_audit.db,
+    /// <DATA_DIR>/auth_server_audit.jsonl, or the user store's URL for postgres]
+    #[arg(long, env = "AUDIT_URL")]
+    audit_url: Option<String>,
 }
 
-fn config(args: &[String]) -> Result<(String, Config), String> {
-    let mut config = Config::default();
-    if let Some(url) = setting(args, "--database-url", "DATABASE_URL") {
-        config.database_url = url;
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SinkKind {
+    /// An SQLite database of its own.
+    Sqlite,
+    /// A JSON-lines file.
+    Jsonl,
+    /// A Postgres table, on a pool of its own.
+    Postgres,
+    /// Never returns: stands in for a dead audit database (benchmarks only).
+    Stalled,
+}
+
+impl Cli {
+    fn config(self) -> Config {
+        let in_data_dir = |file: &str| self.data_dir.join(file).display().to_string();
+        let audit_sink = match self.audit_sink {
+            SinkKind::Sqlite => AuditSinkKind::Sqlite(
+                self.audit_url.clone().unwrap_or_else(|| format!("sqlite://{}", in_data_dir("auth_server_audit.db"))),
+            ),
+            SinkKind::Jsonl => AuditSinkKind::JsonLines(
+                self.audit_url.clone().unwrap_or_else(|| in_data_dir("auth_server_audit.jsonl")).into(),
+            ),
+            SinkKind::Postgres => match self.audit_url.clone().or_else(|| self.database_url.clone()) {
+                Some(url) => AuditSinkKind::Postgres(url),
+                None => Cli::command()
+                    .error(
+                        clap::error::ErrorKind::MissingRequiredArgument,
+                        "--audit-sink postgres needs --audit-url (AUDIT_URL) or --database-url (DATABASE_URL)",
+                    )
+                    .exit(),
+            },
+            SinkKind::Stalled => AuditSinkKind::Stalled,
+        };
+        Config {
+            database_url: self
+                .database_url
+                .clone()
+                .unwrap_or_else(|| format!("sqlite://{}?mode=rwc", in_data_dir("auth_server.db"))),
+            db_pool_size: self.db_pool_size,
+            audit: self.audit,
+            audit_sink,
+            jwt_secret: std::env::var("JWT_SECRET").ok(),
+            ..Config::default()
+        }
     }
-    if let Some(n) = setting(args, "--db-pool-size", "DB_POOL_SIZE") {
-        config.db_pool_size = n.parse().map_err(|_| format!("--db-pool-size: `{n}` is not a number"))?;
-    }
-    config.audit = match setting(args, "--audit", "AUDIT").as_deref() {
-        None | Some("layer") => AuditMode::Layer,
-        Some("inline") => AuditMode::Inline,
-        Some("off") => AuditMode::Off,
-        Some(other) => return Err(format!("--audit: `{other}` is not one of layer, inline, off")),
-    };
-    let url = setting(args, "--audit-url", "AUDIT_URL");
-    config.audit_sink = match setting(args, "--audit-sink", "AUDIT_SINK").as_deref() {
-        None | Some("sqlite") => AuditSinkKind::Sqlite(url.unwrap_or_else(|| "sqlite://auth_server_audit.db".into())),
-        Some("jsonl") => AuditSinkKind::JsonLines(url.unwrap_or_else(|| "auth_server_audit.jsonl".into()).into()),
-        Some("postgres") => AuditSinkKind::Postgres(
-            url.or_else(|| std::env::var("DATABASE_URL").ok())
-                .ok_or("--audit-sink postgres needs --audit-url or DATABASE_URL")?,
-        ),
-        Some("stalled") => AuditSinkKind::Stalled,
-        Some(other) => return Err(format!("--audit-sink: `{other}` is not one of sqlite, jsonl, postgres, stalled")),
-    };
-    config.jwt_secret = std::env::var("JWT_SECRET").ok();
-    let addr = setting(args, "--addr", "ADDR").unwrap_or_else(|| "127.0.0.1:3000".into());
-    Ok((addr, config))
 }
 
 #[tokio::main]
 async fn main() -> Result<(), app::BoxError> {
-    tracing_subscriber::fmt().with_env_filter_or_default();
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (addr, config) = config(&args).map_err(|e| {
-        eprintln!("error: {e}");
-        std::process::exit(2)
-    })?;
+    init_tracing();
+    let cli = Cli::parse();
+    let (addr, data_dir) = (cli.addr.clone(), cli.data_dir.clone());
+    let config = cli.config();
+    // Bind first: a taken port must fail before any directory or database is created.
+    let listener = bind(&addr).await;
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| format!("cannot create the data directory {}: {e}", data_dir.display()))?;
     let mode = config.audit;
     let server = Server::start(config).await?;
-    let listener = tokio::net::TcpListener::bind(&addr).await?;
-    println!("auth server listening on http://{addr} (audit: {mode:?})");
+    println!("auth server listening on http://{} (audit: {mode:?})", listener.local_addr()?);
     app::serve(listener, server.router, async {
         let _ = tokio::signal::ctrl_c().await;
         println!("shutting down: finishing in-flight requests");
@@ -85,12 +140,23 @@ async fn main() -> Result<(), app::BoxError> {
     Ok(())
 }
 
-trait InitTracing {
-    fn with_env_filter_or_default(self);
+/// Logs filtered by `RUST_LOG` (`info` when unset), coloured only on a terminal.
+fn init_tracing() {
+    let filter = EnvFilter::builder().with_default_directive(LevelFilter::INFO.into()).from_env_lossy();
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(std::io::stdout().is_terminal()).init();
 }
 
-impl InitTracing for tracing_subscriber::fmt::SubscriberBuilder {
-    fn with_env_filter_or_default(self) {
-        self.with_max_level(tracing::Level::INFO).init();
+/// Binds `addr`, or exits saying which address is taken and how to choose another.
+async fn bind(addr: &str) -> TcpListener {
+    match TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            let why = match error.kind() {
+                std::io::ErrorKind::AddrInUse => "is already in use (is another server running?)".to_owned(),
+                _ => format!("cannot be bound: {error}"),
+            };
+            eprintln!("error: {addr} {why}\nchoose another address with --addr HOST:PORT or ADDR=HOST:PORT");
+            std::process::exit(1);
+        }
     }
 }

@@ -1,0 +1,114 @@
+//! Audit wiring: which mode (the layer, the inline anti-pattern, none), which sink, and the handlers' access to
+//! the request's audit context.
+
+use std::path::PathBuf;
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tower_audit::{AuditContext, AuditEvent, AuditHandle, AuditLayer, JsonLinesSink, PostgresSink, SqliteSink};
+
+use super::BoxError;
+use super::error::ApiError;
+use super::routes::AppState;
+use super::tokens::now;
+
+/// How requests are audited (`--audit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuditMode {
+    /// `tower-audit`: one event per request plus security events, queued without waiting. The default.
+    Layer,
+    /// The incident's anti-pattern, for demonstration and benchmarks: a middleware takes a second connection
+    /// from the user store's pool, holds it across the handler, and writes the audit row through it.
+    Inline,
+    /// No auditing.
+    Off,
+}
+
+/// Where the layer's audit events go.
+#[derive(Debug, Clone)]
+pub enum AuditSinkKind {
+    Sqlite(String),
+    JsonLines(PathBuf),
+    Postgres(String),
+    /// A sink that never returns: stands in for a dead audit database (`benches/load.sh` uses it to show that
+    /// a stalled audit store costs requests nothing). Never use it for real.
+    Stalled,
+}
+
+/// Never returns, like a database that stopped answering.
+struct StalledSink;
+
+impl tower_audit::AuditSink for StalledSink {
+    async fn write_batch(&self, _batch: &[AuditEvent]) -> Result<(), tower_audit::SinkError> {
+        std::future::pending().await
+    }
+}
+
+/// Builds the audit pipeline for the chosen sink. Audit rows never share the user store's pool.
+pub async fn audit_pipeline(kind: &AuditSinkKind) -> Result<(AuditLayer, AuditHandle), BoxError> {
+    let builder = match kind {
+        AuditSinkKind::Sqlite(url) => {
+            let sink = SqliteSink::connect(url).await?;
+            sink.ensure_schema().await?;
+            AuditLayer::builder(sink)
+        }
+        AuditSinkKind::Postgres(url) => {
+            let sink = PostgresSink::connect(url).await?;
+            sink.ensure_schema().await?;
+            AuditLayer::builder(sink)
+        }
+        AuditSinkKind::JsonLines(path) => AuditLayer::builder(JsonLinesSink::open(path)?),
+        AuditSinkKind::Stalled => AuditLayer::builder(StalledSink),
+    };
+    Ok(builder.fallback(tower_audit::TracingSink::new()).build()?)
+}
+
+/// The request's audit context, when the layer is on (a no-op otherwise).
+pub(crate) struct Audit(Option<AuditContext>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Audit {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Audit(parts.extensions.get::<AuditContext>().cloned()))
+    }
+}
+
+impl Audit {
+    pub(crate) fn actor(&self, actor: &str) {
+        if let Some(ctx) = &self.0 {
+            ctx.set_actor(actor);
+        }
+    }
+
+    pub(crate) fn record(&self, event: AuditEvent) {
+        if let Some(ctx) = &self.0 {
+            ctx.record(event);
+        }
+    }
+}
+
+/// The anti-pattern `--audit=inline` reproduces: a second pooled connection, taken before the handler runs and
+/// held across it, to write the audit row on the request path.
+pub(crate) async fn inline_audit(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let mut conn = match state.users.acquire().await {
+        Ok(conn) => conn,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let response = next.run(req).await;
+    let written = sqlx::query("INSERT INTO inline_audit (time, method, path, status) VALUES ($1, $2, $3, $4)")
+        .bind(now() as i64)
+        .bind(method)
+        .bind(path)
+        .bind(i32::from(response.status().as_u16()))
+        .execute(&mut *conn)
+        .await;
+    if let Err(error) = written {
+        tracing::error!(%error, "inline audit write failed");
+    }
+    response
+}
