@@ -72,17 +72,18 @@ async fn logins(addr: SocketAddr, n: usize) -> Vec<(u16, String)> {
     tasks.join_all().await
 }
 
-async fn layered_run(shared: bool, table: &str) {
+async fn layered_run(shared: bool, prefix: &str) {
     const REQUESTS: usize = 200;
     // Far longer than the whole run needs; a request that hits it fails the test.
     let Some(pool) = user_pool(Duration::from_secs(20)).await else { return };
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {table}"))).execute(&pool).await.unwrap();
+    let scratch = common::PgScratch::new(&pool, prefix).await;
+    let table = scratch.table();
     let sink = if shared {
         PostgresSink::from_pool(pool.clone())
     } else {
         PostgresSink::connect(&common::pg_url()).await.unwrap()
     };
-    let sink = sink.table(table).unwrap();
+    let sink = sink.table(&table).unwrap();
     sink.ensure_schema().await.unwrap();
     let (layer, handle) = AuditLayer::builder(sink).build().unwrap();
     let router = Router::new()
@@ -121,13 +122,16 @@ async fn layer_with_sink_on_its_own_pool_serves_every_request() {
 async fn the_anti_pattern_stalls_every_request_until_the_acquire_timeout() {
     const ACQUIRE_TIMEOUT: Duration = Duration::from_millis(500);
     let Some(pool) = user_pool(ACQUIRE_TIMEOUT).await else { return };
-    sqlx::raw_sql("DROP TABLE IF EXISTS t_inline_audit; CREATE TABLE t_inline_audit (what text)")
+    let scratch = common::PgScratch::new(&pool, "t_inline_audit").await;
+    // The handler's state wants a `&'static str`; one short string per test run.
+    let inline_table: &'static str = Box::leak(scratch.qualified("inline_audit").into_boxed_str());
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE TABLE {inline_table} (what text)")))
         .execute(&pool)
         .await
         .unwrap();
     let router = Router::new()
         .route("/api/auth/login", post(login))
-        .with_state(App { pool: pool.clone(), inline_audit_table: Some("t_inline_audit") });
+        .with_state(App { pool: pool.clone(), inline_audit_table: Some(inline_table) });
     let addr = serve(router).await;
 
     let started = Instant::now();
@@ -138,6 +142,9 @@ async fn the_anti_pattern_stalls_every_request_until_the_acquire_timeout() {
         assert_eq!(*status, 500);
         assert!(body.contains("timed out"), "{body}");
     }
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM t_inline_audit").fetch_one(&pool).await.unwrap();
+    let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT count(*) FROM {inline_table}")))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(rows, 0, "no audit row was written, and no login succeeded");
 }

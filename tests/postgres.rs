@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
 
+use common::PgScratch as Scratch;
 use common::*;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, Row as _};
@@ -23,10 +24,9 @@ async fn admin() -> Option<PgPool> {
     pg_pool(PgPoolOptions::new().max_connections(4).acquire_timeout(Duration::from_secs(5))).await
 }
 
-/// A sink on its own pool writing to a fresh table `name` (dropped first, so reruns start clean).
-async fn fresh_sink(admin: &PgPool, name: &str) -> PostgresSink {
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP TABLE IF EXISTS {name}"))).execute(admin).await.unwrap();
-    let sink = PostgresSink::connect(&pg_url()).await.unwrap().table(name).unwrap();
+/// A sink on its own pool writing to the scratch schema's table.
+async fn fresh_sink(scratch: &Scratch) -> PostgresSink {
+    let sink = PostgresSink::connect(&pg_url()).await.unwrap().table(&scratch.table()).unwrap();
     sink.ensure_schema().await.unwrap();
     sink
 }
@@ -38,7 +38,8 @@ async fn count(admin: &PgPool, table: &str) -> i64 {
 #[tokio::test]
 async fn every_field_round_trips_exactly_including_hostile_values() {
     let Some(admin) = admin().await else { return };
-    let sink = fresh_sink(&admin, "t_round_trip").await;
+    let scratch = Scratch::new(&admin, "t_round_trip").await;
+    let sink = fresh_sink(&scratch).await;
     let tee = TeeSink { primary: sink, copy: MemorySink::new() };
     let (layer, handle) = AuditLayer::builder(tee.clone()).max_path_len(1024).build().unwrap();
     for e in hostile_events() {
@@ -54,11 +55,12 @@ async fn every_field_round_trips_exactly_including_hostile_values() {
 
     let expected = tee.copy.events();
     assert_eq!(expected.len(), 3);
-    let rows = sqlx::query(
+    let rows = sqlx::query(AssertSqlSafe(format!(
         "SELECT id::text, seq, (EXTRACT(EPOCH FROM time) * 1000000)::int8 AS micros, kind, outcome, method, route, \
          path, status, grpc_status, latency_us, request_id, actor, host(client_addr) AS client_addr, user_agent, \
-         attributes::text AS attributes, version, instance, boot::text FROM t_round_trip ORDER BY seq",
-    )
+         attributes::text AS attributes, version, instance, boot::text FROM {} ORDER BY seq",
+        scratch.table()
+    )))
     .fetch_all(&admin)
     .await
     .unwrap();
@@ -93,7 +95,9 @@ async fn every_field_round_trips_exactly_including_hostile_values() {
 #[tokio::test]
 async fn one_statement_per_batch_and_a_retried_batch_never_duplicates() {
     let Some(admin) = admin().await else { return };
-    let sink = fresh_sink(&admin, "t_batches").await;
+    let scratch = Scratch::new(&admin, "t_batches").await;
+    let table = scratch.table();
+    let sink = fresh_sink(&scratch).await;
     let (_layer, handle) = AuditLayer::builder(TeeSink { primary: sink.clone(), copy: MemorySink::new() })
         .batch_size(500)
         .build()
@@ -103,15 +107,21 @@ async fn one_statement_per_batch_and_a_retried_batch_never_duplicates() {
     }
     let report = handle.shutdown(LIMIT).await;
     assert_eq!((report.stats.written, report.stats.batches), (1200, 3));
-    assert_eq!(count(&admin, "t_batches").await, 1200);
+    assert_eq!(count(&admin, &table).await, 1200);
     // Rows written by one statement share its transaction id: three batches, three transactions.
     let transactions: i64 =
-        sqlx::query_scalar("SELECT count(DISTINCT xmin::text) FROM t_batches").fetch_one(&admin).await.unwrap();
+        sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(DISTINCT xmin::text) FROM {table}")))
+            .fetch_one(&admin)
+            .await
+            .unwrap();
     assert_eq!(transactions, 3);
 
     // Send ten stored events again, as a retry would: nothing is duplicated.
     let ids: Vec<String> =
-        sqlx::query_scalar("SELECT id::text FROM t_batches ORDER BY seq LIMIT 10").fetch_all(&admin).await.unwrap();
+        sqlx::query_scalar(AssertSqlSafe(format!("SELECT id::text FROM {table} ORDER BY seq LIMIT 10")))
+            .fetch_all(&admin)
+            .await
+            .unwrap();
     let again: Vec<AuditEvent> = ids
         .iter()
         .map(|id| {
@@ -121,22 +131,20 @@ async fn one_statement_per_batch_and_a_retried_batch_never_duplicates() {
         })
         .collect();
     sink.write_batch(&again).await.unwrap();
-    assert_eq!(count(&admin, "t_batches").await, 1200);
+    assert_eq!(count(&admin, &table).await, 1200);
 }
 
 #[tokio::test]
 async fn schema_is_idempotent_indexed_schema_qualified_and_validated() {
     let Some(admin) = admin().await else { return };
-    sqlx::raw_sql("DROP SCHEMA IF EXISTS t_audit_schema CASCADE; CREATE SCHEMA t_audit_schema")
-        .execute(&admin)
-        .await
-        .unwrap();
-    let sink = PostgresSink::connect(&pg_url()).await.unwrap().table("t_audit_schema.trail").unwrap();
+    let scratch = Scratch::new(&admin, "t_audit_schema").await;
+    let sink = PostgresSink::connect(&pg_url()).await.unwrap().table(&scratch.qualified("trail")).unwrap();
     sink.ensure_schema().await.unwrap();
     sink.ensure_schema().await.unwrap();
     let indexes: Vec<String> = sqlx::query_scalar(
-        "SELECT indexname::text FROM pg_indexes WHERE schemaname = 't_audit_schema' AND tablename = 'trail' ORDER BY 1",
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = $1 AND tablename = 'trail' ORDER BY 1",
     )
+    .bind(&scratch.schema)
     .fetch_all(&admin)
     .await
     .unwrap();
@@ -146,8 +154,9 @@ async fn schema_is_idempotent_indexed_schema_qualified_and_validated() {
     );
     let attributes_type: String = sqlx::query_scalar(
         "SELECT data_type::text FROM information_schema.columns \
-         WHERE table_schema = 't_audit_schema' AND table_name = 'trail' AND column_name = 'attributes'",
+         WHERE table_schema = $1 AND table_name = 'trail' AND column_name = 'attributes'",
     )
+    .bind(&scratch.schema)
     .fetch_one(&admin)
     .await
     .unwrap();
@@ -162,7 +171,8 @@ async fn schema_is_idempotent_indexed_schema_qualified_and_validated() {
 #[tokio::test]
 async fn the_readme_cookbook_queries_answer_correctly() {
     let Some(admin) = admin().await else { return };
-    let sink = fresh_sink(&admin, "t_cookbook").await;
+    let scratch = Scratch::new(&admin, "t_cookbook").await;
+    let sink = fresh_sink(&scratch).await;
     let (_layer, handle) = AuditLayer::builder(sink).build().unwrap();
     for e in cookbook_events() {
         handle.record(e);
@@ -172,7 +182,7 @@ async fn the_readme_cookbook_queries_answer_correctly() {
     let queries = cookbook("postgres");
     let names: Vec<&str> = queries.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names, ["logins_by_address", "failed_logins_last_hour"]);
-    let on_table = |sql: &str| sqlx::AssertSqlSafe(sql.replace("audit_events", "t_cookbook"));
+    let on_table = |sql: &str| sqlx::AssertSqlSafe(sql.replace("audit_events", &scratch.table()));
     let logins: Vec<(String, String, i64)> = sqlx::query(on_table(&queries[0].1))
         .fetch_all(&admin)
         .await
@@ -194,7 +204,8 @@ async fn the_readme_cookbook_queries_answer_correctly() {
 async fn connection_killed_and_refused_every_event_lands_exactly_once() {
     const EVENTS: usize = 3000;
     let Some(admin) = admin().await else { return };
-    let db = "tower_audit_faults";
+    // A database of the test's own (random suffix), dropped at the end.
+    let db = &format!("tower_audit_faults_{:08x}", fastrand::u32(..));
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")))
         .execute(&admin)
         .await
@@ -270,30 +281,6 @@ async fn connection_killed_and_refused_every_event_lands_exactly_once() {
     assert_eq!((min, max), (0, EVENTS as i64 - 1));
     check.close().await;
     sql(format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).execute(&admin).await.unwrap();
-}
-
-/// A schema of the test's own (random suffix), dropped at the end, also when the test fails.
-struct Scratch {
-    schema: String,
-}
-
-impl Scratch {
-    async fn new(admin: &PgPool, prefix: &str) -> Self {
-        let schema = format!("{prefix}_{:08x}", fastrand::u32(..));
-        sqlx::raw_sql(AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(admin).await.unwrap();
-        Self { schema }
-    }
-
-    /// The audit table of the test.
-    fn table(&self) -> String {
-        format!("{}.events", self.schema)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        drop_pg_schema(&self.schema);
-    }
 }
 
 /// What `ensure_schema` ran before schema version 2: `migrations/postgres/0001` alone, for `<schema>.events`.

@@ -289,6 +289,39 @@ pub async fn pg_pool(options: sqlx::postgres::PgPoolOptions) -> Option<sqlx::PgP
     }
 }
 
+/// A Postgres schema of the test's own (random suffix, so concurrent runs never collide), dropped at the end,
+/// also when the test fails.
+#[cfg(feature = "postgres")]
+pub struct PgScratch {
+    pub schema: String,
+}
+
+#[cfg(feature = "postgres")]
+impl PgScratch {
+    pub async fn new(admin: &sqlx::PgPool, prefix: &str) -> Self {
+        let schema = format!("{prefix}_{:08x}", fastrand::u32(..));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(admin).await.unwrap();
+        Self { schema }
+    }
+
+    /// The test's audit table, `<schema>.events`.
+    pub fn table(&self) -> String {
+        self.qualified("events")
+    }
+
+    /// `<schema>.<name>`.
+    pub fn qualified(&self, name: &str) -> String {
+        format!("{}.{name}", self.schema)
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl Drop for PgScratch {
+    fn drop(&mut self) {
+        drop_pg_schema(&self.schema);
+    }
+}
+
 /// Drops a test's own Postgres schema, usable from `Drop` (on a thread and runtime of its own, as the test's
 /// runtime may be unwinding). Ends first any session still holding a lock in the schema: only that test's
 /// sessions can. Says so, without failing, when it cannot.
