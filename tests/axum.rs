@@ -74,15 +74,20 @@ async fn router_layer_records_route_template_client_address_and_actor() {
     assert_eq!(events[3].outcome, Outcome::ClientError);
 }
 
-#[tokio::test]
-async fn forwarded_address_is_believed_only_from_a_trusted_proxy() {
+/// A server whose only trusted proxy is the loopback client, reading `X-Forwarded-For`.
+async fn behind_trusted_xff_proxy() -> (SocketAddr, AuditHandle, MemorySink) {
     let sink = MemorySink::new();
     let (layer, handle) = AuditLayer::builder(sink.clone())
         .client_addr_source(ClientAddrSource::XForwardedFor)
         .trusted_proxies(["127.0.0.1/32"])
         .build()
         .unwrap();
-    let addr = serve(layer).await;
+    (serve(layer).await, handle, sink)
+}
+
+#[tokio::test]
+async fn forwarded_address_is_believed_only_from_a_trusted_proxy() {
+    let (addr, handle, sink) = behind_trusted_xff_proxy().await;
     let res = reqwest::Client::new()
         .get(format!("http://{addr}/users/1"))
         .header("x-forwarded-for", "198.51.100.23, 127.0.0.1")
@@ -98,13 +103,7 @@ async fn forwarded_address_is_believed_only_from_a_trusted_proxy() {
 /// The loopback client plays the trusted proxy: it sets the forwarding headers a real proxy would pass on.
 #[tokio::test]
 async fn forged_forwarded_header_is_ignored_when_the_source_is_x_forwarded_for() {
-    let sink = MemorySink::new();
-    let (layer, handle) = AuditLayer::builder(sink.clone())
-        .client_addr_source(ClientAddrSource::XForwardedFor)
-        .trusted_proxies(["127.0.0.1/32"])
-        .build()
-        .unwrap();
-    let addr = serve(layer).await;
+    let (addr, handle, sink) = behind_trusted_xff_proxy().await;
     let client = reqwest::Client::new();
     // The client forged `Forwarded`; the proxy appended the address it saw to `X-Forwarded-For`.
     let res = client
