@@ -89,6 +89,7 @@ mod pipeline;
 mod request;
 mod sanitize;
 mod service;
+mod spill;
 pub mod sink;
 mod stamp;
 mod stats;
