@@ -179,12 +179,12 @@ struct Guarded<'a> {
 
 impl Guarded<'_> {
     fn drop_inner(&mut self) {
-        if let Some(future) = self.inner.take() {
-            if let Err(panic) = catch_unwind(AssertUnwindSafe(move || drop(future))) {
-                drop_payload(panic);
-                if !self.panicked {
-                    add(self.drop_panics, 1);
-                }
+        if let Some(future) = self.inner.take()
+            && let Err(panic) = catch_unwind(AssertUnwindSafe(move || drop(future)))
+        {
+            drop_payload(panic);
+            if !self.panicked {
+                add(self.drop_panics, 1);
             }
         }
     }

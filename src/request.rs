@@ -153,10 +153,10 @@ pub(crate) struct UnwindGuard<'a>(pub(crate) &'a mut Option<Pending>);
 
 impl Drop for UnwindGuard<'_> {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            if let Some(pending) = self.0.as_mut() {
-                pending.panicked = true;
-            }
+        if std::thread::panicking()
+            && let Some(pending) = self.0.as_mut()
+        {
+            pending.panicked = true;
         }
     }
 }

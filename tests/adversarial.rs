@@ -593,12 +593,12 @@ async fn no_slot_leaks_after_many_cancelled_refused_and_dropped_requests() {
             // Poll each once; drop half mid-way.
             for (i, mut f) in held.into_iter().enumerate() {
                 let polled = f.as_mut().poll(&mut cx());
-                if let Poll::Ready(Ok(resp)) = polled {
-                    if i % 2 == 0 {
-                        let mut body = resp.into_body();
-                        let _ = Pin::new(&mut body).poll_frame(&mut cx());
-                        drop(body);
-                    }
+                if let Poll::Ready(Ok(resp)) = polled
+                    && i % 2 == 0
+                {
+                    let mut body = resp.into_body();
+                    let _ = Pin::new(&mut body).poll_frame(&mut cx());
+                    drop(body);
                 }
                 drop(f);
             }

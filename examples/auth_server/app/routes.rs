@@ -182,10 +182,10 @@ async fn logout(
             .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))?
     };
     let refresh = body.refresh_token;
-    if let Some(refresh) = refresh.as_deref().and_then(|t| state.tokens.verify(t, "refresh").ok()) {
-        if refresh.sub == claims.sub {
-            revoke(&state.users, &refresh).await?;
-        }
+    if let Some(refresh) = refresh.as_deref().and_then(|t| state.tokens.verify(t, "refresh").ok())
+        && refresh.sub == claims.sub
+    {
+        revoke(&state.users, &refresh).await?;
     }
     audit.record(AuditEvent::new("auth.logout"));
     Ok(StatusCode::NO_CONTENT)
