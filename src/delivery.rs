@@ -46,7 +46,7 @@ impl Sinks {
                     events = batch.len(),
                     attempts = attempt + 1,
                     error = %failure,
-                    "audit sink failed to write a batch; handing it to the fallback sink"
+                    "audit sink failed to write a batch; giving up on it (fallback sink next, if any)"
                 );
                 return Written::Failed;
             }
@@ -60,7 +60,7 @@ impl Sinks {
             if !deadline.wait_before_it(retry_at).await {
                 tracing::error!(
                     events = batch.len(),
-                    "shutdown deadline before the next retry; handing the batch to the fallback sink"
+                    "shutdown deadline before the next retry; giving up on the batch (fallback sink next, if any)"
                 );
                 return Written::Failed;
             }

@@ -83,6 +83,32 @@ pub enum ConfigError {
          or `Header(..)`), or drop trusted_proxies"
     )]
     TrustedProxiesWithoutClientAddrSource,
+    /// Another pipeline (in this process or another) holds the spill directory's lock file.
+    #[error(
+        "spill directory {} is in use by another pipeline (lock held on {}): give each pipeline a directory \
+         of its own",
+        dir.display(),
+        dir.join("LOCK").display()
+    )]
+    SpillLocked {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// The spill directory could not be created, locked, read or recovered.
+    #[error("spill directory: cannot use {}: {source}", path.display())]
+    SpillIo {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A spill and a fallback sink were both configured; with a spill, batches are retried until the sink
+    /// takes them, so a fallback would never be used.
+    #[error(
+        "a pipeline with a spill retries every batch until the sink takes it and never uses a fallback sink: \
+         configure one or the other"
+    )]
+    SpillWithFallback,
 }
 
 /// A sink failed to write or flush a batch.

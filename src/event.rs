@@ -25,6 +25,12 @@ pub mod kind {
     pub const GRPC_CALL: &str = "grpc.call";
     /// Written by the worker into the trail after events were lost: how many and why.
     pub const AUDIT_GAP: &str = "audit.gap";
+    /// Written by the worker first, when a pipeline starts: its instance, boot, version and the settings that
+    /// matter (and, with a spill, what became of the previous boot).
+    pub const AUDIT_BOOT: &str = "audit.boot";
+    /// Written by the worker last, at a clean shutdown, with the final counters. A boot without one ended
+    /// uncleanly (a crash, a kill, or a shutdown whose deadline passed first).
+    pub const AUDIT_SHUTDOWN: &str = "audit.shutdown";
 }
 
 /// One audit record.
@@ -101,6 +107,18 @@ pub struct AuditEvent {
 }
 
 impl AuditEvent {
+    /// Whether the worker made this event about the pipeline itself ([`kind::AUDIT_BOOT`],
+    /// [`kind::AUDIT_SHUTDOWN`], [`kind::AUDIT_GAP`]) rather than a request or a handler recording it.
+    ///
+    /// ```
+    /// use tower_audit::{AuditEvent, kind};
+    /// assert!(AuditEvent::new(kind::AUDIT_BOOT).is_pipeline_event());
+    /// assert!(!AuditEvent::new("auth.login").is_pipeline_event());
+    /// ```
+    pub fn is_pipeline_event(&self) -> bool {
+        matches!(&*self.kind, kind::AUDIT_BOOT | kind::AUDIT_SHUTDOWN | kind::AUDIT_GAP)
+    }
+
     /// A custom event of the given kind, dated now, outcome [`Outcome::Success`].
     pub fn new(kind: impl Into<Cow<'static, str>>) -> Self {
         Self::with_time(kind.into(), SystemTime::now())
@@ -157,10 +175,10 @@ impl AuditEvent {
             bound_in_place(field, limits.max_field_len);
         }
         bound_in_place(&mut self.path, limits.max_path_len);
-        if let Some(method) = &self.method {
-            if needs_bounding(method, limits.max_field_len) {
-                self.method = Some(Cow::Owned(bounded(method, limits.max_field_len)));
-            }
+        if let Some(method) = &self.method
+            && needs_bounding(method, limits.max_field_len)
+        {
+            self.method = Some(Cow::Owned(bounded(method, limits.max_field_len)));
         }
         let attributes_ok = self.attributes.len() <= limits.max_attributes
             && self
@@ -201,10 +219,10 @@ fn needs_bounding(s: &str, max: usize) -> bool {
 }
 
 fn bound_in_place(field: &mut Option<String>, max: usize) {
-    if let Some(value) = field {
-        if needs_bounding(value, max) {
-            *value = bounded(value, max);
-        }
+    if let Some(value) = field
+        && needs_bounding(value, max)
+    {
+        *value = bounded(value, max);
     }
 }
 

@@ -20,6 +20,8 @@ pub(crate) struct Losses {
     refused: u64,
     sink_failed: u64,
     abandoned: u64,
+    spill_full: u64,
+    corrupt: u64,
     in_fallback: u64,
 }
 
@@ -33,6 +35,8 @@ impl Losses {
             refused: stats.refused,
             sink_failed: stats.lost,
             abandoned: stats.abandoned,
+            spill_full: stats.spill_full,
+            corrupt: stats.corrupt,
             in_fallback: stats.fallback_written,
         }
     }
@@ -46,6 +50,8 @@ impl Losses {
             refused: self.refused - earlier.refused,
             sink_failed: self.sink_failed - earlier.sink_failed,
             abandoned: self.abandoned - earlier.abandoned,
+            spill_full: self.spill_full - earlier.spill_full,
+            corrupt: self.corrupt - earlier.corrupt,
             in_fallback: self.in_fallback - earlier.in_fallback,
         }
     }
@@ -58,10 +64,12 @@ impl Losses {
             + self.closed
             + self.sink_failed
             + self.abandoned
+            + self.spill_full
+            + self.corrupt
             + self.in_fallback
     }
 
-    pub(crate) fn by_reason(self) -> [(&'static str, u64); 8] {
+    pub(crate) fn by_reason(self) -> [(&'static str, u64); 10] {
         [
             ("queue_full", self.queue_full),
             ("queue_bytes", self.queue_bytes),
@@ -70,6 +78,8 @@ impl Losses {
             ("refused", self.refused),
             ("sink_failed", self.sink_failed),
             ("abandoned", self.abandoned),
+            ("spill_full", self.spill_full),
+            ("corrupt", self.corrupt),
             ("in_fallback", self.in_fallback),
         ]
     }

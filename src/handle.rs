@@ -98,8 +98,9 @@ impl AuditHandle {
     /// let (_layer, handle) = AuditLayer::builder(sink.clone()).build()?;
     /// handle.record(AuditEvent::new("config.reloaded"));
     /// handle.shutdown(Duration::from_secs(5)).await;
-    /// let event = &sink.events()[0];
-    /// assert_eq!((event.boot, event.seq), (Some(handle.boot()), 1));
+    /// let events = sink.events(); // audit.boot, config.reloaded, audit.shutdown
+    /// let event = &events[1];
+    /// assert_eq!((event.boot, event.seq), (Some(handle.boot()), 2));
     /// assert_eq!(event.instance.as_deref(), Some(handle.instance()));
     /// # Ok(())
     /// # }

@@ -32,7 +32,8 @@
 //!
 //! let report = handle.shutdown(Duration::from_secs(5)).await;
 //! assert_eq!(report.stats.written, 2);
-//! let events = sink.events();
+//! // The trail begins with the pipeline's `audit.boot` event and ends with its `audit.shutdown` event.
+//! let events: Vec<AuditEvent> = sink.events().into_iter().filter(|e| !e.is_pipeline_event()).collect();
 //! assert_eq!(events[0].kind, "auth.login_succeeded");
 //! assert_eq!(events[1].kind, "http.request");
 //! assert_eq!(events[1].route.as_deref(), Some("/login"));
@@ -85,12 +86,13 @@ mod gap;
 mod handle;
 mod intake;
 mod layer;
+mod lifecycle;
 mod pipeline;
 mod request;
 mod sanitize;
 mod service;
-mod spill;
 pub mod sink;
+mod spill;
 mod stamp;
 mod stats;
 mod worker;
@@ -113,6 +115,7 @@ pub use self::sink::PostgresSink;
 #[cfg(feature = "sqlite")]
 pub use self::sink::SqliteSink;
 pub use self::sink::{AuditSink, JsonLinesSink, MemorySink, TracingSink};
+pub use self::spill::{DEFAULT_SEGMENT_BYTES, DEFAULT_SPILL_MAX_BYTES, DEFAULT_SYNC_INTERVAL, Spill, SyncPolicy};
 pub use self::stats::Stats;
 
 /// The README's code compiles (it uses every feature).

@@ -21,6 +21,11 @@ pub(crate) struct Counters {
     pub(crate) sink_panics: AtomicU64,
     pub(crate) sink_timeouts: AtomicU64,
     pub(crate) gap_events: AtomicU64,
+    pub(crate) recovered: AtomicU64,
+    pub(crate) spilled: AtomicU64,
+    pub(crate) spill_full: AtomicU64,
+    pub(crate) left_in_spill: AtomicU64,
+    pub(crate) corrupt: AtomicU64,
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
@@ -38,6 +43,9 @@ impl Counters {
         let fallback_written = load(&self.fallback_written);
         let lost = load(&self.lost);
         let abandoned = load(&self.abandoned);
+        let spill_full = load(&self.spill_full);
+        let left_in_spill = load(&self.left_in_spill);
+        let recovered = load(&self.recovered);
         let accepted = load(&self.accepted);
         Stats {
             accepted,
@@ -50,13 +58,19 @@ impl Counters {
             fallback_written,
             lost,
             abandoned,
-            queued: accepted.saturating_sub(written + fallback_written + lost + abandoned),
+            recovered,
+            spill_full,
+            left_in_spill,
+            queued: (accepted + recovered)
+                .saturating_sub(written + fallback_written + lost + abandoned + spill_full + left_in_spill),
             queued_bytes,
             batches: load(&self.batches),
             retries: load(&self.retries),
             sink_panics: load(&self.sink_panics),
             sink_timeouts: load(&self.sink_timeouts),
             gap_events: load(&self.gap_events),
+            spilled: load(&self.spilled),
+            corrupt: load(&self.corrupt),
         }
     }
 }
@@ -70,11 +84,14 @@ impl Counters {
 ///
 /// ```text
 /// offered  = accepted + dropped_queue_full + dropped_queue_bytes + dropped_wait_timeout + dropped_closed + refused
-/// accepted = written + fallback_written + lost + abandoned + queued
+/// accepted + recovered = written + fallback_written + lost + abandoned + spill_full + left_in_spill + queued
 /// ```
 ///
-/// Every field but `queued` and `queued_bytes` only ever grows. `audit.gap` events are made by the worker and
-/// counted on neither side (only in `gap_events`). A refused request (`Overflow::FailClosed`) was not served, so
+/// The spill's buckets (`recovered`, `spill_full`, `left_in_spill`) stay 0 without a
+/// [`Spill`](crate::Spill): then `accepted = written + fallback_written + lost + abandoned + queued`.
+///
+/// Every field but `queued` and `queued_bytes` only ever grows. The worker's own events (`audit.gap`,
+/// `audit.boot`, `audit.shutdown`) are counted on neither side (gap events in `gap_events`). A refused request (`Overflow::FailClosed`) was not served, so
 /// its event is counted as offered and refused.
 ///
 /// ```
@@ -88,7 +105,10 @@ impl Counters {
 /// let report = handle.shutdown(Duration::from_secs(5)).await;
 /// let s = report.stats;
 /// assert_eq!(s.offered(), s.accepted + s.dropped() + s.refused);
-/// assert_eq!(s.accepted, s.written + s.fallback_written + s.lost + s.abandoned + s.queued);
+/// assert_eq!(
+///     s.accepted + s.recovered,
+///     s.written + s.fallback_written + s.lost + s.abandoned + s.spill_full + s.left_in_spill + s.queued
+/// );
 /// assert_eq!((s.offered(), s.written, s.queued), (1, 1, 0));
 /// # }
 /// ```
@@ -119,7 +139,16 @@ pub struct Stats {
     /// Accepted events the shutdown deadline caught before a sink confirmed them: still queued, or inside a
     /// sink call cut short by the deadline (such a call may have committed some of them).
     pub abandoned: u64,
-    /// Accepted events not settled yet: waiting in the queue or being written. A gauge.
+    /// Events of earlier boots found unacknowledged in the [`Spill`](crate::Spill) when this pipeline started;
+    /// they are replayed into the sink (and then counted as `written`) like this boot's own.
+    pub recovered: u64,
+    /// Accepted events dropped because the spill's disk budget (`Spill::max_bytes`) had no room for them.
+    pub spill_full: u64,
+    /// Events still in the spill, not yet confirmed by the sink, when the pipeline shut down: not lost, the
+    /// next pipeline on the same directory replays them.
+    pub left_in_spill: u64,
+    /// Accepted (or recovered) events not settled yet: waiting in the queue, in the spill, or being written.
+    /// A gauge.
     pub queued: u64,
     /// Bytes held by the events waiting in the queue (an estimate of their heap size). A gauge.
     pub queued_bytes: u64,
@@ -133,6 +162,11 @@ pub struct Stats {
     pub sink_timeouts: u64,
     /// `audit.gap` events written into a trail (primary or fallback).
     pub gap_events: u64,
+    /// Events appended to the spill (this boot's, the worker's own included). Not part of the identity.
+    pub spilled: u64,
+    /// Spill records skipped because they failed their checksum (at start, or read back later): events that
+    /// reached no trail. Not part of the identity (their boot is unknown); reported by a gap event.
+    pub corrupt: u64,
 }
 
 impl Stats {
@@ -146,10 +180,11 @@ impl Stats {
         self.dropped_queue_full + self.dropped_queue_bytes + self.dropped_wait_timeout + self.dropped_closed
     }
 
-    /// Events that reached no trail: dropped before the queue, lost by the sinks, or abandoned at shutdown.
-    /// Refused requests are not in it (they were not served).
+    /// Events that reached no trail: dropped before the queue, lost by the sinks, dropped at the spill's disk
+    /// budget, corrupt in the spill, or abandoned at shutdown. Refused requests are not in it (they were not
+    /// served), nor is `left_in_spill` (the next boot replays it).
     pub fn missing(&self) -> u64 {
-        self.dropped() + self.lost + self.abandoned
+        self.dropped() + self.lost + self.spill_full + self.corrupt + self.abandoned
     }
 }
 
@@ -172,6 +207,14 @@ impl fmt::Display for Stats {
             self.dropped_wait_timeout,
             self.dropped_closed,
             self.refused
-        )
+        )?;
+        if self.recovered + self.spilled + self.spill_full + self.left_in_spill + self.corrupt > 0 {
+            write!(
+                f,
+                "; spill: recovered {}, spilled {}, full {}, left {}, corrupt {}",
+                self.recovered, self.spilled, self.spill_full, self.left_in_spill, self.corrupt
+            )?;
+        }
+        Ok(())
     }
 }

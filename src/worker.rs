@@ -1,11 +1,14 @@
-//! The background task. It only orchestrates the stages, in order: take a batch from the queue, stamp it
-//! (`stamp`), put the `audit.gap` event due to the trail in front (`gap`), write it to the primary sink with
-//! retries and then the fallback (`delivery`), and count what became of every event (`stats`).
+//! The background task. It only orchestrates the stages, in order: write the `audit.boot` event
+//! (`lifecycle`); then for each batch taken from the queue, put the `audit.gap` event due to the trail in front
+//! (`gap`), stamp it (`stamp`), and either write it to the primary sink with retries and then the fallback
+//! (`delivery`), or append it to the disk spill (`spill::spool`), from which a task of its own delivers it
+//! (`spill::drain`); count what became of every event (`stats`); at shutdown, end with `audit.shutdown`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::call::{Deadline, after};
@@ -14,7 +17,11 @@ use crate::event::AuditEvent;
 use crate::gap::{Due, Ledger, Losses, Trail};
 use crate::handle::ShutdownReport;
 use crate::intake::Entry;
+use crate::lifecycle::shutdown_event;
 use crate::pipeline::Shared;
+use crate::spill::codec::Origin;
+use crate::spill::drain::{Drain, Drained};
+use crate::spill::spool::{Progress, Spool};
 use crate::stamp::Stamper;
 use crate::stats::add;
 
@@ -29,12 +36,31 @@ pub(crate) struct Worker {
     /// sender is dropped.
     pub(crate) queue: Queue,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) sinks: Sinks,
+    pub(crate) output: Output,
     pub(crate) config: WorkerConfig,
     pub(crate) deadline: Deadline,
     pub(crate) report: watch::Sender<Option<ShutdownReport>>,
     /// The stamping stage as built with the layer (its identity, no event stamped yet); `run` stamps with a copy.
     pub(crate) stamper: Stamper,
+    /// The `audit.boot` event, written first.
+    pub(crate) boot: Option<AuditEvent>,
+}
+
+/// Where stamped batches go.
+pub(crate) enum Output {
+    /// Straight to the sinks, from the worker.
+    Direct(Sinks),
+    /// Into the spill; a drain task delivers from there.
+    Spill(Box<SpillOutput>),
+}
+
+pub(crate) struct SpillOutput {
+    pub(crate) spool: Spool,
+    /// Spawned when the worker starts; `None` once it has ended.
+    pub(crate) drain: Option<Drain>,
+    pub(crate) task: Option<JoinHandle<Drained>>,
+    pub(crate) finish: watch::Sender<Option<u64>>,
+    pub(crate) delivered: watch::Receiver<u64>,
 }
 
 /// What the loop keeps between batches.
@@ -58,7 +84,17 @@ impl Worker {
         let mut requests = self.deadline.0.clone();
         let mut listening = true;
         let mut tick = after(self.config.flush_interval);
+        if let Output::Spill(spill) = &mut self.output {
+            let drain = spill.drain.take().expect("the drain starts once");
+            spill.task = Some(tokio::spawn(drain.run()));
+        }
+        if let Some(boot) = self.boot.take()
+            && self.write(&mut Vec::new(), None, Some((Origin::Lifecycle, boot)), &mut state).await
+        {
+            return self.shut_down(batch, state).await;
+        }
         loop {
+            let sync_due = self.sync_due();
             let ticked = tokio::select! {
                 biased;
                 changed = requests.changed(), if listening => {
@@ -73,6 +109,10 @@ impl Worker {
                 _ = tokio::time::sleep_until(tick) => {
                     tick = after(self.config.flush_interval);
                     true
+                }
+                _ = tokio::time::sleep_until(sync_due.unwrap_or(tick)), if sync_due.is_some() => {
+                    self.sync_spill().await;
+                    continue;
                 }
             };
             self.shared.wake_pending.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -114,23 +154,79 @@ impl Worker {
         match state.primary.due(self.losses()) {
             // No room in front (events taken before the losses happened): the gap event goes alone first.
             Some(due) if batch.len() >= self.config.batch_size => {
-                self.write(&mut Vec::new(), Some(due), state).await || self.write(batch, None, state).await
+                self.write(&mut Vec::new(), Some(due), None, state).await || self.write(batch, None, None, state).await
             }
-            due => self.write(batch, due, state).await,
+            due => self.write(batch, due, None, state).await,
         }
     }
 
-    /// Writes `[gap] + events` to the primary sink, or failing that the events to the fallback (after its own
-    /// gap event, if one is due), and counts what became of them.
-    async fn write(&mut self, events: &mut Vec<AuditEvent>, gap: Option<Due>, state: &mut State) -> bool {
+    fn sync_due(&self) -> Option<Instant> {
+        match &self.output {
+            Output::Spill(spill) => spill.spool.sync_due(),
+            Output::Direct(_) => None,
+        }
+    }
+
+    async fn sync_spill(&mut self) {
+        if let Output::Spill(spill) = &mut self.output
+            && let Err(error) = spill.spool.sync().await
+        {
+            tracing::error!(%error, "cannot sync the audit spill");
+        }
+    }
+
+    /// Writes `[gap] + [lifecycle event] + events`: to the primary sink, or failing that the events (and the
+    /// lifecycle event) to the fallback (after its own gap event, if one is due); or, with a spill, appends
+    /// them to it. Counts what became of them. Returns `true` when the shutdown deadline passed first; the
+    /// events are then unsettled.
+    async fn write(
+        &mut self,
+        events: &mut Vec<AuditEvent>,
+        gap: Option<Due>,
+        lifecycle: Option<(Origin, AuditEvent)>,
+        state: &mut State,
+    ) -> bool {
         let n = events.len() as u64;
         let reported = gap.as_ref().map(|due| due.upto);
+        let mut origins = Vec::new();
+        let mut front = Vec::new();
         if let Some(due) = gap {
-            events.insert(0, due.event);
+            front.push(due.event);
+            origins.push(Origin::Gap);
         }
+        if let Some((origin, event)) = lifecycle {
+            front.push(event);
+            origins.push(origin);
+        }
+        events.splice(0..0, front);
         events.iter_mut().for_each(|e| self.stamper.stamp(e));
         let counters = &self.shared.counters;
-        let written = self.sinks.primary(events, &self.deadline, counters).await;
+        let sinks = match &mut self.output {
+            Output::Spill(spill) => {
+                let appended = match spill.spool.append(events, &origins).await {
+                    Ok(appended) => appended,
+                    Err(error) => {
+                        tracing::error!(%error, events = n, "cannot append to the audit spill; events lost");
+                        add(&counters.lost, n);
+                        events.clear();
+                        return false;
+                    }
+                };
+                add(&counters.spilled, appended as u64);
+                let users = appended.saturating_sub(origins.len()) as u64;
+                if users < n {
+                    tracing::error!(events = n - users, "the audit spill is full (max_bytes); events dropped");
+                    add(&counters.spill_full, n - users);
+                }
+                if let (Some(upto), true) = (reported, appended > 0) {
+                    state.primary.written(upto);
+                }
+                events.clear();
+                return false;
+            }
+            Output::Direct(sinks) => sinks,
+        };
+        let written = sinks.primary(events, &self.deadline, counters).await;
         if reported.is_some() {
             events.remove(0);
         }
@@ -144,11 +240,11 @@ impl Worker {
                 }
             }
             Written::Deadline => return true,
-            Written::Failed if self.sinks.fallback.is_none() => add(&counters.lost, n),
+            Written::Failed if sinks.fallback.is_none() => add(&counters.lost, n),
             Written::Failed => {
-                if let Some(mut due) = state.fallback.due(self.losses()) {
+                if let Some(mut due) = state.fallback.due(Losses::of(&self.shared.stats())) {
                     self.stamper.stamp(&mut due.event);
-                    match self.sinks.fallback(std::slice::from_ref(&due.event), &self.deadline, counters).await {
+                    match sinks.fallback(std::slice::from_ref(&due.event), &self.deadline, counters).await {
                         Written::Yes => {
                             add(&counters.gap_events, 1);
                             state.fallback.written(due.upto);
@@ -157,8 +253,8 @@ impl Worker {
                         Written::Deadline => return true,
                     }
                 }
-                if n > 0 {
-                    match self.sinks.fallback(events, &self.deadline, counters).await {
+                if !events.is_empty() {
+                    match sinks.fallback(events, &self.deadline, counters).await {
                         Written::Yes => add(&counters.fallback_written, n),
                         Written::Failed => add(&counters.lost, n),
                         Written::Deadline => return true,
@@ -176,8 +272,18 @@ impl Worker {
         if new.missing() == 0 || state.last_warn.is_some_and(|t| t.elapsed() < self.config.warn_interval) {
             return;
         }
-        let [queue_full, queue_bytes, wait_timeout, closed, _, sink_failed, abandoned, in_fallback] =
-            new.by_reason().map(|(_, n)| n);
+        let [
+            queue_full,
+            queue_bytes,
+            wait_timeout,
+            closed,
+            _,
+            sink_failed,
+            abandoned,
+            spill_full,
+            corrupt,
+            in_fallback,
+        ] = new.by_reason().map(|(_, n)| n);
         tracing::warn!(
             lost = new.missing(),
             queue_full,
@@ -186,6 +292,8 @@ impl Worker {
             closed,
             sink_failed,
             abandoned,
+            spill_full,
+            corrupt,
             in_fallback,
             "audit events were lost (or written to the fallback sink) since the last report"
         );
@@ -193,15 +301,18 @@ impl Worker {
         state.last_warn = Some(Instant::now());
     }
 
-    /// Intake is closed at once (by the handle, or here); what was queued is drained until the deadline, the
-    /// trails are told about the losses, the sinks flushed, and the report published. Nothing is attempted
-    /// after the deadline; what it catches is `abandoned`.
+    /// Intake is closed at once (by the handle, or here); what was queued is drained until the deadline (into
+    /// the spill, if there is one, whatever the deadline: the disk is not the sink), the trail is told about
+    /// the losses and given the `audit.shutdown` event, the sinks flushed, and the report published. Nothing
+    /// is attempted at a sink after the deadline; what it catches is `abandoned` (or, with a spill,
+    /// `left_in_spill`).
     async fn shut_down(mut self, mut batch: Vec<AuditEvent>, mut state: State) {
         self.shared.close();
         self.queue.quiesce().await;
+        let spilling = matches!(self.output, Output::Spill(_));
         let mut out_of_time = false;
         loop {
-            if self.deadline.passed() {
+            if !spilling && self.deadline.passed() {
                 out_of_time = true;
                 break;
             }
@@ -215,24 +326,63 @@ impl Worker {
                 break;
             }
         }
-        if !out_of_time {
-            if let Some(due) = state.primary.due(self.losses()) {
-                out_of_time = self.write(&mut Vec::new(), Some(due), &mut state).await;
-            }
-        }
-        let flushed = !out_of_time && self.sinks.flush(&self.deadline, &self.shared.counters).await;
         drop(batch);
+        let flushed = match &self.output {
+            Output::Direct(_) => !out_of_time && self.end_direct(&mut state).await,
+            Output::Spill(_) => self.end_spill(&mut state).await,
+        };
         self.queue.settle_rest();
         state.last_warn = None;
         self.warn_about_losses(&mut state);
         let stats = self.shared.stats();
         let report = ShutdownReport {
             stats,
-            drained: stats.abandoned == 0 && flushed,
+            drained: stats.abandoned == 0 && stats.left_in_spill == 0 && flushed,
             unreported: state.primary.unreported(Losses::of(&stats)),
         };
         tracing::info!(%stats, drained = report.drained, unreported = report.unreported, "audit pipeline shut down");
         self.report.send_replace(Some(report));
+    }
+
+    /// The last batch (the gap event due, and `audit.shutdown`), then a flush. Whether all of it succeeded.
+    async fn end_direct(&mut self, state: &mut State) -> bool {
+        let due = state.primary.due(self.losses());
+        let last = (Origin::Lifecycle, shutdown_event(&self.shared.stats()));
+        if self.write(&mut Vec::new(), due, Some(last), state).await {
+            return false;
+        }
+        let Output::Direct(sinks) = &self.output else { unreachable!("end_direct without a spill") };
+        sinks.flush(&self.deadline, &self.shared.counters).await
+    }
+
+    /// Lets the drain catch up (until the deadline), appends the gap event due and `audit.shutdown` (its counts
+    /// as of then, what is still in the spill as `left_in_spill`), syncs, marks the boot clean, and lets the
+    /// drain deliver that too if there is time. Whether the drain ended with the sink flushed.
+    async fn end_spill(&mut self, state: &mut State) -> bool {
+        let Output::Spill(spill) = &mut self.output else { unreachable!("end_spill with a spill") };
+        let end = spill.spool.end().await;
+        let mut delivered = spill.delivered.clone();
+        let _ = self.deadline.within(None, delivered.wait_for(|d| *d >= end)).await;
+        let mut stats = self.shared.stats();
+        let left = spill.spool.progress.in_spill.load(std::sync::atomic::Ordering::SeqCst);
+        stats.left_in_spill += left;
+        stats.queued = stats.queued.saturating_sub(left);
+        let due = state.primary.due(Losses::of(&stats));
+        self.write(&mut Vec::new(), due, Some((Origin::Lifecycle, shutdown_event(&stats))), state).await;
+        let Output::Spill(spill) = &mut self.output else { unreachable!("end_spill with a spill") };
+        if let Err(error) = spill.spool.sync().await {
+            tracing::error!(%error, "cannot sync the audit spill at shutdown");
+        } else if let Err(error) = spill.spool.mark_clean().await {
+            tracing::error!(%error, "cannot record the clean shutdown in the audit spill");
+        }
+        spill.finish.send_replace(Some(spill.spool.end().await));
+        let drained = match spill.task.take() {
+            Some(task) => task.await.ok(),
+            None => None,
+        };
+        let left = spill.spool.progress.in_spill.swap(0, std::sync::atomic::Ordering::SeqCst);
+        add(&self.shared.counters.left_in_spill, left);
+        drained.is_some_and(|d| d.flushed)
     }
 }
 
@@ -240,6 +390,8 @@ impl Worker {
 pub(crate) struct Queue {
     pub(crate) rx: mpsc::UnboundedReceiver<Entry>,
     pub(crate) shared: Arc<Shared>,
+    /// With a spill: what is in it is not abandoned when the worker ends, but left for the next boot.
+    pub(crate) spilled: Option<Arc<Progress>>,
 }
 
 /// What one `take` saw.
@@ -290,6 +442,9 @@ impl Queue {
         }
         while let Ok(entry) = self.rx.try_recv() {
             self.shared.gate.taken(1, entry.bytes);
+        }
+        if let Some(progress) = &self.spilled {
+            add(&self.shared.counters.left_in_spill, progress.in_spill.swap(0, std::sync::atomic::Ordering::SeqCst));
         }
         add(&self.shared.counters.abandoned, self.shared.stats().queued);
     }

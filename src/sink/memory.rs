@@ -21,7 +21,9 @@ use crate::sink::AuditSink;
 /// let (_layer, handle) = AuditLayer::builder(sink.clone()).build().unwrap();
 /// handle.record(AuditEvent::new("user.created").actor("alice"));
 /// handle.shutdown(Duration::from_secs(5)).await;
-/// assert_eq!(sink.events()[0].actor.as_deref(), Some("alice"));
+/// let events = sink.events();
+/// assert_eq!(events.len(), 3, "audit.boot, the event, audit.shutdown");
+/// assert_eq!(events[1].actor.as_deref(), Some("alice"));
 /// # }
 /// ```
 #[derive(Clone)]

@@ -1,0 +1,209 @@
+//! The worker's side of the spill: opening (with recovery) when the layer is built, and appending stamped
+//! batches. The log's file I/O runs on Tokio's blocking pool, never on the runtime's workers.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+use super::codec::{self, Origin};
+use super::log::{Log, LogOptions, OpenError, write_file_atomically};
+use super::{Spill, SyncPolicy};
+use crate::error::ConfigError;
+use crate::event::AuditEvent;
+use crate::lifecycle::Previous;
+
+/// The file that says which boot last used the directory and whether it ended cleanly.
+const BOOT_FILE: &str = "boot.json";
+
+/// The log, shared by the appending worker and the draining task (each call holds the lock briefly).
+#[derive(Clone)]
+pub(crate) struct SharedLog(Arc<Mutex<Log>>);
+
+impl SharedLog {
+    fn lock(&self) -> MutexGuard<'_, Log> {
+        // A panic inside a log call leaves the log as consistent as an I/O error would; go on.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the log on the blocking pool.
+    pub(crate) async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Log) -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
+        let log = self.clone();
+        match tokio::task::spawn_blocking(move || f(&mut log.lock())).await {
+            Ok(result) => result,
+            Err(join) => Err(io::Error::other(format!("spill I/O task failed: {join}"))),
+        }
+    }
+}
+
+/// What the worker and the drain share besides the log.
+#[derive(Debug, Default)]
+pub(crate) struct Progress {
+    /// Appended: wakes the drain.
+    pub(crate) appended: Notify,
+    /// Events (the worker's own not counted) in the spill that the sink has not confirmed yet.
+    pub(crate) in_spill: AtomicU64,
+}
+
+/// The spill as opened by `build`: the appending half, the drain's share, and what recovery found.
+pub(crate) struct Opened {
+    pub(crate) spool: Spool,
+    pub(crate) log: SharedLog,
+    pub(crate) progress: Arc<Progress>,
+    pub(crate) previous: Previous,
+    /// Corrupt records in the recovered backlog, which the drain will meet again (and not count twice).
+    pub(crate) corrupt_ahead: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BootFile {
+    boot: Uuid,
+    instance: String,
+    clean: bool,
+}
+
+/// Opens (and recovers) the spill for the boot `boot`: takes the directory's lock, cuts a torn tail, counts
+/// what is to be replayed, and records that `boot` now uses the directory (not cleanly ended, yet).
+pub(crate) fn open(spill: &Spill, instance: &str, boot: Uuid) -> Result<Opened, ConfigError> {
+    let options = LogOptions { segment_bytes: spill.segment_bytes, max_bytes: spill.max_bytes };
+    let (mut log, recovered) = Log::open(&spill.dir, options).map_err(|e| match e {
+        OpenError::Locked { dir } => ConfigError::SpillLocked { dir },
+        OpenError::Io { path, source } => ConfigError::SpillIo { path, source },
+    })?;
+    let io_error = |path: PathBuf| move |source| ConfigError::SpillIo { path, source };
+    // Count the events to replay (one read through the backlog, which recovery has just read: page cache).
+    let (mut replayed, mut corrupt_ahead, mut records) = (0, 0, Vec::new());
+    loop {
+        corrupt_ahead += log.read(4096, &mut records).map_err(io_error(spill.dir.clone()))?;
+        if records.is_empty() {
+            break;
+        }
+        replayed += records.iter().filter(|(_, payload)| codec::origin(payload) == Some(Origin::User)).count() as u64;
+    }
+    log.rewind();
+
+    let boot_path = spill.dir.join(BOOT_FILE);
+    let last = match std::fs::read(&boot_path) {
+        Ok(bytes) => serde_json::from_slice::<BootFile>(&bytes).ok().map(|b| (b.boot, b.clean)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_error(boot_path)(e)),
+    };
+    let spool = Spool {
+        log: SharedLog(Arc::new(Mutex::new(log))),
+        policy: spill.sync,
+        dir: spill.dir.clone(),
+        state: BootFile { boot, instance: instance.to_owned(), clean: false },
+        buf: Vec::new(),
+        ends: Vec::new(),
+        dirty_since: None,
+        progress: Arc::new(Progress { in_spill: AtomicU64::new(replayed), ..Progress::default() }),
+    };
+    spool.write_boot_file().map_err(io_error(boot_path))?;
+    Ok(Opened {
+        log: spool.log.clone(),
+        progress: Arc::clone(&spool.progress),
+        previous: Previous { boot: last, replayed, corrupt: recovered.corrupt, torn_bytes: recovered.torn_bytes },
+        corrupt_ahead,
+        spool,
+    })
+}
+
+/// The appending half of the spill, owned by the worker.
+pub(crate) struct Spool {
+    log: SharedLog,
+    policy: SyncPolicy,
+    dir: PathBuf,
+    state: BootFile,
+    /// The encoded batch, reused: payloads back to back, `ends[i]` where payload `i` ends.
+    buf: Vec<u8>,
+    ends: Vec<usize>,
+    /// When the first append not yet synced was made.
+    dirty_since: Option<Instant>,
+    pub(crate) progress: Arc<Progress>,
+}
+
+impl Spool {
+    /// Appends `events` (the first `origins.len()` of them the worker's own, of those origins; the rest users')
+    /// as far as the disk budget allows, and syncs under [`SyncPolicy::EveryBatch`]. Returns how many were
+    /// appended: always a prefix of `events`.
+    pub(crate) async fn append(&mut self, events: &[AuditEvent], origins: &[Origin]) -> io::Result<usize> {
+        let (mut buf, mut ends) = (std::mem::take(&mut self.buf), std::mem::take(&mut self.ends));
+        buf.clear();
+        ends.clear();
+        for (i, event) in events.iter().enumerate() {
+            codec::encode(event, origins.get(i).copied().unwrap_or(Origin::User), &mut buf);
+            ends.push(buf.len());
+        }
+        let sync_now = self.policy == SyncPolicy::EveryBatch;
+        let (result, buf, ends) = self
+            .log
+            .with(move |log| {
+                let mut start = 0;
+                let records: Vec<&[u8]> = ends
+                    .iter()
+                    .map(|&end| {
+                        let record = &buf[start..end];
+                        start = end;
+                        record
+                    })
+                    .collect();
+                let result = log.append(&records).and_then(|n| {
+                    if sync_now && n > 0 {
+                        log.sync()?;
+                    }
+                    Ok(n)
+                });
+                drop(records);
+                Ok((result, buf, ends))
+            })
+            .await?;
+        (self.buf, self.ends) = (buf, ends);
+        let appended = result?;
+        if appended > 0 {
+            let users = appended.saturating_sub(origins.len()) as u64;
+            self.progress.in_spill.fetch_add(users, SeqCst);
+            if !sync_now && self.dirty_since.is_none() {
+                self.dirty_since = Some(Instant::now());
+            }
+            self.progress.appended.notify_one();
+        }
+        Ok(appended)
+    }
+
+    /// When the appends not yet synced must be (under [`SyncPolicy::Interval`]).
+    pub(crate) fn sync_due(&self) -> Option<Instant> {
+        match (self.policy, self.dirty_since) {
+            (SyncPolicy::Interval(d), Some(since)) => Some(since + d),
+            _ => None,
+        }
+    }
+
+    /// The position the next appended record gets.
+    pub(crate) async fn end(&self) -> u64 {
+        self.log.with(|log| Ok(log.end())).await.unwrap_or(0)
+    }
+
+    /// Syncs what was appended.
+    pub(crate) async fn sync(&mut self) -> io::Result<()> {
+        self.dirty_since = None;
+        self.log.with(Log::sync).await
+    }
+
+    /// Records that this boot ended cleanly: its `audit.shutdown` event is in the spill.
+    pub(crate) async fn mark_clean(&mut self) -> io::Result<()> {
+        self.state.clean = true;
+        let (dir, bytes) = (self.dir.clone(), serde_json::to_vec(&self.state).map_err(io::Error::other)?);
+        self.log.with(move |_| write_file_atomically(&dir, BOOT_FILE, &bytes)).await
+    }
+
+    fn write_boot_file(&self) -> io::Result<()> {
+        write_file_atomically(&self.dir, BOOT_FILE, &serde_json::to_vec(&self.state).map_err(io::Error::other)?)
+    }
+}
