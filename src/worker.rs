@@ -52,6 +52,8 @@ pub(crate) enum Output {
     Direct(Sinks),
     /// Into the spill; a drain task delivers from there.
     Spill(Box<SpillOutput>),
+    /// Shut down: the spill (and its lock) released.
+    Closed,
 }
 
 pub(crate) struct SpillOutput {
@@ -163,7 +165,7 @@ impl Worker {
     fn sync_due(&self) -> Option<Instant> {
         match &self.output {
             Output::Spill(spill) => spill.spool.sync_due(),
-            Output::Direct(_) => None,
+            Output::Direct(_) | Output::Closed => None,
         }
     }
 
@@ -225,6 +227,7 @@ impl Worker {
                 return false;
             }
             Output::Direct(sinks) => sinks,
+            Output::Closed => unreachable!("nothing is written after shutdown"),
         };
         let written = sinks.primary(events, &self.deadline, counters).await;
         if reported.is_some() {
@@ -330,7 +333,10 @@ impl Worker {
         let flushed = match &self.output {
             Output::Direct(_) => !out_of_time && self.end_direct(&mut state).await,
             Output::Spill(_) => self.end_spill(&mut state).await,
+            Output::Closed => false,
         };
+        // The spill's directory is free for another pipeline once the report says the shutdown is over.
+        self.output = Output::Closed;
         self.queue.settle_rest();
         state.last_warn = None;
         self.warn_about_losses(&mut state);

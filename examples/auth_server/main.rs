@@ -16,6 +16,8 @@
 //! | `--audit layer\|inline\|off` | `AUDIT` | `layer` |
 //! | `--audit-sink sqlite\|jsonl\|postgres\|stalled` | `AUDIT_SINK` | `sqlite`; `stalled` never returns (benchmarks) |
 //! | `--audit-url URL_OR_PATH` | `AUDIT_URL` | per sink: `sqlite://DIR/auth_server_audit.db`, `DIR/auth_server_audit.jsonl`, the user store's URL |
+//! | `--spill-dir DIR` | `SPILL_DIR` | off; e.g. `data/spill`: audit batches wait on disk through a sink outage or a crash |
+//! | `--spill-sync every-batch\|interval` | `SPILL_SYNC` | `interval` (fdatasync every 200 ms; `every-batch` before each sink call) |
 //! | — | `JWT_SECRET` | generated at start |
 //! | — | `RUST_LOG` | `info` |
 //!
@@ -65,6 +67,21 @@ struct Cli {
     /// <DATA_DIR>/auth_server_audit.jsonl, or the user store's URL for postgres]
     #[arg(long, env = "AUDIT_URL")]
     audit_url: Option<String>,
+    /// A disk spill for the audit pipeline, in this directory (off when not given): events wait on disk
+    /// through a sink outage and survive a crash; a restart replays them
+    #[arg(long, env = "SPILL_DIR")]
+    spill_dir: Option<PathBuf>,
+    /// When the spill syncs its appends to disk (with --spill-dir)
+    #[arg(long, env = "SPILL_SYNC", value_enum, default_value_t = SpillSync::Interval)]
+    spill_sync: SpillSync,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SpillSync {
+    /// fdatasync after every batch, before the sink sees it.
+    EveryBatch,
+    /// fdatasync at most 200 ms after an append.
+    Interval,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -108,6 +125,12 @@ impl Cli {
             db_pool_size: self.db_pool_size,
             audit: self.audit,
             audit_sink,
+            spill: self.spill_dir.as_ref().map(|dir| {
+                tower_audit::Spill::new(dir).sync(match self.spill_sync {
+                    SpillSync::EveryBatch => tower_audit::SyncPolicy::EveryBatch,
+                    SpillSync::Interval => tower_audit::SyncPolicy::default(),
+                })
+            }),
             jwt_secret: std::env::var("JWT_SECRET").ok(),
             ..Config::default()
         }

@@ -82,11 +82,16 @@ impl Drain {
                 }
             }
             let counters = &self.shared.counters;
-            match self.sinks.primary(&events, &self.deadline, counters).await {
-                Written::Yes => {}
+            // Every record of the batch unreadable: nothing to write, but still to acknowledge.
+            let written = if events.is_empty() {
+                Written::Yes
+            } else {
+                self.sinks.primary(&events, &self.deadline, counters).await
+            };
+            if written != Written::Yes {
                 // The deadline passed (during the call, or before a retry could start): the batch stays in the
                 // spill for the next boot, and the shutdown sees it there.
-                Written::Failed | Written::Deadline => return self.end().await,
+                return self.end().await;
             }
             if let Err(error) = self.log.with(move |log| log.ack(next, false)).await {
                 // The sink has the batch; not acknowledging it only means the next boot replays it (by id).

@@ -142,6 +142,7 @@ impl Spool {
             ends.push(buf.len());
         }
         let sync_now = self.policy == SyncPolicy::EveryBatch;
+        let (progress, meta) = (Arc::clone(&self.progress), origins.len());
         let (result, buf, ends) = self
             .log
             .with(move |log| {
@@ -154,11 +155,13 @@ impl Spool {
                         record
                     })
                     .collect();
-                let result = log.append(&records).and_then(|n| {
-                    if sync_now && n > 0 {
+                let result = log.append(&records).and_then(|appended| {
+                    // Counted under the log's lock, so the drain cannot deliver (and subtract) them first.
+                    progress.in_spill.fetch_add(appended.saturating_sub(meta) as u64, SeqCst);
+                    if sync_now && appended > 0 {
                         log.sync()?;
                     }
-                    Ok(n)
+                    Ok(appended)
                 });
                 drop(records);
                 Ok((result, buf, ends))
@@ -167,8 +170,6 @@ impl Spool {
         (self.buf, self.ends) = (buf, ends);
         let appended = result?;
         if appended > 0 {
-            let users = appended.saturating_sub(origins.len()) as u64;
-            self.progress.in_spill.fetch_add(users, SeqCst);
             if !sync_now && self.dirty_since.is_none() {
                 self.dirty_since = Some(Instant::now());
             }

@@ -7,7 +7,7 @@ use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tower_audit::{AuditContext, AuditEvent, AuditHandle, AuditLayer, JsonLinesSink, PostgresSink, SqliteSink};
+use tower_audit::{AuditContext, AuditEvent, AuditHandle, AuditLayer, JsonLinesSink, PostgresSink, Spill, SqliteSink};
 
 use super::BoxError;
 use super::error::ApiError;
@@ -46,8 +46,10 @@ impl tower_audit::AuditSink for StalledSink {
     }
 }
 
-/// Builds the audit pipeline for the chosen sink. Audit rows never share the user store's pool.
-pub async fn audit_pipeline(kind: &AuditSinkKind) -> Result<(AuditLayer, AuditHandle), BoxError> {
+/// Builds the audit pipeline for the chosen sink. Audit rows never share the user store's pool. With a spill,
+/// batches wait on disk through a sink outage; without one, what the sink fails for good goes to the log
+/// (`TracingSink`) as a fallback.
+pub async fn audit_pipeline(kind: &AuditSinkKind, spill: Option<Spill>) -> Result<(AuditLayer, AuditHandle), BoxError> {
     let builder = match kind {
         AuditSinkKind::Sqlite(url) => {
             let sink = SqliteSink::connect(url).await?;
@@ -62,7 +64,11 @@ pub async fn audit_pipeline(kind: &AuditSinkKind) -> Result<(AuditLayer, AuditHa
         AuditSinkKind::JsonLines(path) => AuditLayer::builder(JsonLinesSink::open(path)?),
         AuditSinkKind::Stalled => AuditLayer::builder(StalledSink),
     };
-    Ok(builder.fallback(tower_audit::TracingSink::new()).build()?)
+    let builder = match spill {
+        Some(spill) => builder.spill(spill),
+        None => builder.fallback(tower_audit::TracingSink::new()),
+    };
+    Ok(builder.build()?)
 }
 
 /// The request's audit context, when the layer is on (a no-op otherwise).

@@ -40,6 +40,9 @@ pub struct Config {
     pub db_acquire_timeout: Duration,
     pub audit: AuditMode,
     pub audit_sink: AuditSinkKind,
+    /// A disk spill between the layer's queue and the sink (off by default): a sink outage or a crash then
+    /// loses no event that reached the disk.
+    pub spill: Option<tower_audit::Spill>,
     /// HS256 secret; generated at start when `None` (tokens then die with the process).
     pub jwt_secret: Option<String>,
     pub access_ttl: Duration,
@@ -56,6 +59,7 @@ impl Default for Config {
             db_acquire_timeout: Duration::from_secs(5),
             audit: AuditMode::Layer,
             audit_sink: AuditSinkKind::Sqlite("sqlite://data/auth_server_audit.db".to_owned()),
+            spill: None,
             jwt_secret: None,
             access_ttl: Duration::from_secs(15 * 60),
             refresh_ttl: Duration::from_secs(30 * 24 * 3600),
@@ -76,7 +80,7 @@ impl Server {
     /// Opens the user store (creating its tables), builds the audit pipeline the config asks for, and the router.
     pub async fn start(config: Config) -> Result<Self, BoxError> {
         let audit = match config.audit {
-            AuditMode::Layer => Some(audit_pipeline(&config.audit_sink).await?),
+            AuditMode::Layer => Some(audit_pipeline(&config.audit_sink, config.spill.clone()).await?),
             AuditMode::Inline | AuditMode::Off => None,
         };
         Self::start_with(config, audit).await
