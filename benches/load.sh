@@ -6,7 +6,8 @@
 # It starts one server per mode (fresh databases, all pinned to CPU 0), registers one user on each, then runs wrk
 # pinned to CPU 1 against GET /api/auth/me (bearer token) and POST /api/auth/login, REPEATS times per mode,
 # interleaved, and reports the median requests/s, p50, p99 and p99.9 latency, errors (socket errors and non-2xx),
-# and each server's peak RSS. Installs wrk from Debian's packages if it is missing.
+# and each server's peak RSS. Installs wrk from Debian's packages if it is missing. Then, unless SPILL_OUTAGE=0, runs
+# benches/load_spill_outage.sh: the spill with the Postgres audit sink frozen for 15 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -121,3 +122,9 @@ for endpoint in ("me", "login"):
     print()
 PY
 cat "$OUT"
+
+# The spill under a 15 s Postgres outage (skip with SPILL_OUTAGE=0).
+if [ "${SPILL_OUTAGE:-1}" != 0 ]; then
+  echo
+  PORT=$((PORT + 20)) bash benches/load_spill_outage.sh
+fi
