@@ -353,12 +353,22 @@ impl Worker {
     /// The last batch (the gap event due, and `audit.shutdown`), then a flush. Whether all of it succeeded.
     async fn end_direct(&mut self, state: &mut State) -> bool {
         let due = state.primary.due(self.losses());
-        let last = (Origin::Lifecycle, shutdown_event(&self.shared.stats()));
-        if self.write(&mut Vec::new(), due, Some(last), state).await {
+        let last = shutdown_event(&self.shared.stats());
+        if self.write_last(due, last, state).await {
             return false;
         }
         let Output::Direct(sinks) = &self.output else { unreachable!("end_direct without a spill") };
         sinks.flush(&self.deadline, &self.shared.counters).await
+    }
+
+    /// The last batch: the gap event due and `audit.shutdown`, in one batch unless `batch_size` is 1.
+    async fn write_last(&mut self, due: Option<Due>, shutdown: AuditEvent, state: &mut State) -> bool {
+        let last = Some((Origin::Lifecycle, shutdown));
+        if due.is_some() && self.config.batch_size < 2 {
+            return self.write(&mut Vec::new(), due, None, state).await
+                || self.write(&mut Vec::new(), None, last, state).await;
+        }
+        self.write(&mut Vec::new(), due, last, state).await
     }
 
     /// Lets the drain catch up (until the deadline), appends the gap event due and `audit.shutdown` (its counts
@@ -374,7 +384,7 @@ impl Worker {
         stats.left_in_spill += left;
         stats.queued = stats.queued.saturating_sub(left);
         let due = state.primary.due(Losses::of(&stats));
-        self.write(&mut Vec::new(), due, Some((Origin::Lifecycle, shutdown_event(&stats))), state).await;
+        self.write_last(due, shutdown_event(&stats), state).await;
         let Output::Spill(spill) = &mut self.output else { unreachable!("end_spill with a spill") };
         if let Err(error) = spill.spool.sync().await {
             tracing::error!(%error, "cannot sync the audit spill at shutdown");
