@@ -67,11 +67,11 @@ impl Running {
 
     /// Shuts the audit pipeline down and reads back every row between the pipeline's boot and shutdown events
     /// (checked to be the first and the last): (kind, outcome, actor, status, path).
-    async fn audit_rows(&self) -> Vec<(String, String, Option<String>, Option<i64>, Option<String>)> {
+    async fn audit_rows(&self) -> Vec<AuditRow> {
         let report = self.audit.as_ref().unwrap().shutdown(Duration::from_secs(30)).await;
         assert!(report.drained, "{report:?}");
         let pool = SqlitePool::connect(&self.audit_url).await.unwrap();
-        let mut rows: Vec<(String, String, Option<String>, Option<i64>, Option<String>)> =
+        let mut rows: Vec<AuditRow> =
             sqlx::query_as("SELECT kind, outcome, actor, status, path FROM audit_events ORDER BY seq")
                 .fetch_all(&pool)
                 .await
@@ -83,6 +83,9 @@ impl Running {
         rows
     }
 }
+
+/// (kind, outcome, actor, status, path)
+type AuditRow = (String, String, Option<String>, Option<i64>, Option<String>);
 
 async fn read(res: reqwest::Response) -> (StatusCode, Value) {
     let status = res.status();
