@@ -59,11 +59,6 @@ pub fn ended_cleanly(events: Vec<AuditEvent>) -> Vec<AuditEvent> {
     without_bookends(events)
 }
 
-/// The request and custom events of a trail: every pipeline event (boot, shutdown, gap) left out.
-pub fn user_events(events: &[AuditEvent]) -> Vec<AuditEvent> {
-    events.iter().filter(|e| !e.is_pipeline_event()).cloned().collect()
-}
-
 /// Lets the worker's first batch (its `audit.boot` event, alone) through to `boot`, then hands every call to
 /// `inner`: for tests of a sink that misbehaves from its first call on (stalls, fails) whose subject is the
 /// request events, not the boot.
