@@ -48,8 +48,9 @@ async fn concurrent_second_shutdown_with_shorter_timeout_returns_the_same_report
         .sink_timeout(Duration::from_secs(600))
         .build()
         .unwrap();
+    sink.pass_boot().await;
     assert!(handle.record(AuditEvent::new("a")));
-    eventually(LIMIT, || sink.entered() == 1).await;
+    eventually(LIMIT, || sink.entered() == 2).await;
 
     let h = handle.clone();
     let first = tokio::spawn(async move { h.shutdown(Duration::from_secs(60)).await });
@@ -109,7 +110,7 @@ async fn handler_panic_caught_by_a_catch_panic_middleware_is_error_with_panic_at
 
     let report = handle.shutdown(LIMIT).await;
     assert!(report.drained);
-    let events = sink.events();
+    let events = ended_cleanly(sink.events());
     assert_eq!(events.len(), 1);
     eprintln!("outcome={:?} attributes={:?}", events[0].outcome, events[0].attributes);
     assert_eq!(events[0].outcome, Outcome::Error, "a handler panic must be recorded as error, not cancelled");
@@ -136,9 +137,10 @@ struct BombOnceSink {
     written: MemorySink,
 }
 
+/// Bombs on its second call: the first one after the boot batch.
 impl AuditSink for BombOnceSink {
     async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
-        if self.calls.fetch_add(1, Ordering::SeqCst) == 0 {
+        if self.calls.fetch_add(1, Ordering::SeqCst) == 1 {
             std::panic::panic_any(Bomb);
         }
         self.written.write_batch(batch).await
@@ -154,7 +156,7 @@ async fn sink_panic_with_a_payload_that_panics_on_drop_does_not_kill_the_worker(
         .build()
         .unwrap();
     assert!(handle.record(AuditEvent::new("a")));
-    eventually(LIMIT, || sink.calls.load(Ordering::SeqCst) >= 1).await;
+    eventually(LIMIT, || sink.calls.load(Ordering::SeqCst) >= 2).await;
     for _ in 0..10 {
         tokio::task::yield_now().await;
     }
@@ -165,6 +167,7 @@ async fn sink_panic_with_a_payload_that_panics_on_drop_does_not_kill_the_worker(
     assert_eq!(report.stats.sink_panics, 1);
     assert_eq!(report.stats.written, 2);
     assert!(report.drained);
+    assert_eq!(kinds(&sink.written.events()), [kind::AUDIT_BOOT, "a", "b", kind::AUDIT_SHUTDOWN], "a retried once");
 }
 
 /// A sink future that (when `panic`) panics when polled, and again when dropped afterwards.
@@ -216,8 +219,10 @@ async fn one_sink_call_that_panics_in_poll_and_drop_counts_one_panicking_call() 
     let report = handle.shutdown(LIMIT).await;
     eprintln!("{report}; calls={}; {:?}", sink.calls.load(Ordering::SeqCst), report.stats);
     assert_eq!(report.stats.written, 1);
-    assert_eq!(sink.calls.load(Ordering::SeqCst), 2, "one panicking call, one retry");
+    // The panicking call is the first, the boot batch's; then its retry, `a`, and the shutdown batch.
+    assert_eq!(sink.calls.load(Ordering::SeqCst), 4, "one panicking call, one retry, two more batches");
     assert_eq!(report.stats.sink_panics, 1, "`sink_panics` counts sink calls that panicked");
+    assert_eq!(kinds(&sink.written.events()), [kind::AUDIT_BOOT, "a", kind::AUDIT_SHUTDOWN], "the boot written once");
 }
 
 /// Every ordinary way of panicking (make, poll, drop, flush, fallback): contained, counted, worker goes on.
@@ -270,7 +275,7 @@ impl AuditSink for Misbehaving {
 #[tokio::test(start_paused = true)]
 async fn every_ordinary_sink_panic_is_contained_and_counted() {
     let primary = Misbehaving::default();
-    *primary.mode.lock().unwrap() = vec!["drop", "poll", "make"]; // popped from the end
+    *primary.mode.lock().unwrap() = vec!["drop", "poll", "make", "ok"]; // popped from the end; "ok" for the boot
     let fallback = Misbehaving::default();
     *fallback.mode.lock().unwrap() = vec!["poll"];
     let (_layer, handle) = AuditLayer::builder(primary.clone())
@@ -373,8 +378,8 @@ async fn no_gap_event_about_nothing_missing() {
 #[tokio::test(start_paused = true)]
 async fn gap_events_never_exceed_batch_size_and_failed_gap_is_carried() {
     for batch_size in [1usize, 2, 3] {
-        // Primary fails (no retries) for the first 3 calls, fallback records.
-        let primary = ScriptedSink::new(&[Step::Fail, Step::Fail, Step::Fail]);
+        // The boot batch goes through; then the primary fails (no retries) for 3 calls, fallback records.
+        let primary = ScriptedSink::new(&[Step::Ok, Step::Fail, Step::Fail, Step::Fail]);
         let fallback = ScriptedSink::new(&[]);
         let (_layer, handle) = AuditLayer::builder(primary.clone())
             .capacity(batch_size)
@@ -460,7 +465,8 @@ impl AuditSink for StalledCounting {
 
 #[tokio::test(start_paused = true)]
 async fn deadline_abandons_queued_and_cut_calls_and_attempts_nothing_after() {
-    let primary = StalledCounting::default();
+    // The boot batch goes through; the first batch of events is cut by the deadline.
+    let primary = PassBoot::new(StalledCounting::default());
     let fallback = StalledCounting::default();
     let (_layer, handle) = AuditLayer::builder(primary.clone())
         .capacity(8)
@@ -472,7 +478,8 @@ async fn deadline_abandons_queued_and_cut_calls_and_attempts_nothing_after() {
     for i in 0..5 {
         assert!(handle.record(AuditEvent::new(format!("e{i}"))));
     }
-    eventually(LIMIT, || primary.calls.load(Ordering::SeqCst) == 1).await;
+    eventually(LIMIT, || primary.inner.calls.load(Ordering::SeqCst) == 1).await;
+    assert!(primary.booted());
     let start = tokio::time::Instant::now();
     let report = handle.shutdown(Duration::from_secs(2)).await;
     let waited = start.elapsed();
@@ -481,21 +488,22 @@ async fn deadline_abandons_queued_and_cut_calls_and_attempts_nothing_after() {
     identity(&s);
     assert_eq!((s.abandoned, s.written, s.queued, s.lost), (5, 0, 0, 0));
     assert!(!report.drained);
-    assert_eq!(primary.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(primary.inner.calls.load(Ordering::SeqCst), 1, "no shutdown event attempted after the deadline");
     assert_eq!(fallback.calls.load(Ordering::SeqCst), 0);
-    assert_eq!(primary.flushes.load(Ordering::SeqCst) + fallback.flushes.load(Ordering::SeqCst), 0);
+    assert_eq!(primary.inner.flushes.load(Ordering::SeqCst) + fallback.flushes.load(Ordering::SeqCst), 0);
     assert!(waited <= Duration::from_secs(2), "{waited:?}");
     assert_eq!(report.unreported, 5);
     // Still nothing after the deadline.
     tokio::time::sleep(Duration::from_secs(3600)).await;
-    assert_eq!(primary.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(primary.inner.calls.load(Ordering::SeqCst), 1);
     assert!(!handle.record(AuditEvent::new("late")));
     assert_eq!(handle.stats().dropped_closed, 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn retry_that_cannot_start_before_the_deadline_goes_to_fallback_not_after() {
-    let primary = ScriptedSink::new(&[Step::Fail, Step::Fail, Step::Fail, Step::Fail]);
+    // The boot batch goes through; then the primary fails.
+    let primary = ScriptedSink::new(&[Step::Ok, Step::Fail, Step::Fail, Step::Fail, Step::Fail]);
     let fallback = ScriptedSink::new(&[]);
     let (_layer, handle) = AuditLayer::builder(primary.clone())
         .batch_size(1)
@@ -504,16 +512,18 @@ async fn retry_that_cannot_start_before_the_deadline_goes_to_fallback_not_after(
         .build()
         .unwrap();
     assert!(handle.record(AuditEvent::new("a")));
-    eventually(LIMIT, || primary.calls().len() == 1).await;
+    eventually(LIMIT, || primary.calls().len() == 2).await;
     let report = handle.shutdown(Duration::from_secs(1)).await;
     eprintln!("{report}");
     assert_eq!(report.stats.fallback_written, 1);
-    // Before the deadline, shutdown tries once more to tell the primary trail (a lone gap event); it fails too.
+    // Before the deadline, shutdown tries once more to tell the primary trail (its last batch: the gap event
+    // and the shutdown event); it fails too, and the shutdown event goes to the fallback.
     let calls = primary.calls();
-    assert_eq!(calls.len(), 2);
-    assert_eq!((calls[1].len(), calls[1][0].kind.as_ref()), (1, "audit.gap"));
-    assert_eq!(calls[1][0].attributes["in_fallback"], "1");
+    assert_eq!(calls.len(), 3);
+    assert_eq!(kinds(&calls[2]), [kind::AUDIT_GAP, kind::AUDIT_SHUTDOWN]);
+    assert_eq!(calls[2][0].attributes["in_fallback"], "1");
     assert_eq!(report.unreported, 1, "the primary trail could not be told");
+    assert_eq!(kinds(&fallback.written.events()), ["a", kind::AUDIT_SHUTDOWN]);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -699,7 +709,7 @@ async fn fail_closed_worker_gone_refuses() {
         answer(200, "ok")
     }));
     assert!(handle.record(AuditEvent::new("kills the worker")));
-    eventually(LIMIT, || sink.calls.load(Ordering::SeqCst) >= 1).await;
+    eventually(LIMIT, || sink.calls.load(Ordering::SeqCst) >= 2).await;
     for _ in 0..10 {
         tokio::task::yield_now().await;
     }
@@ -771,12 +781,12 @@ async fn head_204_304_and_partial_drops() {
         let j = tokio::spawn(async move { read_body(resp.into_body()).await.ok() }).await;
         assert!(j.unwrap_err().is_panic());
         h2.shutdown(LIMIT).await;
-        let e = s2.events();
+        let e = ended_cleanly(s2.events());
         (s2, (e[0].outcome, e[0].attributes.get("panic").cloned()))
     };
     drop(layer2_sink);
     handle.shutdown(LIMIT).await;
-    let events = sink.events();
+    let events = ended_cleanly(sink.events());
     let got: Vec<_> = events.iter().map(|e| (e.path.clone().unwrap(), e.status, e.outcome)).collect();
     eprintln!("{got:?} body panic: {body_panic_outcome:?}");
     assert_eq!(
@@ -896,7 +906,7 @@ async fn shutdown_under_multithreaded_hammering_is_prompt_and_true() {
         assert_eq!(after_close_true.load(Ordering::SeqCst), 0, "record() returned true after intake closed");
         // Written seqs once each, count matches.
         let events = sink.events();
-        let real = events.iter().filter(|e| e.kind != kind::AUDIT_GAP).count() as u64;
+        let real = ended_cleanly(events.clone()).iter().filter(|e| e.kind != kind::AUDIT_GAP).count() as u64;
         assert_eq!(real, s.written);
         let mut seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
         let n = seqs.len();
@@ -1016,7 +1026,9 @@ async fn a_drop_after_the_last_gap_event_is_unreported_even_with_the_primary_up(
     // Nothing was missing when the last gap event was due; the drop came during the flush, after it: the
     // primary trail cannot learn of it in this run, and the report says so.
     assert_eq!(report.unreported, 1);
-    assert_eq!(sink.written.len(), 1, "no gap event was written");
+    let trail = sink.written.events();
+    assert_eq!(kinds(&trail), [kind::AUDIT_BOOT, "a", kind::AUDIT_SHUTDOWN], "no gap event was written");
+    assert_eq!(trail[2].attributes["dropped_closed"], "0", "the shutdown event, written before the drop");
 }
 
 #[allow(dead_code)]
@@ -1038,9 +1050,10 @@ async fn wait_request_wakes_when_room_frees_and_full_batches_do_not_wait_for_the
         .build()
         .unwrap();
     let mut svc = layer.layer(service_fn(|_req: Request<Full<Bytes>>| answer(200, "ok")));
+    sink.pass_boot().await;
     assert!(handle.record(AuditEvent::new("a")));
     assert!(handle.record(AuditEvent::new("b"))); // a full batch: wakes the worker, which blocks in the sink
-    eventually(LIMIT, || sink.entered() == 1).await;
+    eventually(LIMIT, || sink.entered() == 2).await;
     assert!(handle.record(AuditEvent::new("c")));
     assert!(handle.record(AuditEvent::new("d"))); // queue full again
     let start = tokio::time::Instant::now();
@@ -1054,14 +1067,20 @@ async fn wait_request_wakes_when_room_frees_and_full_batches_do_not_wait_for_the
     sink.open.notify_one(); // first batch written; the second (full) batch is taken at once: room frees
     let served_at = waiter.await.unwrap();
     assert!(served_at - start < Duration::from_secs(1), "the Wait request slept {:?}", served_at - start);
-    eventually(LIMIT, || sink.entered() == 2).await; // the second full batch went out without a tick
+    eventually(LIMIT, || sink.entered() == 3).await; // the second full batch went out without a tick
     sink.open.notify_one();
     let h = handle.clone();
     let report = tokio::spawn(async move { h.shutdown(LIMIT).await });
-    eventually(LIMIT, || sink.entered() == 3).await;
+    eventually(LIMIT, || sink.entered() == 4).await;
+    sink.open.notify_one();
+    eventually(LIMIT, || sink.entered() == 5).await; // the shutdown event
     sink.open.notify_one();
     let report = report.await.unwrap();
     eprintln!("{report}");
+    assert_eq!(
+        kinds(&sink.written.lock().unwrap()),
+        [kind::AUDIT_BOOT, "a", "b", "c", "d", kind::HTTP_REQUEST, kind::AUDIT_SHUTDOWN]
+    );
     assert_eq!(report.stats.written, 5);
     assert_eq!(report.stats.dropped_wait_timeout, 0);
     assert!(report.drained);

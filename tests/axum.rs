@@ -30,9 +30,10 @@ async fn serve(layer: AuditLayer) -> SocketAddr {
     addr
 }
 
+/// Shuts the pipeline down and returns what it wrote between its boot and shutdown events.
 async fn events_after(handle: &AuditHandle, sink: &MemorySink) -> Vec<AuditEvent> {
     assert!(handle.shutdown(LIMIT).await.drained);
-    sink.events()
+    common::ended_cleanly(sink.events())
 }
 
 #[tokio::test]

@@ -103,7 +103,8 @@ async fn steady_producers_cannot_starve_shutdown() {
     assert_eq!((s.written, s.abandoned, s.lost, s.queued), (s.accepted, 0, 0, 0), "{s:?}");
     assert!(report.drained);
     assert!(s.dropped_closed >= 1);
-    assert_eq!(written.len() as u64, s.written + s.gap_events);
+    // Between the boot and shutdown events: every event written, and the gap events.
+    assert_eq!(ended_cleanly(written.events()).len() as u64, s.written + s.gap_events);
 
     stop.store(true, SeqCst);
     run_for(Duration::from_millis(5)).await;
@@ -118,13 +119,17 @@ async fn steady_producers_cannot_starve_shutdown() {
 // 2. The report is true: a sink that never returns, no fallback.
 #[tokio::test(start_paused = true)]
 async fn a_stalled_sink_at_the_deadline_leaves_abandoned_events_not_failed_ones() {
-    let (_layer, handle) = AuditLayer::builder(StalledSink::default()).batch_size(10).build().unwrap();
+    // The boot batch goes through; the first batch of events is the one the sink never returns from.
+    let sink = PassBoot::new(StalledSink::default());
+    let (_layer, handle) = AuditLayer::builder(sink.clone()).batch_size(10).build().unwrap();
     for i in 0..110 {
         assert!(handle.record(AuditEvent::new("x").attribute("i", i.to_string())));
     }
     let started = Instant::now();
     let report = handle.shutdown(Duration::from_millis(300)).await;
     assert_eq!(started.elapsed(), Duration::from_millis(300));
+    assert_eq!(sink.inner.entered.load(SeqCst), 1, "10 events inside the stalled call, 100 queued");
+    assert!(sink.booted());
     let s = report.stats;
     assert_eq!((s.written, s.lost, s.fallback_written, s.abandoned, s.queued), (0, 0, 0, 110, 0), "{s:?}");
     assert!(!report.drained);
@@ -170,6 +175,11 @@ async fn nothing_is_attempted_after_the_deadline_not_even_the_fallback() {
         .fallback(fallback.clone())
         .build()
         .unwrap();
+    // The primary fails the boot batch too: it goes through the same retries into the fallback. Once it is
+    // there, the 100 events meet the deadline as they would have without it.
+    until(|| fallback.written.len() == 1).await;
+    assert_eq!(kinds(&fallback.written.events()), [kind::AUDIT_BOOT]);
+    fastrand::seed(7); // and the same retry jitter
     for i in 0..100 {
         handle.record(AuditEvent::new("x").attribute("i", i.to_string()));
     }
@@ -179,7 +189,10 @@ async fn nothing_is_attempted_after_the_deadline_not_even_the_fallback() {
     assert_eq!((s.written, s.lost, s.sink_timeouts), (0, 0, 0), "no instant zero-time attempts: {s:?}");
     assert!(s.fallback_written > 0 && s.abandoned > 0, "{s:?}");
     assert_eq!(s.fallback_written + s.abandoned, 100, "{s:?}");
-    assert_eq!(fallback.written.len() as u64, s.fallback_written + s.gap_events);
+    // The boot event, then the events and gap events; no shutdown event, as the deadline came first.
+    let in_fallback = without_bookends(fallback.written.events());
+    assert_eq!(in_fallback.len() as u64, s.fallback_written + s.gap_events);
+    assert_eq!(fallback.written.events().last().unwrap().kind, "x");
     let starts: Vec<Instant> =
         primary.starts.lock().unwrap().iter().chain(fallback.starts.lock().unwrap().iter()).copied().collect();
     assert!(starts.iter().all(|t| *t < deadline), "a call started at or after the deadline");
@@ -255,8 +268,9 @@ async fn fail_closed_with_a_full_queue_refuses_without_waiting_for_the_inner_ser
     let sink = GateSink::default();
     let (layer, handle) =
         AuditLayer::builder(sink.clone()).capacity(1).batch_size(1).overflow(Overflow::FailClosed).build().unwrap();
+    sink.pass_boot().await;
     assert!(handle.record(AuditEvent::new("first")));
-    eventually(LIMIT, || sink.entered() == 1).await;
+    eventually(LIMIT, || sink.entered() == 2).await;
     assert!(handle.record(AuditEvent::new("fills the queue")));
     let mut never_ready = tower::ServiceBuilder::new().layer(layer.clone()).service(NeverReady);
     let res = tokio::time::timeout(LIMIT, async { never_ready.ready().await.unwrap().call(get("/")).await }).await;
@@ -312,8 +326,7 @@ impl AuditSink for PanicsWhenCalled {
 
 #[tokio::test(start_paused = true)]
 async fn panics_raised_while_making_the_sink_future_are_contained_and_counted() {
-    let primary = PanicsWhenCalled { write_panics: Arc::new(AtomicUsize::new(2)), ..Default::default() };
-    let fallback = PanicsWhenCalled { write_panics: Arc::new(AtomicUsize::new(1)), ..Default::default() };
+    let (primary, fallback) = (PanicsWhenCalled::default(), PanicsWhenCalled::default());
     let (_layer, handle) = AuditLayer::builder(primary.clone())
         .batch_size(1)
         .flush_interval(Duration::from_millis(10))
@@ -321,14 +334,18 @@ async fn panics_raised_while_making_the_sink_future_are_contained_and_counted() 
         .fallback(fallback.clone())
         .build()
         .unwrap();
+    // The boot batch goes through; then the sinks start panicking, for the first event.
+    until(|| primary.inner.len() == 1).await;
+    primary.write_panics.store(2, SeqCst);
+    fallback.write_panics.store(1, SeqCst);
     assert!(handle.record(AuditEvent::new("first")));
     until(|| handle.stats().lost == 1).await;
     assert_eq!(handle.stats().sink_panics, 3, "two primary attempts and the fallback");
 
     // The worker lives on: the next event reaches the primary, behind a gap event about the first.
     assert!(handle.record(AuditEvent::new("second")));
-    until(|| primary.inner.len() == 2).await;
-    let trail = primary.inner.events();
+    until(|| primary.inner.len() == 3).await;
+    let trail = recorded(&primary.inner);
     assert_eq!((trail[0].kind.as_ref(), trail[0].attributes["sink_failed"].as_str()), (kind::AUDIT_GAP, "1"));
     assert_eq!(trail[1].kind, "second");
 
@@ -336,6 +353,7 @@ async fn panics_raised_while_making_the_sink_future_are_contained_and_counted() 
     let s = report.stats;
     assert_eq!((s.written, s.lost, s.sink_panics), (1, 1, 3 + 2), "both flushes panicked too: {s:?}");
     assert!(!report.drained, "a flush that panicked is not a flush");
+    assert_eq!(kinds(&primary.inner.events()), [kind::AUDIT_BOOT, kind::AUDIT_GAP, "second", kind::AUDIT_SHUTDOWN]);
     assert_identity(&s);
 }
 
@@ -381,15 +399,18 @@ async fn a_gap_event_never_makes_a_batch_exceed_batch_size() {
         handle.record(AuditEvent::new("x").attribute("i", i.to_string()));
     }
     handle.shutdown(LIMIT).await;
-    let sizes: Vec<usize> = sink.calls().iter().map(Vec::len).collect();
-    assert_eq!(sizes, [4, 1], "gap + 3 events, then the 4th");
-    let first = &sink.calls()[0][0];
+    let calls = sink.calls();
+    let sizes: Vec<usize> = calls.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [1, 4, 1, 1], "the boot event, gap + 3 events, the 4th, the shutdown event");
+    assert_eq!((kinds(&calls[0]), kinds(&calls[3])), (vec![kind::AUDIT_BOOT], vec![kind::AUDIT_SHUTDOWN]));
+    let first = &calls[1][0];
     assert_eq!((first.kind.as_ref(), first.attributes["queue_full"].as_str()), (kind::AUDIT_GAP, "6"));
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_gap_event_that_fails_is_carried_into_the_next_and_the_fallback_gets_its_own() {
-    let primary = ScriptedSink::new(&[Step::Fail]);
+    // The boot batch goes through; the first batch of events fails.
+    let primary = ScriptedSink::new(&[Step::Ok, Step::Fail]);
     let fallback = MemorySink::new();
     let (_layer, handle) = AuditLayer::builder(primary.clone())
         .capacity(4)
@@ -413,9 +434,8 @@ async fn a_gap_event_that_fails_is_carried_into_the_next_and_the_fallback_gets_i
     assert!(fb[1..].iter().all(|e| e.kind == "x"));
     // The primary's first gap event failed: the next one carries its counts, plus what happened since.
     let trail = primary.written.events();
-    assert_eq!(trail.len(), 2);
-    assert_eq!(trail[0].kind, kind::AUDIT_GAP);
-    assert_eq!(attrs(&trail[0]), "in_fallback=3 lost=9 queue_full=6 trail=primary");
+    assert_eq!(kinds(&trail), [kind::AUDIT_BOOT, kind::AUDIT_GAP, "x", kind::AUDIT_SHUTDOWN]);
+    assert_eq!(attrs(&trail[1]), "in_fallback=3 lost=9 queue_full=6 trail=primary");
     assert_eq!(report.unreported, 0);
     let seqs: Vec<u64> = trail.iter().chain(fb.iter()).map(|e| e.seq).collect();
     let unique: std::collections::BTreeSet<u64> = seqs.iter().copied().collect();
@@ -484,8 +504,10 @@ async fn head_204_and_304_are_recorded_with_their_status_outcome_not_cancelled()
     }
     eventually(LIMIT, || handle.stats().accepted == 4).await;
     assert!(handle.shutdown(LIMIT).await.drained);
-    let seen: Vec<_> =
-        sink.events().iter().map(|e| (e.method.clone().unwrap().into_owned(), e.status.unwrap(), e.outcome)).collect();
+    let seen: Vec<_> = ended_cleanly(sink.events())
+        .iter()
+        .map(|e| (e.method.clone().unwrap().into_owned(), e.status.unwrap(), e.outcome))
+        .collect();
     assert_eq!(
         seen,
         [
@@ -529,8 +551,7 @@ async fn a_panic_in_the_service_or_the_body_is_an_error_with_a_panic_attribute()
     assert!(body_panic.is_panic());
 
     assert!(handle.shutdown(LIMIT).await.drained);
-    let seen: Vec<_> = sink
-        .events()
+    let seen: Vec<_> = ended_cleanly(sink.events())
         .iter()
         .map(|e| (e.path.clone().unwrap(), e.status, e.outcome, e.attributes.get("panic").cloned()))
         .collect();
@@ -553,8 +574,9 @@ async fn the_queue_is_bounded_in_bytes_and_drops_past_the_budget_are_counted() {
         AuditLayer::builder(sink.clone()).capacity(1000).batch_size(1).max_queued_bytes(BUDGET).build().unwrap();
     // Each event at the limits: 32 attributes of 250 bytes, about 10 KB.
     let big = || (0..32).fold(AuditEvent::new("big"), |e, i| e.attribute(format!("a{i:02}"), "v".repeat(250)));
+    sink.pass_boot().await;
     assert!(handle.record(big()));
-    eventually(LIMIT, || sink.entered() == 1).await;
+    eventually(LIMIT, || sink.entered() == 2).await;
     let queued_before = handle.stats().queued_bytes;
     assert_eq!(queued_before, 0, "the worker's batch is out of the queue");
     let accepted = (0..100).filter(|_| handle.record(big())).count() as u64;

@@ -33,9 +33,10 @@ fn authorized<T>(message: T) -> tonic::Request<T> {
     req
 }
 
+/// Shuts the pipeline down and returns what it wrote between its boot and shutdown events.
 async fn events(handle: &AuditHandle, sink: &MemorySink) -> Vec<AuditEvent> {
     assert!(handle.shutdown(LIMIT).await.drained);
-    sink.events()
+    common::ended_cleanly(sink.events())
 }
 
 /// (kind, route, HTTP status, gRPC status, outcome, actor)

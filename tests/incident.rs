@@ -99,13 +99,15 @@ async fn layered_run(shared: bool, prefix: &str) {
     let report = handle.shutdown(Duration::from_secs(30)).await;
     assert!(report.drained, "{report:?}");
     assert_eq!(report.stats.written, REQUESTS as u64);
-    let (rows, actors): (i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT count(*), count(*) FILTER (WHERE actor = 'user@example.com' AND status = 200) FROM {table}"
+    let (rows, actors, bookends): (i64, i64, i64) = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT count(*), count(*) FILTER (WHERE actor = 'user@example.com' AND status = 200), \
+         count(*) FILTER (WHERE kind IN ('audit.boot', 'audit.shutdown')) FROM {table}"
     )))
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!((rows, actors), (REQUESTS as i64, REQUESTS as i64));
+    // Every request's event, and the pipeline's boot and shutdown events.
+    assert_eq!((rows, actors, bookends), (REQUESTS as i64 + 2, REQUESTS as i64, 2));
 }
 
 #[tokio::test]

@@ -26,10 +26,11 @@ fn pipeline() -> (AuditLayer, tower_audit::AuditHandle, MemorySink) {
     (layer, handle, sink)
 }
 
+/// Shuts the pipeline down and returns what it wrote between its boot and shutdown events.
 async fn drained(handle: &tower_audit::AuditHandle, sink: &MemorySink) -> Vec<AuditEvent> {
     let report = handle.shutdown(LIMIT).await;
     assert!(report.drained, "{report:?}");
-    sink.events()
+    ended_cleanly(sink.events())
 }
 
 #[tokio::test]
@@ -49,7 +50,7 @@ async fn one_event_when_the_body_ends_with_request_fields() {
     assert_eq!(events.len(), 1, "{events:?}");
     let e = &events[0];
     assert_eq!(e.kind, kind::HTTP_REQUEST);
-    assert_eq!(e.seq, 1);
+    assert_eq!(e.seq, 2, "after the boot event");
     assert_eq!(e.id.get_version_num(), 7);
     assert_eq!(e.method.as_deref(), Some("POST"));
     assert_eq!(e.path.as_deref(), Some("/things?token=REDACTED&x=1"));
@@ -263,7 +264,7 @@ async fn handler_sets_actor_and_attributes_and_records_security_events() {
 
     let events = drained(&handle, &sink).await;
     let kinds: Vec<_> = events.iter().map(|e| (e.seq, e.kind.as_ref())).collect();
-    assert_eq!(kinds, [(1, "auth.login_failed"), (2, "http.request"), (3, "config.reloaded")]);
+    assert_eq!(kinds, [(2, "auth.login_failed"), (3, "http.request"), (4, "config.reloaded")]);
     let (custom, request, outside) = (&events[0], &events[1], &events[2]);
     assert_eq!(custom.actor.as_deref(), Some("mallory@example.com"));
     assert_eq!(custom.outcome, Outcome::Denied);
@@ -347,7 +348,8 @@ fn building_outside_a_runtime_is_a_clear_error() {
     assert!(matches!(err, tower_audit::ConfigError::NoRuntime));
 }
 
-/// Fills a pipeline whose worker is stuck in its first batch, so the queue's free room is known exactly.
+/// Fills a pipeline whose worker is stuck in its first batch of events (the boot batch let through), so the
+/// queue's free room is known exactly.
 async fn stuck_pipeline(capacity: usize, overflow: Overflow) -> (AuditLayer, tower_audit::AuditHandle, GateSink) {
     let sink = GateSink::default();
     let (layer, handle) = AuditLayer::builder(sink.clone())
@@ -357,8 +359,9 @@ async fn stuck_pipeline(capacity: usize, overflow: Overflow) -> (AuditLayer, tow
         .overflow(overflow)
         .build()
         .unwrap();
+    sink.pass_boot().await;
     assert!(handle.record(AuditEvent::new("first")));
-    eventually(LIMIT, || sink.entered() == 1).await;
+    eventually(LIMIT, || sink.entered() == 2).await;
     for i in 0..capacity {
         assert!(handle.record(AuditEvent::new(format!("fill-{i}"))));
     }
@@ -395,9 +398,11 @@ async fn drop_policy_never_waits_and_counts_each_drop() {
     assert_eq!(gap.len(), 1);
     assert_eq!(gap[0].attributes["lost"], "4");
     assert_eq!(gap[0].attributes["queue_full"], "4");
-    assert_eq!(written.len(), 1 + 4 + 1);
+    // The boot event, `first`, the 4 queued, the gap event, the shutdown event.
+    assert_eq!(written.len(), 1 + 1 + 4 + 1 + 1);
+    assert_eq!(ended_cleanly(written.clone()).len(), 1 + 4 + 1);
     let seqs: Vec<u64> = written.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=6).collect::<Vec<_>>(), "sequence numbers are gapless in the trail");
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>(), "sequence numbers are gapless in the trail");
     assert_eq!(report.stats.written, 5, "gap events are counted apart from the events they describe");
     assert_eq!(report.stats.gap_events, 1);
 }
@@ -467,7 +472,8 @@ async fn stalled_sink_costs_requests_nothing() {
     const REQUESTS: usize = 10_000;
     const CAPACITY: usize = 256;
     const BATCH: usize = 64;
-    let sink = StalledSink::default();
+    // The boot batch goes through; the first batch of events is the one the sink never returns from.
+    let sink = PassBoot::new(StalledSink::default());
     let (layer, handle) = AuditLayer::builder(sink.clone())
         .capacity(CAPACITY)
         .batch_size(BATCH)
@@ -502,8 +508,9 @@ async fn stalled_sink_costs_requests_nothing() {
     assert!(stats.queued <= (CAPACITY + BATCH) as u64, "{stats:?}");
     // The worker holds at most one batch inside the stalled sink; the rest of what was accepted waits in the
     // queue: memory is bounded by capacity + batch.
-    let in_sink = sink.entered.load(Ordering::SeqCst) as u64 * BATCH as u64;
-    assert!(sink.entered.load(Ordering::SeqCst) <= 1);
+    let in_sink = sink.inner.entered.load(Ordering::SeqCst) as u64 * BATCH as u64;
+    assert!(sink.inner.entered.load(Ordering::SeqCst) <= 1);
+    assert!(sink.booted());
     assert_eq!(stats.accepted, stats.queued, "{stats:?}");
     assert!(stats.accepted <= CAPACITY as u64 + in_sink, "{stats:?}");
     assert_eq!(stats.written, 0);

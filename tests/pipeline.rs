@@ -25,9 +25,10 @@ async fn a_partial_batch_waits_for_the_flush_interval() {
         assert!(handle.record(e));
     }
     // The clock only moves when every task is idle, so the write happens exactly at the tick.
-    tokio::time::timeout(LIMIT, sink.wait_for(2)).await.unwrap();
+    tokio::time::timeout(LIMIT, sink.wait_for(1 + 2)).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_secs(1));
-    assert_eq!(handle.stats().batches, 1);
+    assert_eq!(handle.stats().batches, 2, "the boot batch, then the partial batch");
+    assert_eq!(recorded(&sink).len(), 2);
 }
 
 #[tokio::test(start_paused = true)]
@@ -39,20 +40,22 @@ async fn a_full_batch_is_written_without_waiting_for_the_interval() {
     for e in events(7) {
         assert!(handle.record(e));
     }
-    tokio::time::timeout(LIMIT, sink.wait_for(6)).await.unwrap();
+    // The boot event first, then two full batches.
+    tokio::time::timeout(LIMIT, sink.wait_for(1 + 6)).await.unwrap();
     assert_eq!(start.elapsed(), Duration::ZERO, "woken by the full batch, not by the tick");
-    assert_eq!(sink.len(), 6, "the partial batch waits");
-    assert_eq!(handle.stats().batches, 2);
+    assert_eq!(recorded(&sink).len(), 6, "the partial batch waits");
+    assert_eq!(handle.stats().batches, 1 + 2);
     // The seventh waits for the tick.
-    tokio::time::timeout(LIMIT * 10, sink.wait_for(7)).await.unwrap();
+    tokio::time::timeout(LIMIT * 10, sink.wait_for(1 + 7)).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_secs(60));
-    let seqs: Vec<u64> = sink.events().iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
+    let seqs: Vec<u64> = recorded(&sink).iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (2..=8).collect::<Vec<_>>(), "after the boot event's seq 1");
 }
 
 #[tokio::test(start_paused = true)]
 async fn failed_batches_are_retried_with_backoff_and_the_same_ids() {
-    let sink = ScriptedSink::new(&[Step::Fail, Step::Fail]);
+    // The boot batch goes through; the batch of events fails twice.
+    let sink = ScriptedSink::new(&[Step::Ok, Step::Fail, Step::Fail]);
     let retry =
         Retry::default().max_retries(3).base_delay(Duration::from_millis(100)).max_delay(Duration::from_secs(1));
     let (_layer, handle) = AuditLayer::builder(sink.clone())
@@ -65,15 +68,17 @@ async fn failed_batches_are_retried_with_backoff_and_the_same_ids() {
     for e in events(4) {
         handle.record(e);
     }
-    tokio::time::timeout(LIMIT, sink.written.wait_for(4)).await.unwrap();
+    tokio::time::timeout(LIMIT, sink.written.wait_for(1 + 4)).await.unwrap();
     // Two failed attempts: waits of 50–100 ms, then 100–200 ms (jittered).
     let waited = start.elapsed();
     assert!(waited >= Duration::from_millis(150) && waited <= Duration::from_millis(300), "{waited:?}");
     let calls = sink.calls();
-    assert_eq!(calls.len(), 3);
-    assert_eq!(calls[0], calls[2], "a retry sends the very same events, ids and sequence numbers included");
+    assert_eq!(calls.len(), 1 + 3);
+    assert_eq!(kinds(&calls[0]), [kind::AUDIT_BOOT]);
+    assert_eq!(calls[1].len(), 4);
+    assert_eq!(calls[1], calls[3], "a retry sends the very same events, ids and sequence numbers included");
     let stats = handle.stats();
-    assert_eq!((stats.retries, stats.written, stats.lost, stats.batches), (2, 4, 0, 1));
+    assert_eq!((stats.retries, stats.written, stats.lost, stats.batches), (2, 4, 0, 1 + 1));
 }
 
 #[test]
@@ -91,7 +96,8 @@ fn backoff_grows_exponentially_with_jitter_up_to_the_maximum() {
 
 #[tokio::test(start_paused = true)]
 async fn exhausted_retries_go_to_the_fallback_and_are_reported_in_the_trail() {
-    let primary = ScriptedSink::new(&[Step::Fail, Step::Fail, Step::Fail]);
+    // The boot batch goes through; the batch of events fails its 3 attempts.
+    let primary = ScriptedSink::new(&[Step::Ok, Step::Fail, Step::Fail, Step::Fail]);
     let fallback = MemorySink::new();
     let (_layer, handle) = AuditLayer::builder(primary.clone())
         .batch_size(5)
@@ -109,21 +115,23 @@ async fn exhausted_retries_go_to_the_fallback_and_are_reported_in_the_trail() {
 
     // The primary trail learns of the hole with the next batch.
     handle.record(AuditEvent::new("after"));
-    tokio::time::timeout(LIMIT, primary.written.wait_for(2)).await.unwrap();
-    let trail = primary.written.events();
+    tokio::time::timeout(LIMIT, primary.written.wait_for(1 + 2)).await.unwrap();
+    let trail = recorded(&primary.written);
+    assert_eq!(trail.len(), 2);
     assert_eq!(trail[0].kind, kind::AUDIT_GAP);
     assert_eq!(trail[0].attributes["in_fallback"], "5");
     assert_eq!(trail[0].attributes["lost"], "5", "missing from the primary trail");
     assert_eq!(trail[0].outcome, Outcome::Error);
     assert_eq!(trail[1].kind, "after");
-    assert_eq!(trail.iter().map(|e| e.seq).collect::<Vec<_>>(), [6, 7]);
+    assert_eq!(trail.iter().map(|e| e.seq).collect::<Vec<_>>(), [7, 8], "after the boot event and the five");
 }
 
 /// Every event of a pipeline, in either trail and gap events included, carries its instance and boot, and
 /// one sequence runs through both trails.
 #[tokio::test(start_paused = true)]
 async fn every_event_in_every_trail_carries_the_instance_and_the_boot() {
-    let primary = ScriptedSink::new(&[Step::Fail]);
+    // The boot batch goes through; the first batch of events fails into the fallback.
+    let primary = ScriptedSink::new(&[Step::Ok, Step::Fail]);
     let fallback = MemorySink::new();
     let (_layer, handle) = AuditLayer::builder(primary.clone())
         .instance("api-eu-1")
@@ -145,8 +153,11 @@ async fn every_event_in_every_trail_carries_the_instance_and_the_boot() {
         events.into_iter().map(|e| (e.kind.into_owned(), e.instance, e.boot, e.seq)).collect()
     };
     let at = |kind: &str, seq| (kind.to_owned(), Some("api-eu-1".into()), Some(handle.boot()), seq);
-    assert_eq!(stamped(fallback.events()), [at("test.event", 1), at("test.event", 2), at("test.event", 3)]);
-    assert_eq!(stamped(primary.written.events()), [at(kind::AUDIT_GAP, 4), at("after", 5)]);
+    assert_eq!(stamped(fallback.events()), [at("test.event", 2), at("test.event", 3), at("test.event", 4)]);
+    assert_eq!(
+        stamped(primary.written.events()),
+        [at(kind::AUDIT_BOOT, 1), at(kind::AUDIT_GAP, 5), at("after", 6), at(kind::AUDIT_SHUTDOWN, 7)]
+    );
 }
 
 /// Two pipelines of one process share the default instance (the host name and a random suffix) and have a
@@ -170,9 +181,10 @@ async fn two_pipelines_of_one_process_share_the_instance_and_count_their_own_boo
     assert_eq!((head, suffix.len()), (host.to_str().unwrap(), 8));
     for (sink, handle) in sinks.iter().zip(&handles) {
         assert_eq!(handle.boot().get_version_num(), 7);
-        let identity: Vec<_> = sink.events().into_iter().map(|e| (e.instance, e.boot, e.seq)).collect();
-        let at = |seq| (Some(handle.instance().into()), Some(handle.boot()), seq);
-        assert_eq!(identity, [at(1), at(2)]);
+        let identity: Vec<_> = sink.events().into_iter().map(|e| (e.kind, e.instance, e.boot, e.seq)).collect();
+        let at = |kind: &'static str, seq| (kind.into(), Some(handle.instance().into()), Some(handle.boot()), seq);
+        let event = "test.event";
+        assert_eq!(identity, [at(kind::AUDIT_BOOT, 1), at(event, 2), at(event, 3), at(kind::AUDIT_SHUTDOWN, 4)]);
     }
 }
 
@@ -216,16 +228,18 @@ async fn without_a_fallback_failed_events_are_counted_as_lost() {
 
 #[tokio::test(start_paused = true)]
 async fn a_panicking_sink_is_counted_and_auditing_goes_on() {
-    let sink = ScriptedSink::new(&[Step::Panic]);
+    // The boot batch goes through; the batch of the first event panics, then its retry succeeds.
+    let sink = ScriptedSink::new(&[Step::Ok, Step::Panic]);
     let (_layer, handle) = AuditLayer::builder(sink.clone())
         .flush_interval(Duration::from_millis(10))
         .retry(Retry::default().max_retries(1))
         .build()
         .unwrap();
     handle.record(AuditEvent::new("first"));
-    tokio::time::timeout(LIMIT, sink.written.wait_for(1)).await.unwrap();
+    tokio::time::timeout(LIMIT, sink.written.wait_for(1 + 1)).await.unwrap();
     handle.record(AuditEvent::new("second"));
-    tokio::time::timeout(LIMIT, sink.written.wait_for(2)).await.unwrap();
+    tokio::time::timeout(LIMIT, sink.written.wait_for(1 + 2)).await.unwrap();
+    assert_eq!(kinds(&recorded(&sink.written)), ["first", "second"]);
     let stats = handle.stats();
     assert_eq!((stats.sink_panics, stats.retries, stats.written, stats.lost), (1, 1, 2, 0));
 }
@@ -233,7 +247,9 @@ async fn a_panicking_sink_is_counted_and_auditing_goes_on() {
 #[tokio::test(start_paused = true)]
 async fn a_sink_that_never_returns_times_out_into_the_fallback() {
     let fallback = MemorySink::new();
-    let (_layer, handle) = AuditLayer::builder(StalledSink::default())
+    // The boot batch goes through; the batch of the event is the one that never returns.
+    let sink = PassBoot::new(StalledSink::default());
+    let (_layer, handle) = AuditLayer::builder(sink.clone())
         .flush_interval(Duration::from_millis(10))
         .sink_timeout(Duration::from_secs(2))
         .retry(Retry::none())
@@ -245,6 +261,8 @@ async fn a_sink_that_never_returns_times_out_into_the_fallback() {
     tokio::time::timeout(LIMIT, fallback.wait_for(1)).await.unwrap();
     assert_eq!(start.elapsed(), Duration::from_millis(10) + Duration::from_secs(2));
     assert_eq!(handle.stats().sink_timeouts, 1);
+    assert_eq!(kinds(&fallback.events()), ["x"]);
+    assert!(sink.booted());
 }
 
 #[tokio::test]
@@ -257,8 +275,9 @@ async fn shutdown_drains_every_queued_event_and_closes_intake() {
     }
     let report = handle.shutdown(LIMIT).await;
     assert!(report.drained);
-    assert_eq!(sink.len(), 250);
-    assert_eq!((report.stats.written, report.stats.batches, report.stats.accepted), (250, 3, 250));
+    assert_eq!(ended_cleanly(sink.events()).len(), 250);
+    // The boot batch, three batches of events, the shutdown batch.
+    assert_eq!((report.stats.written, report.stats.batches, report.stats.accepted), (250, 1 + 3 + 1, 250));
 
     assert!(!handle.record(AuditEvent::new("late")));
     assert_eq!(handle.stats().dropped_closed, 1);
@@ -268,7 +287,8 @@ async fn shutdown_drains_every_queued_event_and_closes_intake() {
 
 #[tokio::test(start_paused = true)]
 async fn shutdown_deadline_bounds_a_stalled_sink_and_reports_what_was_left() {
-    let sink = StalledSink::default();
+    // The boot batch goes through; the first batch of events is the one inside the sink at the deadline.
+    let sink = PassBoot::new(StalledSink::default());
     let (_layer, handle) = AuditLayer::builder(sink.clone())
         .batch_size(10)
         .flush_interval(Duration::from_secs(3600))
@@ -281,7 +301,8 @@ async fn shutdown_deadline_bounds_a_stalled_sink_and_reports_what_was_left() {
     let start = Instant::now();
     let report = handle.shutdown(Duration::from_secs(3)).await;
     assert_eq!(start.elapsed(), Duration::from_secs(3), "the deadline cuts the stalled write short");
-    assert_eq!(sink.entered.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(sink.inner.entered.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert!(sink.booted());
     assert!(!report.drained);
     let stats = report.stats;
     // The batch inside the sink when the deadline came and the 15 still queued are abandoned, not "failed".
@@ -321,7 +342,8 @@ async fn dropping_every_layer_and_handle_ends_the_worker_after_draining() {
     }
     drop((layer, layer2, handle));
     tokio::time::timeout(LIMIT, rx).await.expect("worker did not end").unwrap();
-    assert_eq!(memory.len(), 3);
+    // A clean end: the shutdown event last.
+    assert_eq!(ended_cleanly(memory.events()).len(), 3);
 }
 
 /// Counts `WARN` events from the worker about lost events.
@@ -365,7 +387,8 @@ async fn losses_are_warned_about_at_a_limited_rate() {
         for e in events(5) {
             handle.record(e);
         }
-        tokio::time::timeout(LIMIT, sink.wait_for(2 * (round as usize + 1) + round as usize + 1)).await.unwrap();
+        // The boot event, then per round two events and a gap event.
+        tokio::time::timeout(LIMIT, sink.wait_for(1 + 3 * (round as usize + 1))).await.unwrap();
     }
     assert_eq!(handle.stats().dropped_queue_full, 30);
     let seen = warnings.0.lock().unwrap().clone();

@@ -53,8 +53,10 @@ async fn every_field_round_trips_exactly_including_hostile_values() {
     read_body(res.into_body()).await.unwrap();
     assert!(handle.shutdown(LIMIT).await.drained);
 
+    // Every row, the boot and shutdown events' included, against what the sink was given.
     let expected = tee.copy.events();
-    assert_eq!(expected.len(), 3);
+    let events = ended_cleanly(expected.clone());
+    assert_eq!(events.len(), 3);
     let rows = sqlx::query(AssertSqlSafe(format!(
         "SELECT id::text, seq, (EXTRACT(EPOCH FROM time) * 1000000)::int8 AS micros, kind, outcome, method, route, \
          path, status, grpc_status, latency_us, request_id, actor, host(client_addr) AS client_addr, user_agent, \
@@ -89,7 +91,7 @@ async fn every_field_round_trips_exactly_including_hostile_values() {
         assert_eq!(row.get::<Option<String>, _>("boot"), e.boot.map(|b| b.to_string()));
         assert_eq!((e.instance.as_deref(), e.boot), (Some(handle.instance()), Some(handle.boot())));
     }
-    assert_eq!(expected[2].path.as_deref().unwrap().len(), 1024, "the 10 KiB path is cut to the bound");
+    assert_eq!(events[2].path.as_deref().unwrap().len(), 1024, "the 10 KiB path is cut to the bound");
 }
 
 #[tokio::test]
@@ -106,22 +108,27 @@ async fn one_statement_per_batch_and_a_retried_batch_never_duplicates() {
         handle.record(AuditEvent::new("bulk").attribute("n", i.to_string()));
     }
     let report = handle.shutdown(LIMIT).await;
-    assert_eq!((report.stats.written, report.stats.batches), (1200, 3));
-    assert_eq!(count(&admin, &table).await, 1200);
-    // Rows written by one statement share its transaction id: three batches, three transactions.
-    let transactions: i64 =
-        sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(DISTINCT xmin::text) FROM {table}")))
+    // Three batches of events, between the boot batch and the shutdown batch.
+    assert_eq!((report.stats.written, report.stats.batches), (1200, 1 + 3 + 1));
+    assert_eq!(count(&admin, &table).await, 1 + 1200 + 1);
+    // Rows written by one statement share its transaction id: three batches, three transactions (and one
+    // each for the boot and the shutdown event).
+    let transactions = async |filter: &str| -> i64 {
+        sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(DISTINCT xmin::text) FROM {table} WHERE {filter}")))
             .fetch_one(&admin)
             .await
-            .unwrap();
-    assert_eq!(transactions, 3);
+            .unwrap()
+    };
+    assert_eq!(transactions("kind = 'bulk'").await, 3);
+    assert_eq!(transactions("true").await, 5);
 
     // Send ten stored events again, as a retry would: nothing is duplicated.
-    let ids: Vec<String> =
-        sqlx::query_scalar(AssertSqlSafe(format!("SELECT id::text FROM {table} ORDER BY seq LIMIT 10")))
-            .fetch_all(&admin)
-            .await
-            .unwrap();
+    let ids: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT id::text FROM {table} WHERE kind = 'bulk' ORDER BY seq LIMIT 10"
+    )))
+    .fetch_all(&admin)
+    .await
+    .unwrap();
     let again: Vec<AuditEvent> = ids
         .iter()
         .map(|id| {
@@ -131,7 +138,7 @@ async fn one_statement_per_batch_and_a_retried_batch_never_duplicates() {
         })
         .collect();
     sink.write_batch(&again).await.unwrap();
-    assert_eq!(count(&admin, &table).await, 1200);
+    assert_eq!(count(&admin, &table).await, 1 + 1200 + 1);
 }
 
 #[tokio::test]
@@ -343,11 +350,15 @@ async fn ensure_schema_upgrades_a_version_1_table_in_place() {
     .await
     .unwrap();
     let old = |i: usize| (Some(old_ids[i].to_string()), i as i64 + 1, "v1.event".to_owned(), None, None, 1);
-    let new = |seq| {
+    let new = |seq, kind: &str| {
         let identity = (Some(handle.instance().to_owned()), Some(handle.boot().to_string()));
-        (None, seq, "v2.event".to_owned(), identity.0, identity.1, 2)
+        (None, seq, kind.to_owned(), identity.0, identity.1, 2)
     };
-    assert_eq!(rows, [old(0), old(1), new(1), new(2), new(3)]);
+    let v2 = "v2.event";
+    assert_eq!(
+        rows,
+        [old(0), old(1), new(1, "audit.boot"), new(2, v2), new(3, v2), new(4, v2), new(5, "audit.shutdown")]
+    );
 
     let mut reader = admin.begin().await.unwrap();
     sqlx::query(AssertSqlSafe(format!("SELECT count(*) FROM {table}"))).execute(&mut *reader).await.unwrap();
@@ -356,7 +367,7 @@ async fn ensure_schema_upgrades_a_version_1_table_in_place() {
         .expect("ensure_schema on an upgraded table waited for a reader's lock")
         .unwrap();
     reader.rollback().await.unwrap();
-    assert_eq!(count(&admin, &table).await, 5);
+    assert_eq!(count(&admin, &table).await, 2 + 5);
 }
 
 /// Two pipelines built one after the other on one table: the same instance, two boots, each counting from 1.
@@ -380,18 +391,19 @@ async fn two_boots_count_from_one_and_boot_seq_is_unique() {
             .await
             .unwrap();
     rows.sort();
-    let mut expected: Vec<(String, String, i64)> = [(first, 1..=3), (second, 1..=2)]
+    // Each boot: its boot event, its 3 (then 2) events, its shutdown event.
+    let mut expected: Vec<(String, String, i64)> = [(first, 1..=5), (second, 1..=4)]
         .into_iter()
         .flat_map(|(h, seqs)| seqs.map(|seq| (h.instance().to_owned(), h.boot().to_string(), seq)))
         .collect();
     expected.sort();
     assert_eq!(rows, expected);
 
-    // A retry sends the same event again: skipped on its id, nothing added.
+    // A retry sends the same event again (here the boot event): skipped on its id, nothing added.
     let stored = &runs[0].1[0];
-    assert_eq!((stored.boot, stored.seq), (Some(first.boot()), 1));
+    assert_eq!((stored.kind.as_ref(), stored.boot, stored.seq), ("audit.boot", Some(first.boot()), 1));
     sink.write_batch(std::slice::from_ref(stored)).await.unwrap();
-    assert_eq!(count(&admin, &table).await, 5);
+    assert_eq!(count(&admin, &table).await, 9);
 
     // Another event under (first boot, 1): refused through the sink, and directly.
     let mut forged = stored.clone();
@@ -414,5 +426,5 @@ async fn two_boots_count_from_one_and_boot_seq_is_unique() {
     .await
     .unwrap_err();
     assert_eq!(refused(&err), unique_violation, "{err}");
-    assert_eq!(count(&admin, &table).await, 5);
+    assert_eq!(count(&admin, &table).await, 9);
 }

@@ -36,7 +36,7 @@ async fn frozen_mid_insert_the_retry_on_a_fresh_connection_writes_every_event_on
     let sink = fx.sink().await;
     warm_up(&fx, &sink, 1).await;
     let fallback = MemorySink::new();
-    let (_layer, handle) = pipeline(sink, &fallback, 3);
+    let (_layer, handle) = pipeline(sink, &fallback, 3).await;
     let mut frozen = Frozen::default();
 
     let lock = fx.lock_table("events", "SHARE").await;
@@ -63,7 +63,7 @@ async fn frozen_through_every_retry_the_fallback_holds_the_batch_and_postgres_ne
     let sink = fx.sink().await;
     warm_up(&fx, &sink, 2).await;
     let fallback = MemorySink::new();
-    let (_layer, handle) = pipeline(sink, &fallback, 2);
+    let (_layer, handle) = pipeline(sink, &fallback, 2).await;
     let mut frozen = Frozen::default();
 
     let idle = fx.backends("true").await;
@@ -109,7 +109,7 @@ async fn frozen_in_commit_the_idempotent_retry_resolves_the_ambiguity() {
     ))
     .await;
     let fallback = MemorySink::new();
-    let (_layer, handle) = pipeline(sink, &fallback, 3);
+    let (_layer, handle) = pipeline(sink, &fallback, 3).await;
     let mut frozen = Frozen::default();
 
     let lock = fx.lock_table("gate", "EXCLUSIVE").await;
@@ -228,9 +228,10 @@ async fn warm_up(fx: &Fixture, sink: &PostgresSink, connections: usize) {
 }
 
 /// One whole batch per write; partial batches wait for shutdown, so the worker sends nothing but the batch
-/// under test while the test runs.
-fn pipeline(sink: PostgresSink, fallback: &MemorySink, max_retries: u32) -> (AuditLayer, AuditHandle) {
-    AuditLayer::builder(sink)
+/// under test while the test runs. Returns once the boot batch is written: no statement of it is in flight
+/// when the test locks a table or freezes a backend.
+async fn pipeline(sink: PostgresSink, fallback: &MemorySink, max_retries: u32) -> (AuditLayer, AuditHandle) {
+    let (layer, handle) = AuditLayer::builder(sink)
         .capacity(EVENTS)
         .batch_size(EVENTS)
         .flush_interval(Duration::from_secs(3600))
@@ -243,7 +244,9 @@ fn pipeline(sink: PostgresSink, fallback: &MemorySink, max_retries: u32) -> (Aud
         )
         .fallback(fallback.clone())
         .build()
-        .unwrap()
+        .unwrap();
+    until("the boot batch is written", async || (handle.stats().batches == 1).then_some(())).await;
+    (layer, handle)
 }
 
 fn record(handle: &AuditHandle) {
@@ -361,13 +364,27 @@ impl Ledger {
         let (in_postgres, in_fallback) = (recorded(&self.postgres), recorded(&self.fallback));
         let all: BTreeSet<usize> = in_postgres.iter().chain(&in_fallback).copied().collect();
         assert_eq!((all.len(), all.last().copied()), (EVENTS, Some(EVENTS - 1)), "every recorded event is somewhere");
-        // Gap events are counted apart (`gap_events`), not in `written` or `fallback_written`.
-        let events = |entries: &[Entry]| entries.iter().filter(|e| e.kind != "audit.gap").count() as u64;
-        let gaps =
-            self.postgres.len() + self.fallback.len() - (events(&self.postgres) + events(&self.fallback)) as usize;
+        // Besides the recorded events: gap events, counted apart (`gap_events`), and the pipeline's boot and
+        // shutdown events, counted nowhere, both in Postgres (written before the freeze and after it).
+        let count = |entries: &[Entry], kind: &str| entries.iter().filter(|e| e.kind == kind).count() as u64;
+        let (gap, boot, shutdown) = ("audit.gap", "audit.boot", "audit.shutdown");
+        let other: Vec<_> = self
+            .postgres
+            .iter()
+            .chain(&self.fallback)
+            .filter(|e| ![KIND, gap, boot, shutdown].contains(&e.kind.as_str()))
+            .map(|e| &e.kind)
+            .collect();
+        assert!(other.is_empty(), "{other:?}");
+        let bookends = |entries: &[Entry]| (count(entries, boot), count(entries, shutdown));
+        assert_eq!((bookends(&self.postgres), bookends(&self.fallback)), ((1, 1), (0, 0)), "{stats:?}");
         assert_eq!(
             (stats.written, stats.fallback_written, stats.gap_events),
-            (events(&self.postgres), events(&self.fallback), gaps as u64),
+            (
+                count(&self.postgres, KIND),
+                count(&self.fallback, KIND),
+                count(&self.postgres, gap) + count(&self.fallback, gap)
+            ),
             "`written`, `fallback_written` and `gap_events` count what Postgres and the fallback hold: {stats:?}"
         );
         (in_postgres.len(), in_fallback.len())

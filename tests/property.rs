@@ -191,7 +191,7 @@ async fn schedule(seed: u64) {
     // The counters say what the sinks hold.
     let kept = primary.kept();
     let kept_fallback = fallback.as_ref().map(Chaos::kept).unwrap_or_default();
-    let events = |trail: &[AuditEvent]| trail.iter().filter(|e| e.kind != kind::AUDIT_GAP).count() as u64;
+    let events = |trail: &[AuditEvent]| trail.iter().filter(|e| !e.is_pipeline_event()).count() as u64;
     assert_eq!(events(&kept), r.written, "{config}");
     assert_eq!(events(&kept_fallback), r.fallback_written, "{config}");
     let gaps = |trail: &[AuditEvent]| trail.iter().filter(|e| e.kind == kind::AUDIT_GAP).cloned().collect::<Vec<_>>();
@@ -203,6 +203,40 @@ async fn schedule(seed: u64) {
     assert_eq!(seqs.iter().collect::<BTreeSet<_>>().len(), seqs.len(), "{config}: a seq written twice");
     let ids: Vec<_> = kept.iter().chain(&kept_fallback).map(|e| e.id).collect();
     assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), ids.len(), "{config}: an event written twice");
+
+    // The boot event, if a trail holds it, is there once, first, as seq 1. The shutdown event, if a trail holds
+    // it, is there once, last, with the highest seq (but for a gap event of the fallback's: one written in front
+    // of the last batch is stamped when the primary failed that batch, after it), only when nothing was
+    // abandoned, with the counters that were settled by then and can no longer change.
+    let all = || kept.iter().chain(&kept_fallback);
+    let of_kind = |kind: &str| all().filter(|e| e.kind == kind).cloned().collect::<Vec<_>>();
+    let boots = of_kind(kind::AUDIT_BOOT);
+    assert!(boots.len() <= 1 && boots.iter().all(|e| e.seq == 1), "{config}: {boots:?}");
+    assert!(boots.iter().all(|e| e.boot == Some(handle.boot())), "{config}: {boots:?}");
+    // (In the fallback trail, the gap event the fallback gets for the boot batch goes in front of it.)
+    let first = [kept.first(), kept_fallback.iter().find(|e| e.kind != kind::AUDIT_GAP)];
+    assert!(boots.iter().all(|boot| first.contains(&Some(boot))), "{config}: the boot event is not first");
+    let shutdowns = of_kind(kind::AUDIT_SHUTDOWN);
+    assert!(shutdowns.len() <= 1, "{config}: {shutdowns:?}");
+    if let Some(end) = shutdowns.first() {
+        let last = [kept.last(), kept_fallback.last()];
+        assert!(last.contains(&Some(end)), "{config}: the shutdown event is not last in its trail");
+        let latest = all().filter(|e| e.kind != kind::AUDIT_GAP || kept.contains(e)).map(|e| e.seq).max();
+        assert_eq!(Some(end.seq), latest, "{config}: an event stamped after the shutdown event");
+        let counter = |name: &str| end.attributes[name].parse::<u64>().unwrap();
+        assert_eq!(
+            [
+                counter("accepted"),
+                counter("written"),
+                counter("fallback_written"),
+                counter("lost"),
+                counter("abandoned")
+            ],
+            [r.accepted, r.written, r.fallback_written, r.lost, 0],
+            "{config}: {end:?} {report:?}"
+        );
+        assert!(counter("dropped_closed") <= r.dropped_closed && counter("refused") <= r.refused, "{config}");
+    }
 
     // Gap events are not cumulative: what the primary trail was told, plus what it could not be told, is
     // exactly what is missing from it.

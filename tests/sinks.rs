@@ -5,7 +5,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tower_audit::{AuditEvent, AuditLayer, AuditSink, JsonLinesSink, Outcome, SinkError, TracingSink};
+use tower_audit::{AuditEvent, AuditLayer, AuditSink, JsonLinesSink, Outcome, SinkError, TracingSink, kind};
 
 const LIMIT: Duration = Duration::from_secs(10);
 
@@ -26,22 +26,24 @@ async fn json_lines_sink_appends_one_object_per_line_even_for_hostile_text() {
 
     let text = std::fs::read_to_string(&path).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines.len(), 5, "{text}");
     let events: Vec<AuditEvent> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_ref()).collect();
+    assert_eq!(kinds, [kind::AUDIT_BOOT, "auth.login", "auth.login", "auth.logout", kind::AUDIT_SHUTDOWN]);
     for line in &lines {
         let object: serde_json::Value = serde_json::from_str(line).unwrap();
         assert_eq!(object["version"], 2, "{line}");
         assert_eq!(object["instance"], handle.instance(), "{line}");
         assert_eq!(object["boot"], handle.boot().to_string(), "{line}");
     }
-    assert_eq!(events[1].actor.as_deref(), Some("eve\u{fffd}{\"kind\":\"forged\"}\u{fffd}\u{fffd}"));
-    assert_eq!(events[2].attributes["note"], "quotes \" and \\ and ünïcödé");
+    assert_eq!(events[2].actor.as_deref(), Some("eve\u{fffd}{\"kind\":\"forged\"}\u{fffd}\u{fffd}"));
+    assert_eq!(events[3].attributes["note"], "quotes \" and \\ and ünïcödé");
 
     // Reopening appends rather than truncating.
     let again = JsonLinesSink::open(&path).unwrap();
-    again.write_batch(&events[..1]).await.unwrap();
-    assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 4);
+    again.write_batch(&events[1..2]).await.unwrap();
+    assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 6);
 }
 
 /// A file written before schema version 2 keeps reading: its lines have no `instance` or `boot`.
@@ -57,9 +59,19 @@ async fn json_lines_written_before_version_2_still_read() {
 
     let text = std::fs::read_to_string(&path).unwrap();
     let events: Vec<AuditEvent> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let identity: Vec<_> = events.iter().map(|e| (e.version, e.instance.as_deref(), e.boot, e.seq)).collect();
-    assert_eq!(identity, [(1, None, None, 1), (2, Some(handle.instance()), Some(handle.boot()), 1)]);
-    assert_eq!((events[0].kind.as_ref(), events[0].actor.as_deref()), ("auth.login", Some("alice")));
+    let identity: Vec<_> =
+        events.iter().map(|e| (e.kind.as_ref(), e.version, e.instance.as_deref(), e.boot, e.seq)).collect();
+    let new = |kind, seq| (kind, 2, Some(handle.instance()), Some(handle.boot()), seq);
+    assert_eq!(
+        identity,
+        [
+            ("auth.login", 1, None, None, 1),
+            new(kind::AUDIT_BOOT, 1),
+            new("auth.logout", 2),
+            new(kind::AUDIT_SHUTDOWN, 3)
+        ]
+    );
+    assert_eq!(events[0].actor.as_deref(), Some("alice"));
 }
 
 #[test]
@@ -111,15 +123,17 @@ async fn tracing_sink_emits_one_event_per_audit_event_with_its_fields() {
     assert!(handle.shutdown(LIMIT).await.drained);
 
     let events = captured.0.lock().unwrap().clone();
-    assert_eq!(events.len(), 2, "{events:?}");
+    // The boot event, the two, the shutdown event.
+    assert_eq!(events.len(), 4, "{events:?}");
     let field = |i: usize, name: &str| events[i].iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
-    assert_eq!(field(0, "kind").as_deref(), Some("token.revoked"));
-    assert_eq!(field(0, "actor").as_deref(), Some("admin"));
-    assert_eq!(field(0, "seq").as_deref(), Some("1"));
-    assert_eq!(field(0, "instance").as_deref(), Some(handle.instance()));
-    assert_eq!(field(0, "boot"), Some(handle.boot().to_string()));
-    assert_eq!(field(0, "attributes").as_deref(), Some(r#"{"token_id":"t-9"}"#));
-    assert_eq!(field(1, "outcome").as_deref(), Some("denied"));
-    assert_eq!(field(1, "actor"), None, "unset fields are not recorded");
-    assert_eq!(field(1, "message").as_deref(), Some("audit event"));
+    let kinds: Vec<_> = (0..4).map(|i| field(i, "kind").unwrap()).collect();
+    assert_eq!(kinds, [kind::AUDIT_BOOT, "token.revoked", "auth.login_failed", kind::AUDIT_SHUTDOWN]);
+    assert_eq!(field(1, "actor").as_deref(), Some("admin"));
+    assert_eq!(field(1, "seq").as_deref(), Some("2"));
+    assert_eq!(field(1, "instance").as_deref(), Some(handle.instance()));
+    assert_eq!(field(1, "boot"), Some(handle.boot().to_string()));
+    assert_eq!(field(1, "attributes").as_deref(), Some(r#"{"token_id":"t-9"}"#));
+    assert_eq!(field(2, "outcome").as_deref(), Some("denied"));
+    assert_eq!(field(2, "actor"), None, "unset fields are not recorded");
+    assert_eq!(field(2, "message").as_deref(), Some("audit event"));
 }

@@ -40,8 +40,10 @@ async fn every_field_round_trips_exactly_including_hostile_values() {
     read_body(res.into_body()).await.unwrap();
     assert!(handle.shutdown(LIMIT).await.drained);
 
+    // Every row, the boot and shutdown events' included, against what the sink was given.
     let expected = tee.copy.events();
-    assert_eq!(expected.len(), 3);
+    let events = ended_cleanly(expected.clone());
+    assert_eq!(events.len(), 3);
     let rows = sqlx::query(
         "SELECT id, seq, time, kind, outcome, method, route, path, status, grpc_status, latency_us, request_id, \
          actor, client_addr, user_agent, attributes, version, instance, boot FROM audit_events ORDER BY seq",
@@ -74,8 +76,8 @@ async fn every_field_round_trips_exactly_including_hostile_values() {
         assert_eq!(row.get::<Option<String>, _>("boot"), e.boot.map(|b| b.to_string()));
         assert_eq!((e.instance.as_deref(), e.boot), (Some(handle.instance()), Some(handle.boot())));
     }
-    assert_eq!(expected[0].actor.as_deref(), Some("o'brien \"the\" ünïcödé 👀"));
-    let long = expected[2].path.as_deref().unwrap();
+    assert_eq!(events[0].actor.as_deref(), Some("o'brien \"the\" ünïcödé 👀"));
+    let long = events[2].path.as_deref().unwrap();
     assert_eq!(long.len(), 1024, "the 10 KiB path is cut to the bound");
 }
 
@@ -92,25 +94,36 @@ async fn a_batch_over_the_bind_limit_is_chunked_in_one_transaction_and_retries_n
         handle.record(AuditEvent::new("bulk").attribute("n", i.to_string()));
     }
     let report = handle.shutdown(LIMIT).await;
-    assert_eq!((report.stats.written, report.stats.batches), (5000, 1));
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&reader).await.unwrap();
-    assert_eq!(count, 5000);
+    // One batch of 5000, between the boot batch and the shutdown batch.
+    assert_eq!((report.stats.written, report.stats.batches), (5000, 1 + 1 + 1));
+    let count = async || -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE kind = 'bulk'").fetch_one(&reader).await.unwrap()
+    };
+    assert_eq!(count().await, 5000);
+    let bookends: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_events WHERE kind IN ('audit.boot', 'audit.shutdown')")
+            .fetch_one(&reader)
+            .await
+            .unwrap();
+    assert_eq!(bookends, 2);
 
     // The same events again, as a retry would send them: nothing is duplicated.
-    let again: Vec<AuditEvent> = sqlx::query_scalar::<_, String>("SELECT id FROM audit_events ORDER BY seq LIMIT 10")
-        .fetch_all(&reader)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|id| {
-            let mut e = AuditEvent::new("bulk");
-            e.id = id.parse().unwrap();
-            e
-        })
-        .collect();
+    let again: Vec<AuditEvent> =
+        sqlx::query_scalar::<_, String>("SELECT id FROM audit_events WHERE kind = 'bulk' ORDER BY seq LIMIT 10")
+            .fetch_all(&reader)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|id| {
+                let mut e = AuditEvent::new("bulk");
+                e.id = id.parse().unwrap();
+                e
+            })
+            .collect();
     sqlite.write_batch(&again).await.unwrap();
-    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&reader).await.unwrap();
-    assert_eq!(count, 5000);
+    assert_eq!(count().await, 5000);
+    let all: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&reader).await.unwrap();
+    assert_eq!(all, 5000 + 2);
     let distinct: i64 = sqlx::query_scalar("SELECT count(DISTINCT json_extract(attributes, '$.n')) FROM audit_events")
         .fetch_one(&reader)
         .await
@@ -249,11 +262,15 @@ async fn ensure_schema_upgrades_a_version_1_table_in_place() {
     .await
     .unwrap();
     let old = |i: usize| (Some(old_ids[i].to_string()), i as i64 + 1, "v1.event".to_owned(), None, None, 1);
-    let new = |seq| {
+    let new = |seq, kind: &str| {
         let identity = (Some(handle.instance().to_owned()), Some(handle.boot().to_string()));
-        (None, seq, "v2.event".to_owned(), identity.0, identity.1, 2)
+        (None, seq, kind.to_owned(), identity.0, identity.1, 2)
     };
-    assert_eq!(rows, [old(0), old(1), new(1), new(2), new(3)]);
+    let v2 = "v2.event";
+    assert_eq!(
+        rows,
+        [old(0), old(1), new(1, "audit.boot"), new(2, v2), new(3, v2), new(4, v2), new(5, "audit.shutdown")]
+    );
 }
 
 /// Two pipelines built one after the other on one table: the same instance, two boots, each counting from 1.
@@ -271,7 +288,8 @@ async fn two_boots_count_from_one_and_boot_seq_is_unique() {
     let mut rows: Vec<(String, String, i64)> =
         sqlx::query_as("SELECT instance, boot, seq FROM audit_events").fetch_all(&reader).await.unwrap();
     rows.sort();
-    let mut expected: Vec<(String, String, i64)> = [(first, 1..=3), (second, 1..=2)]
+    // Each boot: its boot event, its 3 (then 2) events, its shutdown event.
+    let mut expected: Vec<(String, String, i64)> = [(first, 1..=5), (second, 1..=4)]
         .into_iter()
         .flat_map(|(h, seqs)| seqs.map(|seq| (h.instance().to_owned(), h.boot().to_string(), seq)))
         .collect();
@@ -280,11 +298,11 @@ async fn two_boots_count_from_one_and_boot_seq_is_unique() {
     let count =
         async || -> i64 { sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&reader).await.unwrap() };
 
-    // A retry sends the same event again: skipped on its id, nothing added.
+    // A retry sends the same event again (here the boot event): skipped on its id, nothing added.
     let stored = &runs[0].1[0];
-    assert_eq!((stored.boot, stored.seq), (Some(first.boot()), 1));
+    assert_eq!((stored.kind.as_ref(), stored.boot, stored.seq), ("audit.boot", Some(first.boot()), 1));
     sqlite.write_batch(std::slice::from_ref(stored)).await.unwrap();
-    assert_eq!(count().await, 5);
+    assert_eq!(count().await, 9);
 
     // Another event under (first boot, 1): refused through the sink, and directly.
     let refused = |err: &sqlx::Error| {
@@ -312,5 +330,5 @@ async fn two_boots_count_from_one_and_boot_seq_is_unique() {
     .await
     .unwrap_err();
     assert_eq!(refused(&err), unique_violation, "{err}");
-    assert_eq!(count().await, 5);
+    assert_eq!(count().await, 9);
 }

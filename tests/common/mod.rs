@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -15,7 +15,7 @@ use http::{Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::Full;
 use tokio::sync::{Notify, mpsc};
-use tower_audit::{AuditEvent, AuditSink, SinkError};
+use tower_audit::{AuditEvent, AuditSink, MemorySink, SinkError, kind};
 
 /// Polls `condition` until it holds, yielding to other tasks in between; fails the test after `limit` of real
 /// time (so it also works, and stays bounded, under a paused Tokio clock).
@@ -24,6 +24,73 @@ pub async fn eventually(limit: Duration, mut condition: impl FnMut() -> bool) {
     while !condition() {
         assert!(std::time::Instant::now() < deadline, "condition not reached within {limit:?}");
         tokio::task::yield_now().await;
+    }
+}
+
+/// The kinds of `events`, in order.
+pub fn kinds(events: &[AuditEvent]) -> Vec<&str> {
+    events.iter().map(|e| e.kind.as_ref()).collect()
+}
+
+/// A trail without the worker's bookends. Checks that it starts with the pipeline's `audit.boot` event (seq 1)
+/// and holds no other, and that an `audit.shutdown` event, if there is one, is its last event and its only one;
+/// returns every other event, `audit.gap` events included (so a test expecting none still sees one appear).
+pub fn without_bookends(mut events: Vec<AuditEvent>) -> Vec<AuditEvent> {
+    assert_eq!(events.first().map(|e| (e.kind.as_ref(), e.seq)), Some((kind::AUDIT_BOOT, 1)), "{events:?}");
+    events.remove(0);
+    if events.last().is_some_and(|e| e.kind == kind::AUDIT_SHUTDOWN) {
+        events.pop();
+    }
+    let stray: Vec<_> =
+        events.iter().filter(|e| matches!(e.kind.as_ref(), kind::AUDIT_BOOT | kind::AUDIT_SHUTDOWN)).collect();
+    assert!(stray.is_empty(), "a boot or shutdown event out of place: {stray:?}");
+    events
+}
+
+/// What a memory sink holds between the worker's bookends: see [`without_bookends`].
+pub fn recorded(sink: &MemorySink) -> Vec<AuditEvent> {
+    without_bookends(sink.events())
+}
+
+/// The trail of a pipeline that shut down cleanly: checks it ends with its `audit.shutdown` event, and returns
+/// what lies between the bookends (see [`without_bookends`]).
+pub fn ended_cleanly(events: Vec<AuditEvent>) -> Vec<AuditEvent> {
+    assert_eq!(events.last().map(|e| e.kind.as_ref()), Some(kind::AUDIT_SHUTDOWN), "{events:?}");
+    without_bookends(events)
+}
+
+/// Lets the worker's first batch (its `audit.boot` event, alone) through to `boot`, then hands every call to
+/// `inner`: for tests of a sink that misbehaves from its first call on (stalls, fails) whose subject is the
+/// request events, not the boot.
+#[derive(Clone, Default)]
+pub struct PassBoot<S> {
+    pub inner: S,
+    pub boot: MemorySink,
+    passed: Arc<AtomicBool>,
+}
+
+impl<S> PassBoot<S> {
+    pub fn new(inner: S) -> Self {
+        Self { inner, boot: MemorySink::new(), passed: Arc::default() }
+    }
+
+    /// Whether the first call held the boot event alone, and went through.
+    pub fn booted(&self) -> bool {
+        kinds(&self.boot.events()) == [kind::AUDIT_BOOT]
+    }
+}
+
+impl<S: AuditSink> AuditSink for PassBoot<S> {
+    async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
+        if self.passed.swap(true, Ordering::SeqCst) {
+            self.inner.write_batch(batch).await
+        } else {
+            self.boot.write_batch(batch).await
+        }
+    }
+
+    async fn flush(&self) -> Result<(), SinkError> {
+        self.inner.flush().await
     }
 }
 
@@ -38,6 +105,21 @@ pub struct GateSink {
 impl GateSink {
     pub fn entered(&self) -> usize {
         self.entered.load(Ordering::SeqCst)
+    }
+
+    /// Lets the worker's first batch through: its `audit.boot` event, alone. Then `entered() == 1`, `written`
+    /// holds that event, and the next call is the first with request or custom events.
+    pub async fn pass_boot(&self) {
+        eventually(Duration::from_secs(10), || self.entered() == 1).await;
+        // Notified until written (the call may not be waiting yet), never after: the next call stays shut.
+        eventually(Duration::from_secs(10), || {
+            !self.written.lock().unwrap().is_empty() || {
+                self.open.notify_waiters();
+                false
+            }
+        })
+        .await;
+        assert_eq!(kinds(&self.written.lock().unwrap()), [kind::AUDIT_BOOT]);
     }
 
     /// Shuts the pipeline down while holding the gate open, so every batch goes through.
