@@ -1,1 +1,0 @@
-//! The segment log (being written).
