@@ -817,3 +817,19 @@ fn segment_names_round_trip() {
         assert_eq!(parse_segment_name(name), None, "{name}");
     }
 }
+
+#[test]
+fn a_log_can_move_to_a_blocking_thread() {
+    fn assert_send<T: Send + 'static>() {}
+    assert_send::<Log>();
+    let dir = TempDir::new().unwrap();
+    let (mut log, _) = open(dir.path(), options(1 << 20, 1 << 20));
+    append(&mut log, 0..3);
+    let mut log = std::thread::spawn(move || {
+        assert_eq!(read_all(&mut log), ((0..3).collect(), 0));
+        log
+    })
+    .join()
+    .unwrap();
+    append(&mut log, 3..4);
+}
