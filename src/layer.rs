@@ -466,7 +466,6 @@ impl AuditLayerBuilder {
                     shared: Arc::clone(&shared),
                     deadline: deadline.clone(),
                     batch_size: self.batch_size,
-                    corrupt_ahead: opened.corrupt_ahead,
                     finish: finish_rx,
                     delivered: delivered_tx,
                 };

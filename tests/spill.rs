@@ -152,7 +152,7 @@ async fn what_is_left_in_the_spill_at_shutdown_is_replayed_by_the_next_boot() {
     let first = Switch::down();
     let (_layer, handle) = build(&first, Spill::new(dir.path()), 64);
     let boot1 = handle.boot();
-    record(&handle, 0..300, 100).await;
+    record(&handle, 0..300, 50).await;
     // The sink is still down: shutdown gives up at its deadline and leaves everything in the spill.
     let report = handle.shutdown(Duration::from_millis(200)).await;
     let s = report.stats;
@@ -193,7 +193,7 @@ async fn a_flipped_byte_costs_exactly_that_record_which_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let first = Switch::down();
     let (_layer, handle) = build(&first, Spill::new(dir.path()), 64);
-    record(&handle, 0..100, 100).await;
+    record(&handle, 0..100, 50).await;
     assert_eq!(handle.shutdown(Duration::from_millis(100)).await.stats.left_in_spill, 100);
 
     // Flip one byte inside the record of e42 (its actor is in the payload as plain text).
@@ -259,7 +259,7 @@ async fn one_pipeline_per_directory() {
     let sink = Switch::default();
     let (_layer, handle) = build(&sink, Spill::new(dir.path()), 64);
     let second = AuditLayer::builder(MemorySink::new()).spill(Spill::new(dir.path())).build();
-    let err = second.err().expect("a second pipeline on the directory is refused");
+    let err = second.expect_err("a second pipeline on the directory is refused");
     assert!(matches!(&err, ConfigError::SpillLocked { dir: d } if d == dir.path()), "{err:?}");
     let message = err.to_string();
     assert!(message.contains(&dir.path().display().to_string()) && message.contains("LOCK"), "{message}");

@@ -21,8 +21,6 @@ pub(crate) struct Drain {
     pub(crate) shared: Arc<Shared>,
     pub(crate) deadline: Deadline,
     pub(crate) batch_size: usize,
-    /// Corrupt records in the recovered backlog, already counted when the spill was opened.
-    pub(crate) corrupt_ahead: u64,
     /// The worker's orders: `Some(lsn)` means "stop once everything before `lsn` is delivered".
     pub(crate) finish: watch::Receiver<Option<u64>>,
     /// The first record not yet delivered, for the worker to watch.
@@ -60,7 +58,7 @@ impl Drain {
                 }
             };
             records = got;
-            self.count_corrupt(corrupt);
+            add(&self.shared.counters.corrupt, corrupt);
             if records.is_empty() {
                 if self.wait(Some(next)).await {
                     return self.end().await;
@@ -105,13 +103,6 @@ impl Drain {
             self.progress.in_spill.fetch_sub(users, SeqCst);
             self.delivered.send_replace(next);
         }
-    }
-
-    /// Corrupt records met in the recovered backlog were counted at open; only the others are new.
-    fn count_corrupt(&mut self, corrupt: u64) {
-        let known = corrupt.min(self.corrupt_ahead);
-        self.corrupt_ahead -= known;
-        add(&self.shared.counters.corrupt, corrupt - known);
     }
 
     /// Waits for an append, or for the order to finish. Returns `true` when the drain is to end: finishing and

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 pub(crate) mod codec;
 pub(crate) mod drain;
-#[allow(dead_code)]
 pub(crate) mod log;
 pub(crate) mod spool;
 

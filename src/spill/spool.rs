@@ -58,8 +58,6 @@ pub(crate) struct Opened {
     pub(crate) log: SharedLog,
     pub(crate) progress: Arc<Progress>,
     pub(crate) previous: Previous,
-    /// Corrupt records in the recovered backlog, which the drain will meet again (and not count twice).
-    pub(crate) corrupt_ahead: u64,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -78,10 +76,11 @@ pub(crate) fn open(spill: &Spill, instance: &str, boot: Uuid) -> Result<Opened, 
         OpenError::Io { path, source } => ConfigError::SpillIo { path, source },
     })?;
     let io_error = |path: PathBuf| move |source| ConfigError::SpillIo { path, source };
-    // Count the events to replay (one read through the backlog, which recovery has just read: page cache).
-    let (mut replayed, mut corrupt_ahead, mut records) = (0, 0, Vec::new());
+    // Count the events to replay (one read through the backlog, which recovery has just read: page cache). The
+    // log reports each corrupt record once, at open or at the first read that meets it.
+    let (mut replayed, mut corrupt, mut records) = (0, recovered.corrupt, Vec::new());
     loop {
-        corrupt_ahead += log.read(4096, &mut records).map_err(io_error(spill.dir.clone()))?;
+        corrupt += log.read(4096, &mut records).map_err(io_error(spill.dir.clone()))?;
         if records.is_empty() {
             break;
         }
@@ -109,8 +108,7 @@ pub(crate) fn open(spill: &Spill, instance: &str, boot: Uuid) -> Result<Opened, 
     Ok(Opened {
         log: spool.log.clone(),
         progress: Arc::clone(&spool.progress),
-        previous: Previous { boot: last, replayed, corrupt: recovered.corrupt, torn_bytes: recovered.torn_bytes },
-        corrupt_ahead,
+        previous: Previous { boot: last, replayed, corrupt, torn_bytes: recovered.torn_bytes },
         spool,
     })
 }
