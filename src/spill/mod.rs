@@ -81,9 +81,9 @@ impl Default for SyncPolicy {
 /// The default [`SyncPolicy::Interval`].
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_millis(200);
 /// The default [`Spill::max_bytes`]: 1 GiB.
-pub const DEFAULT_SPILL_MAX_BYTES: u64 = 1 << 30;
+pub const DEFAULT_SPILL_MAX_BYTES: u64 = log::DEFAULT_MAX_BYTES;
 /// The default [`Spill::segment_bytes`]: 64 MiB.
-pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
+pub const DEFAULT_SEGMENT_BYTES: u64 = log::DEFAULT_SEGMENT_BYTES;
 
 impl Spill {
     /// A spill in `dir` (created if missing), with [`SyncPolicy::default`], [`DEFAULT_SPILL_MAX_BYTES`] and
