@@ -312,13 +312,16 @@ mod rfc3339 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    #[test]
-    fn json_round_trip_keeps_every_field() {
-        let mut event =
-            AuditEvent::new("auth.login").actor("bob").outcome(Outcome::Denied).attribute("reason", "bad_password");
+    /// An event with every field set (and text that needs escaping), for round-trip tests.
+    pub(crate) fn every_field() -> AuditEvent {
+        let mut event = AuditEvent::new("auth.login")
+            .actor("bob")
+            .outcome(Outcome::Denied)
+            .attribute("reason", "bad_password")
+            .attribute("quote", "v\"\n");
         event.id = Uuid::from_u128(42);
         event.instance = Some("web-1-5f3a9c1e".into());
         event.boot = Some(Uuid::from_u128(7));
@@ -333,6 +336,12 @@ mod tests {
         event.client_addr = Some("203.0.113.9".parse().unwrap());
         event.user_agent = Some("curl/8".into());
         event.time = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_123_456);
+        event
+    }
+
+    #[test]
+    fn json_round_trip_keeps_every_field() {
+        let event = every_field();
 
         let json = serde_json::to_string(&event).unwrap();
         assert!(json.contains(r#""time":"2023-11-14T22:13:20.123456Z""#), "{json}");

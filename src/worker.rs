@@ -275,29 +275,11 @@ impl Worker {
         if new.missing() == 0 || state.last_warn.is_some_and(|t| t.elapsed() < self.config.warn_interval) {
             return;
         }
-        let [
-            queue_full,
-            queue_bytes,
-            wait_timeout,
-            closed,
-            _,
-            sink_failed,
-            abandoned,
-            spill_full,
-            corrupt,
-            in_fallback,
-        ] = new.by_reason().map(|(_, n)| n);
+        let by_reason: Vec<String> =
+            new.by_reason().iter().filter(|(_, n)| *n > 0).map(|(reason, n)| format!("{reason}={n}")).collect();
         tracing::warn!(
             lost = new.missing(),
-            queue_full,
-            queue_bytes,
-            wait_timeout,
-            closed,
-            sink_failed,
-            abandoned,
-            spill_full,
-            corrupt,
-            in_fallback,
+            by_reason = %by_reason.join(" "),
             "audit events were lost (or written to the fallback sink) since the last report"
         );
         state.warned = now;

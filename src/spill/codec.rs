@@ -63,30 +63,12 @@ pub(crate) fn decode(payload: &[u8]) -> Result<(Origin, AuditEvent), DecodeError
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, SystemTime};
-
-    use uuid::Uuid;
-
     use super::*;
-    use crate::Outcome;
 
     #[test]
     fn every_field_survives_a_round_trip() {
-        let mut event = AuditEvent::new("auth.login").actor("bob").outcome(Outcome::Denied).attribute("k", "v\"\n");
-        event.id = Uuid::from_u128(42);
-        event.instance = Some("web-1".into());
-        event.boot = Some(Uuid::from_u128(7));
-        event.seq = 9;
-        event.method = Some("POST".into());
-        event.route = Some("/login".into());
-        event.path = Some("/login?x=1".into());
-        event.status = Some(401);
-        event.grpc_status = Some(16);
-        event.latency_us = Some(1234);
-        event.request_id = Some("req-1".into());
+        let mut event = crate::event::tests::every_field();
         event.client_addr = Some("2001:db8::1".parse().unwrap());
-        event.user_agent = Some("curl/8".into());
-        event.time = SystemTime::UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456);
         let mut payload = Vec::new();
         encode(&event, Origin::Gap, &mut payload);
         assert_eq!(origin(&payload), Some(Origin::Gap));
