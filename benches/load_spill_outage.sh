@@ -76,7 +76,7 @@ echo "frozen for ${FREEZE}s: $outage" >&2
 stats=""
 for _ in $(seq 1 600); do
   stats=$(curl -s "$base/api/audit/stats")
-  python3 -c 'import json,sys; s=json.loads(sys.argv[1]); sys.exit(0 if s["queued"] == 0 else 1)' "$stats" && break
+  python3 -c 'import json,sys; s=json.loads(sys.argv[1])["stats"]; sys.exit(0 if s["queued"] == 0 else 1)' "$stats" && break
   sleep 0.1
 done
 rows=$("${PSQL[@]}" -d "$DB" -c "SELECT count(*) FROM audit_events WHERE kind <> 'audit.boot' AND kind <> 'audit.gap'")
@@ -86,7 +86,7 @@ python3 - "$healthy" "$outage" "$stats" "$rows" "$DURATION" "$FREEZE" "$CONNECTI
 import json, sys
 healthy, outage, stats, rows, duration, freeze, conns = sys.argv[1:]
 parse = lambda line: {k: float(v) for k, v in (kv.split("=") for kv in line.split()[1:])}
-h, o, s = parse(healthy), parse(outage), json.loads(stats)
+h, o, s = parse(healthy), parse(outage), json.loads(stats)["stats"]
 dropped = sum(s[k] for k in ("dropped_queue_full", "dropped_queue_bytes", "dropped_wait_timeout", "spill_full", "lost"))
 print(f"wrk -t1 -c{conns} -d{duration}s against GET /api/auth/me, the audit sink Postgres through a disk spill;")
 print(f"second run: every backend of the audit database frozen (SIGSTOP) for {freeze} s mid-run.\n")
