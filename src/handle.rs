@@ -42,7 +42,8 @@ const REPORT_GRACE: Duration = Duration::from_millis(100);
 pub struct ShutdownReport {
     /// The final counters.
     pub stats: Stats,
-    /// `true` when the queue was emptied before the deadline (nothing `abandoned`) and both sinks flushed.
+    /// `true` when the queue was emptied before the deadline (nothing `abandoned`), the sink took everything in
+    /// the spill if there is one (nothing `left_in_spill`), and the sinks were flushed.
     /// It says nothing about events dropped or lost earlier: see [`Stats::missing`].
     pub drained: bool,
     /// Events missing from the primary trail (dropped, lost, abandoned, or written to the fallback instead)
