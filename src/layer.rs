@@ -453,18 +453,19 @@ impl AuditLayerBuilder {
             None => (Output::Direct(sinks), None, boot_event(&settings, None)),
             Some(spill) => {
                 let opened = spool::open(spill, &instance, boot)?;
-                add(&shared.counters.recovered, opened.previous.replayed);
+                add(&shared.counters.recovered, opened.previous.replayed + opened.previous.corrupt);
                 add(&shared.counters.corrupt, opened.previous.corrupt);
                 // With a spill, a batch is retried until the sink takes it (or shutdown's deadline passes).
                 sinks.retry = sinks.retry.max_retries(u32::MAX);
                 let (finish_tx, finish_rx) = watch::channel(None);
                 let (delivered_tx, delivered_rx) = watch::channel(0);
+                let (drain_deadline_tx, drain_deadline_rx) = watch::channel(None);
                 let drain = Drain {
                     log: opened.log,
                     progress: Arc::clone(&opened.progress),
                     sinks,
                     shared: Arc::clone(&shared),
-                    deadline: deadline.clone(),
+                    deadline: Deadline(drain_deadline_rx),
                     batch_size: self.batch_size,
                     finish: finish_rx,
                     delivered: delivered_tx,
@@ -475,6 +476,7 @@ impl AuditLayerBuilder {
                     task: None,
                     finish: finish_tx,
                     delivered: delivered_rx,
+                    deadline: drain_deadline_tx,
                 }));
                 (output, Some(opened.progress), boot_event(&settings, Some(&opened.previous)))
             }

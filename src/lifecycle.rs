@@ -20,11 +20,21 @@ pub(crate) struct Settings {
     pub(crate) spill: Option<(SyncPolicy, u64)>,
 }
 
+/// The last boot on a spill directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Last {
+    /// No boot had used it.
+    None,
+    /// Some boot had (records are there), but the file that names it is missing or unreadable.
+    Unknown,
+    /// This boot, and whether it ended cleanly.
+    Boot(Uuid, bool),
+}
+
 /// What a spill knew, at start, about the boots before this one.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct Previous {
-    /// The last boot on the directory, and whether it ended cleanly (`None`: no boot had used it).
-    pub(crate) boot: Option<(Uuid, bool)>,
+    pub(crate) boot: Last,
     /// Events of earlier boots found unacknowledged, to be replayed (the worker's own events not counted).
     pub(crate) replayed: u64,
     /// Records skipped because they failed their checksum: known lost.
@@ -60,11 +70,15 @@ pub(crate) fn boot_event(settings: &Settings, previous: Option<&Previous>) -> Au
     }
     if let Some(previous) = previous {
         match previous.boot {
-            Some((boot, clean)) => {
+            Last::Boot(boot, clean) => {
                 attributes.push(("previous_boot", boot.to_string()));
                 attributes.push(("previous_ended", if clean { "clean" } else { "crashed" }.to_owned()));
             }
-            None => attributes.push(("previous_boot", "none".to_owned())),
+            Last::None => attributes.push(("previous_boot", "none".to_owned())),
+            Last::Unknown => {
+                attributes.push(("previous_boot", "unknown".to_owned()));
+                attributes.push(("previous_ended", "unknown".to_owned()));
+            }
         }
         attributes.push(("replayed", previous.replayed.to_string()));
         attributes.push(("corrupt", previous.corrupt.to_string()));
@@ -101,7 +115,7 @@ mod tests {
             overflow: Overflow::Wait(Duration::from_millis(5)),
             spill: Some((SyncPolicy::EveryBatch, 4096)),
         };
-        let previous = Previous { boot: Some((Uuid::from_u128(3), false)), replayed: 7, corrupt: 1, torn_bytes: 9 };
+        let previous = Previous { boot: Last::Boot(Uuid::from_u128(3), false), replayed: 7, corrupt: 1, torn_bytes: 9 };
         let event = boot_event(&settings, Some(&previous));
         assert_eq!(event.kind, kind::AUDIT_BOOT);
         let got: Vec<_> = event.attributes.iter().map(|(k, v)| format!("{k}={v}")).collect();

@@ -46,6 +46,7 @@ impl Counters {
         let spill_full = load(&self.spill_full);
         let left_in_spill = load(&self.left_in_spill);
         let recovered = load(&self.recovered);
+        let corrupt = load(&self.corrupt);
         let accepted = load(&self.accepted);
         Stats {
             accepted,
@@ -62,7 +63,7 @@ impl Counters {
             spill_full,
             left_in_spill,
             queued: (accepted + recovered)
-                .saturating_sub(written + fallback_written + lost + abandoned + spill_full + left_in_spill),
+                .saturating_sub(written + fallback_written + lost + abandoned + spill_full + left_in_spill + corrupt),
             queued_bytes,
             batches: load(&self.batches),
             retries: load(&self.retries),
@@ -70,7 +71,7 @@ impl Counters {
             sink_timeouts: load(&self.sink_timeouts),
             gap_events: load(&self.gap_events),
             spilled: load(&self.spilled),
-            corrupt: load(&self.corrupt),
+            corrupt,
         }
     }
 }
@@ -84,10 +85,11 @@ impl Counters {
 ///
 /// ```text
 /// offered  = accepted + dropped_queue_full + dropped_queue_bytes + dropped_wait_timeout + dropped_closed + refused
-/// accepted + recovered = written + fallback_written + lost + abandoned + spill_full + left_in_spill + queued
+/// accepted + recovered = written + fallback_written + lost + abandoned + spill_full + left_in_spill + corrupt
+///                        + queued
 /// ```
 ///
-/// The spill's buckets (`recovered`, `spill_full`, `left_in_spill`) stay 0 without a
+/// The spill's buckets (`recovered`, `spill_full`, `left_in_spill`, `corrupt`) stay 0 without a
 /// [`Spill`](crate::Spill): then `accepted = written + fallback_written + lost + abandoned + queued`.
 ///
 /// Every field but `queued` and `queued_bytes` only ever grows. The worker's own events (`audit.gap`,
@@ -107,7 +109,7 @@ impl Counters {
 /// assert_eq!(s.offered(), s.accepted + s.dropped() + s.refused);
 /// assert_eq!(
 ///     s.accepted + s.recovered,
-///     s.written + s.fallback_written + s.lost + s.abandoned + s.spill_full + s.left_in_spill + s.queued
+///     s.written + s.fallback_written + s.lost + s.abandoned + s.spill_full + s.left_in_spill + s.corrupt + s.queued
 /// );
 /// assert_eq!((s.offered(), s.written, s.queued), (1, 1, 0));
 /// # }
@@ -139,8 +141,9 @@ pub struct Stats {
     /// Accepted events the shutdown deadline caught before a sink confirmed them: still queued, or inside a
     /// sink call cut short by the deadline (such a call may have committed some of them).
     pub abandoned: u64,
-    /// Events of earlier boots found unacknowledged in the [`Spill`](crate::Spill) when this pipeline started;
-    /// they are replayed into the sink (and then counted as `written`) like this boot's own.
+    /// Events of earlier boots found unacknowledged in the [`Spill`](crate::Spill) when this pipeline started
+    /// (records that failed their checksum included: they are also counted in `corrupt`); they are replayed
+    /// into the sink (and then counted as `written`) like this boot's own.
     pub recovered: u64,
     /// Accepted events dropped because the spill's disk budget (`Spill::max_bytes`) had no room for them.
     pub spill_full: u64,
@@ -164,8 +167,10 @@ pub struct Stats {
     pub gap_events: u64,
     /// Events appended to the spill (this boot's, the worker's own included). Not part of the identity.
     pub spilled: u64,
-    /// Spill records skipped because they failed their checksum (at start, or read back later): events that
-    /// reached no trail. Not part of the identity (their boot is unknown); reported by a gap event.
+    /// Spill records skipped because they failed their checksum or could not be decoded (at start, or read back
+    /// later): events that reached no trail, reported by a gap event. A record's origin is unknown once it is
+    /// corrupt: it is taken for an event (one of the worker's own, at most one per batch, would make the
+    /// identity's right side one too high).
     pub corrupt: u64,
 }
 

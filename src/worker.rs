@@ -63,7 +63,14 @@ pub(crate) struct SpillOutput {
     pub(crate) task: Option<JoinHandle<Drained>>,
     pub(crate) finish: watch::Sender<Option<u64>>,
     pub(crate) delivered: watch::Receiver<u64>,
+    /// The drain's deadline: the handle's, once shutdown begins, or [`DISCONNECT_GRACE`] from when every
+    /// handle and producer went away without one.
+    pub(crate) deadline: watch::Sender<Option<Instant>>,
 }
+
+/// With a spill, when every handle and producer is gone without a shutdown, the sink gets this long to take
+/// the backlog; the rest stays on disk for the next boot, and the directory is released.
+pub(crate) const DISCONNECT_GRACE: Duration = Duration::from_secs(1);
 
 /// What the loop keeps between batches.
 struct State {
@@ -72,6 +79,8 @@ struct State {
     /// Losses already warned about through `tracing`, and when.
     warned: Losses,
     last_warn: Option<Instant>,
+    /// Whether the last lifecycle event written to the spill is in it.
+    lifecycle_spilled: bool,
 }
 
 impl Worker {
@@ -81,6 +90,7 @@ impl Worker {
             fallback: Ledger::new(Trail::Fallback),
             warned: Losses::default(),
             last_warn: None,
+            lifecycle_spilled: false,
         };
         let mut batch = Vec::with_capacity(self.config.batch_size);
         let mut requests = self.deadline.0.clone();
@@ -134,6 +144,10 @@ impl Worker {
                 }
                 if !took.full {
                     break;
+                }
+                // Shutdown asked for while full batches kept coming: it starts now, not once the queue is empty.
+                if listening && requests.has_changed().unwrap_or(false) {
+                    return self.shut_down(batch, state).await;
                 }
             }
             self.warn_about_losses(&mut state);
@@ -192,6 +206,7 @@ impl Worker {
         let reported = gap.as_ref().map(|due| due.upto);
         let mut origins = Vec::new();
         let mut front = Vec::new();
+        let lifecycle_given = lifecycle.is_some();
         if let Some(due) = gap {
             front.push(due.event);
             origins.push(Origin::Gap);
@@ -205,24 +220,24 @@ impl Worker {
         let counters = &self.shared.counters;
         let sinks = match &mut self.output {
             Output::Spill(spill) => {
-                let appended = match spill.spool.append(events, &origins).await {
+                let (meta, lifecycle) = (origins.len(), lifecycle_given);
+                let (appended, error) = match spill.spool.append(events, &origins).await {
                     Ok(appended) => appended,
-                    Err(error) => {
-                        tracing::error!(%error, events = n, "cannot append to the audit spill; events lost");
-                        add(&counters.lost, n);
-                        events.clear();
-                        return false;
-                    }
+                    Err(error) => (vec![false; events.len()], Some(error)),
                 };
-                add(&counters.spilled, appended as u64);
-                let users = appended.saturating_sub(origins.len()) as u64;
-                if users < n {
+                add(&counters.spilled, appended.iter().filter(|a| **a).count() as u64);
+                let users = appended[meta..].iter().filter(|a| **a).count() as u64;
+                if let Some(error) = error {
+                    tracing::error!(%error, events = n - users, "cannot append to the audit spill; events lost");
+                    add(&counters.lost, n - users);
+                } else if users < n {
                     tracing::error!(events = n - users, "the audit spill is full (max_bytes); events dropped");
                     add(&counters.spill_full, n - users);
                 }
-                if let (Some(upto), true) = (reported, appended > 0) {
+                if let (Some(upto), Some(true)) = (reported, appended.first()) {
                     state.primary.written(upto);
                 }
+                state.lifecycle_spilled = lifecycle && appended.get(meta - 1).copied().unwrap_or(false);
                 events.clear();
                 return false;
             }
@@ -287,17 +302,16 @@ impl Worker {
     }
 
     /// Intake is closed at once (by the handle, or here); what was queued is drained until the deadline (into
-    /// the spill, if there is one, whatever the deadline: the disk is not the sink), the trail is told about
+    /// the spill, if there is one), the trail is told about
     /// the losses and given the `audit.shutdown` event, the sinks flushed, and the report published. Nothing
     /// is attempted at a sink after the deadline; what it catches is `abandoned` (or, with a spill,
     /// `left_in_spill`).
     async fn shut_down(mut self, mut batch: Vec<AuditEvent>, mut state: State) {
         self.shared.close();
         self.queue.quiesce().await;
-        let spilling = matches!(self.output, Output::Spill(_));
         let mut out_of_time = false;
         loop {
-            if !spilling && self.deadline.passed() {
+            if self.deadline.passed() {
                 out_of_time = true;
                 break;
             }
@@ -358,9 +372,11 @@ impl Worker {
     /// drain deliver that too if there is time. Whether the drain ended with the sink flushed.
     async fn end_spill(&mut self, state: &mut State) -> bool {
         let Output::Spill(spill) = &mut self.output else { unreachable!("end_spill with a spill") };
+        spill.deadline.send_replace(Some(self.deadline.get().unwrap_or_else(|| after(DISCONNECT_GRACE))));
+        let deadline = Deadline(spill.deadline.subscribe());
         let end = spill.spool.end().await;
         let mut delivered = spill.delivered.clone();
-        let _ = self.deadline.within(None, delivered.wait_for(|d| *d >= end)).await;
+        let _ = deadline.within(None, delivered.wait_for(|d| *d >= end)).await;
         let mut stats = self.shared.stats();
         let left = spill.spool.progress.in_spill.load(std::sync::atomic::Ordering::SeqCst);
         stats.left_in_spill += left;
@@ -370,6 +386,10 @@ impl Worker {
         let Output::Spill(spill) = &mut self.output else { unreachable!("end_spill with a spill") };
         if let Err(error) = spill.spool.sync().await {
             tracing::error!(%error, "cannot sync the audit spill at shutdown");
+        } else if !state.lifecycle_spilled {
+            tracing::error!(
+                "the audit.shutdown event did not reach the spill; the next boot will say this one crashed"
+            );
         } else if let Err(error) = spill.spool.mark_clean().await {
             tracing::error!(%error, "cannot record the clean shutdown in the audit spill");
         }
@@ -380,7 +400,7 @@ impl Worker {
         };
         let left = spill.spool.progress.in_spill.swap(0, std::sync::atomic::Ordering::SeqCst);
         add(&self.shared.counters.left_in_spill, left);
-        drained.is_some_and(|d| d.flushed)
+        drained.is_some_and(|d| d.complete)
     }
 }
 

@@ -97,7 +97,7 @@ fn expected(range: std::ops::Range<usize>) -> HashSet<String> {
 fn assert_identity(s: &Stats) {
     assert_eq!(
         s.accepted + s.recovered,
-        s.written + s.fallback_written + s.lost + s.abandoned + s.spill_full + s.left_in_spill + s.queued,
+        s.written + s.fallback_written + s.lost + s.abandoned + s.spill_full + s.left_in_spill + s.corrupt + s.queued,
         "{s:?}"
     );
 }
@@ -210,7 +210,7 @@ async fn a_flipped_byte_costs_exactly_that_record_which_is_reported() {
     let second = Switch::default();
     let (_layer, handle) = build(&second, Spill::new(dir.path()), 64);
     let s = handle.stats();
-    assert_eq!((s.recovered, s.corrupt), (99, 1));
+    assert_eq!((s.recovered, s.corrupt), (100, 1), "the corrupt record is counted as recovered and corrupt");
     eventually(Duration::from_secs(30), || handle.stats().written == 99).await;
     let report = handle.shutdown(Duration::from_secs(10)).await;
     assert_eq!((report.stats.corrupt, report.stats.missing(), report.unreported), (1, 1, 0), "{report}");

@@ -27,9 +27,10 @@ pub(crate) struct Drain {
     pub(crate) delivered: watch::Sender<u64>,
 }
 
-/// How the drain ended: whether the sink was flushed after the last batch.
+/// How the drain ended.
 pub(crate) struct Drained {
-    pub(crate) flushed: bool,
+    /// Everything up to the worker's finish mark was delivered and the sink flushed after it.
+    pub(crate) complete: bool,
 }
 
 impl Drain {
@@ -52,16 +53,17 @@ impl Drain {
                     tracing::error!(%error, "cannot read the audit spill; delivery stops until shutdown");
                     records = Vec::new();
                     if self.wait(None).await {
-                        return self.end().await;
+                        return self.end(false).await;
                     }
                     continue;
                 }
             };
             records = got;
-            add(&self.shared.counters.corrupt, corrupt);
+            self.skipped(corrupt);
             if records.is_empty() {
                 if self.wait(Some(next)).await {
-                    return self.end().await;
+                    let caught_up = self.finish.borrow().is_some_and(|finish| next >= finish);
+                    return self.end(caught_up).await;
                 }
                 continue;
             }
@@ -75,7 +77,7 @@ impl Drain {
                     }
                     Err(error) => {
                         tracing::error!(%error, "skipping an audit spill record this version cannot read");
-                        add(&self.shared.counters.corrupt, 1);
+                        self.skipped(1);
                     }
                 }
             }
@@ -89,7 +91,7 @@ impl Drain {
             if written != Written::Yes {
                 // The deadline passed (during the call, or before a retry could start): the batch stays in the
                 // spill for the next boot, and the shutdown sees it there.
-                return self.end().await;
+                return self.end(false).await;
             }
             if let Err(error) = self.log.with(move |log| log.ack(next, false)).await {
                 // The sink has the batch; not acknowledging it only means the next boot replays it (by id).
@@ -100,8 +102,17 @@ impl Drain {
             add(&counters.written, users);
             add(&counters.gap_events, gaps);
             add(&counters.batches, 1);
-            self.progress.in_spill.fetch_sub(users, SeqCst);
+            let _ = self.progress.in_spill.fetch_update(SeqCst, SeqCst, |v| Some(v.saturating_sub(users)));
             self.delivered.send_replace(next);
+        }
+    }
+
+    /// Records skipped as corrupt (or unreadable) while delivering: counted, and no longer in the spill. Their
+    /// origin is unknown; they are taken for events (the worker's own are at most one per batch).
+    fn skipped(&self, n: u64) {
+        if n > 0 {
+            add(&self.shared.counters.corrupt, n);
+            let _ = self.progress.in_spill.fetch_update(SeqCst, SeqCst, |v| Some(v.saturating_sub(n)));
         }
     }
 
@@ -124,11 +135,11 @@ impl Drain {
     }
 
     /// Syncs the ledger (the sink has what it acknowledges) and flushes the sink, if there is time.
-    async fn end(self) -> Drained {
+    async fn end(self, caught_up: bool) -> Drained {
         if let Err(error) = self.log.with(|log| log.ack(log.acked(), true)).await {
             tracing::warn!(%error, "cannot sync the audit spill's ledger at shutdown");
         }
         let flushed = !self.deadline.passed() && self.sinks.flush(&self.deadline, &self.shared.counters).await;
-        Drained { flushed }
+        Drained { complete: caught_up && flushed }
     }
 }

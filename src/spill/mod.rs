@@ -110,8 +110,9 @@ impl Spill {
         self
     }
 
-    /// A segment file is closed and a new one started once it holds this many bytes; a segment is deleted
-    /// once the sink has confirmed every record in it.
+    /// A segment file is closed and a new one started once it holds this many bytes (at most a quarter of
+    /// [`max_bytes`](Self::max_bytes), so that deleting acknowledged segments gives room back in time); a
+    /// segment is deleted once the sink has confirmed every record in it.
     pub fn segment_bytes(mut self, bytes: u64) -> Self {
         self.segment_bytes = bytes;
         self

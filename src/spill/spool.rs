@@ -5,6 +5,7 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -15,10 +16,42 @@ use super::log::{Log, LogOptions, OpenError, write_file_atomically};
 use super::{Spill, SyncPolicy};
 use crate::error::ConfigError;
 use crate::event::AuditEvent;
-use crate::lifecycle::Previous;
+use crate::lifecycle::{Last, Previous};
 
 /// The file that says which boot last used the directory and whether it ended cleanly.
 const BOOT_FILE: &str = "boot.json";
+
+/// Appends `records` in order: the `forced` ones whatever the budget, the others while the budget allows
+/// (one no budget could ever hold is skipped). Which were appended.
+/// An I/O error ends it: what was appended before it is still said.
+fn append_records(log: &mut Log, records: &[&[u8]], forced: &[bool]) -> (Vec<bool>, Option<io::Error>) {
+    let mut appended = vec![false; records.len()];
+    let (mut i, mut full) = (0, false);
+    while i < records.len() {
+        if forced[i] {
+            if let Err(error) = log.append_beyond_budget(&records[i..=i]) {
+                return (appended, Some(error));
+            }
+            appended[i] = true;
+            i += 1;
+            continue;
+        }
+        // A run of ordinary records that could fit, up to the next forced one.
+        let run = i + records[i..].iter().zip(&forced[i..]).take_while(|(r, f)| !**f && log.could_hold(r)).count();
+        if run > i && !full {
+            match log.append(&records[i..run]) {
+                Ok(n) => {
+                    appended[i..i + n].iter_mut().for_each(|a| *a = true);
+                    full = i + n < run;
+                }
+                Err(error) => return (appended, Some(error)),
+            }
+        }
+        // Past the run: a record no budget could hold (skipped), or a forced one.
+        i = if run > i { run } else { i + 1 };
+    }
+    (appended, None)
+}
 
 /// The log, shared by the appending worker and the draining task (each call holds the lock briefly).
 #[derive(Clone)]
@@ -70,7 +103,9 @@ struct BootFile {
 /// Opens (and recovers) the spill for the boot `boot`: takes the directory's lock, cuts a torn tail, counts
 /// what is to be replayed, and records that `boot` now uses the directory (not cleanly ended, yet).
 pub(crate) fn open(spill: &Spill, instance: &str, boot: Uuid) -> Result<Opened, ConfigError> {
-    let options = LogOptions { segment_bytes: spill.segment_bytes, max_bytes: spill.max_bytes };
+    // Segments at most a quarter of the budget, so acknowledged ones give room back before the budget is reached.
+    let segment_bytes = spill.segment_bytes.min((spill.max_bytes / 4).max(1));
+    let options = LogOptions { segment_bytes, max_bytes: spill.max_bytes };
     let (mut log, recovered) = Log::open(&spill.dir, options).map_err(|e| match e {
         OpenError::Locked { dir } => ConfigError::SpillLocked { dir },
         OpenError::Io { path, source } => ConfigError::SpillIo { path, source },
@@ -90,8 +125,13 @@ pub(crate) fn open(spill: &Spill, instance: &str, boot: Uuid) -> Result<Opened, 
 
     let boot_path = spill.dir.join(BOOT_FILE);
     let last = match std::fs::read(&boot_path) {
-        Ok(bytes) => serde_json::from_slice::<BootFile>(&bytes).ok().map(|b| (b.boot, b.clean)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Ok(bytes) => match serde_json::from_slice::<BootFile>(&bytes) {
+            Ok(b) => Last::Boot(b.boot, b.clean),
+            Err(_) => Last::Unknown,
+        },
+        // No boot file: no boot used the directory, unless records say otherwise.
+        Err(e) if e.kind() == io::ErrorKind::NotFound && replayed + corrupt == 0 => Last::None,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Last::Unknown,
         Err(e) => return Err(io_error(boot_path)(e)),
     };
     let spool = Spool {
@@ -129,18 +169,27 @@ pub(crate) struct Spool {
 
 impl Spool {
     /// Appends `events` (the first `origins.len()` of them the worker's own, of those origins; the rest users')
-    /// as far as the disk budget allows, and syncs under [`SyncPolicy::EveryBatch`]. Returns how many were
-    /// appended: always a prefix of `events`.
-    pub(crate) async fn append(&mut self, events: &[AuditEvent], origins: &[Origin]) -> io::Result<usize> {
+    /// and syncs under [`SyncPolicy::EveryBatch`]. Says which were appended. Lifecycle events (a boot's first
+    /// and last) are appended whatever the disk budget; the others in order as long as the budget allows, except
+    /// one that no budget could hold (skipped).
+    /// An I/O error is returned with what was appended before it (a failed sync leaves all of it appended).
+    pub(crate) async fn append(
+        &mut self,
+        events: &[AuditEvent],
+        origins: &[Origin],
+    ) -> io::Result<(Vec<bool>, Option<io::Error>)> {
         let (mut buf, mut ends) = (std::mem::take(&mut self.buf), std::mem::take(&mut self.ends));
         buf.clear();
         ends.clear();
+        let origin = |i: usize| origins.get(i).copied().unwrap_or(Origin::User);
         for (i, event) in events.iter().enumerate() {
-            codec::encode(event, origins.get(i).copied().unwrap_or(Origin::User), &mut buf);
+            codec::encode(event, origin(i), &mut buf);
             ends.push(buf.len());
         }
+        let forced: Vec<bool> = (0..events.len()).map(|i| origin(i) == Origin::Lifecycle).collect();
+        let users: Vec<bool> = (0..events.len()).map(|i| origin(i) == Origin::User).collect();
         let sync_now = self.policy == SyncPolicy::EveryBatch;
-        let (progress, meta) = (Arc::clone(&self.progress), origins.len());
+        let progress = Arc::clone(&self.progress);
         let (result, buf, ends) = self
             .log
             .with(move |log| {
@@ -153,33 +202,33 @@ impl Spool {
                         record
                     })
                     .collect();
-                let result = log.append(&records).and_then(|appended| {
-                    // Counted under the log's lock, so the drain cannot deliver (and subtract) them first.
-                    progress.in_spill.fetch_add(appended.saturating_sub(meta) as u64, SeqCst);
-                    if sync_now && appended > 0 {
-                        log.sync()?;
-                    }
-                    Ok(appended)
-                });
+                let (appended, mut error) = append_records(log, &records, &forced);
+                // Counted under the log's lock, so the drain cannot deliver (and subtract) them first.
+                let n = appended.iter().zip(&users).filter(|(a, u)| **a && **u).count();
+                progress.in_spill.fetch_add(n as u64, SeqCst);
+                if error.is_none() && sync_now && appended.contains(&true) {
+                    error = log.sync().err();
+                }
                 drop(records);
-                Ok((result, buf, ends))
+                Ok(((appended, error), buf, ends))
             })
             .await?;
         (self.buf, self.ends) = (buf, ends);
-        let appended = result?;
-        if appended > 0 {
+        let (appended, error) = result;
+        if appended.contains(&true) {
             if !sync_now && self.dirty_since.is_none() {
                 self.dirty_since = Some(Instant::now());
             }
             self.progress.appended.notify_one();
         }
-        Ok(appended)
+        Ok((appended, error))
     }
 
     /// When the appends not yet synced must be (under [`SyncPolicy::Interval`]).
     pub(crate) fn sync_due(&self) -> Option<Instant> {
         match (self.policy, self.dirty_since) {
-            (SyncPolicy::Interval(d), Some(since)) => Some(since + d),
+            // `Interval(Duration::MAX)` means "at shutdown"; a year is as good.
+            (SyncPolicy::Interval(d), Some(since)) => Some(since + d.min(Duration::from_secs(365 * 24 * 3600))),
             _ => None,
         }
     }

@@ -284,7 +284,10 @@ impl Log {
         if let Some(big) = records.iter().find(|r| r.len() >= MAX_PAYLOAD) {
             return Err(invalid_input(format!("a {}-byte record is over the 16 MiB limit", big.len())));
         }
-        let count = self.fitting(records);
+        let mut count = self.fitting(records);
+        if count < records.len() && self.reclaim_current()? {
+            count = self.fitting(records);
+        }
         if count == 0 {
             if let Some(first) = records.first()
                 && record::size(first) > self.options.max_bytes
@@ -297,13 +300,48 @@ impl Log {
             }
             return Ok(0);
         }
+        self.write_records(&records[..count])?;
+        Ok(count)
+    }
+
+    /// Appends `records` whatever the budget (the pipeline's own few records, such as a boot's first and last
+    /// events, which must not be lost to a full spill). Payloads must be under 16 MiB.
+    pub(crate) fn append_beyond_budget(&mut self, records: &[&[u8]]) -> io::Result<()> {
+        if let Some(big) = records.iter().find(|r| r.len() >= MAX_PAYLOAD) {
+            return Err(invalid_input(format!("a {}-byte record is over the 16 MiB limit", big.len())));
+        }
+        self.write_records(records)
+    }
+
+    /// Whether `payload` could ever be appended: under the 16 MiB limit, and within the whole budget.
+    pub(crate) fn could_hold(&self, payload: &[u8]) -> bool {
+        payload.len() < MAX_PAYLOAD && record::size(payload) <= self.options.max_bytes
+    }
+
+    fn write_records(&mut self, records: &[&[u8]]) -> io::Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
         self.batch.clear();
-        for (lsn, payload) in (self.next..).zip(&records[..count]) {
+        for (lsn, payload) in (self.next..).zip(records) {
             record::encode(&mut self.batch, lsn, payload);
         }
         self.write_batch()?;
-        self.next += count as u64;
-        Ok(count)
+        self.next += records.len() as u64;
+        Ok(())
+    }
+
+    /// When every record is acknowledged, the segment being appended to holds nothing anyone needs, but it is
+    /// only deleted once another follows it: start that one now, so its space comes back. Whether it did.
+    fn reclaim_current(&mut self) -> io::Result<bool> {
+        let reclaimable = self.acked == self.next && self.segments.back().is_some_and(|s| s.first < self.next);
+        if !reclaimable {
+            return Ok(false);
+        }
+        self.rotate()?;
+        self.delete_acked_segments()?;
+        self.move_acked_pos();
+        Ok(true)
     }
 
     /// How many of `records` (from the first) fit in what is left of the budget.
