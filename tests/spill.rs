@@ -233,6 +233,12 @@ async fn past_the_disk_budget_events_are_dropped_counted_and_reported() {
     let spill = Spill::new(dir.path()).max_bytes(64 << 10).segment_bytes(16 << 10);
     let (_layer, handle) = build(&sink, spill, 64);
     record(&handle, 0..2000, 50).await;
+    // Every event the worker took is either in the spill (after the boot event) or dropped at its budget.
+    eventually(Duration::from_secs(30), || {
+        let s = handle.stats();
+        s.spilled + s.spill_full == 2000 + 1
+    })
+    .await;
     let s = handle.stats();
     assert_eq!(s.accepted, 2000);
     assert!(s.spill_full > 0 && s.spill_full < 2000, "{s:?}");
