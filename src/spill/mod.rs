@@ -33,7 +33,7 @@ pub(crate) mod spool;
 /// What each [`SyncPolicy`] loses on a crash of the process and on a power loss is said there.
 ///
 /// One pipeline owns a directory at a time: a lock file (`dir/LOCK`) makes a second
-/// [`build`](crate::AuditLayerBuilder::build) on it fail with [`ConfigError::Spill`](crate::ConfigError::Spill).
+/// [`build`](crate::AuditLayerBuilder::build) on it fail with [`ConfigError::SpillLocked`](crate::ConfigError::SpillLocked).
 ///
 /// ```no_run
 /// # #[tokio::main]
