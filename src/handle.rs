@@ -25,12 +25,17 @@ pub struct AuditHandle {
 
 struct Control {
     deadline: watch::Sender<Option<Instant>>,
+    grace: Duration,
     report: watch::Receiver<Option<ShutdownReport>>,
     instance: Arc<str>,
     boot: Uuid,
 }
 
 const REPORT_GRACE: Duration = Duration::from_millis(100);
+/// With a spill, the worker's last steps after the deadline are local disk work (appending `audit.shutdown`, an
+/// fsync, the boot file, the ledger), which a busy disk can stretch: it gets this long to report and release the
+/// directory.
+const SPILL_REPORT_GRACE: Duration = Duration::from_secs(2);
 
 /// What happened to every event, once a pipeline is shut down.
 ///
@@ -74,8 +79,10 @@ impl AuditHandle {
         report: watch::Receiver<Option<ShutdownReport>>,
         instance: Arc<str>,
         boot: Uuid,
+        spill: bool,
     ) -> Self {
-        Self { core, control: Arc::new(Control { deadline, report, instance, boot }) }
+        let grace = if spill { SPILL_REPORT_GRACE } else { REPORT_GRACE };
+        Self { core, control: Arc::new(Control { deadline, grace, report, instance, boot }) }
     }
 
     /// The name of this process in the trail, on every event the pipeline writes
@@ -138,6 +145,8 @@ impl AuditHandle {
     /// still in flight, so stop the server gracefully first. A steady stream of producers cannot delay it: it
     /// returns as soon as what was queued at the call is written. Nothing is attempted after the deadline, the
     /// fallback sink included; what it catches is counted as `abandoned` and the report says `drained: false`.
+    /// It returns by the deadline plus a short grace for the worker to report (100 ms; 2 s with a spill, whose
+    /// last steps are local disk writes that release its directory).
     /// Calling it again (from any clone, at once or later) returns the same report: a later call keeps the first
     /// call's deadline, whatever its own `timeout`.
     pub async fn shutdown(&self, timeout: Duration) -> ShutdownReport {
@@ -149,7 +158,7 @@ impl AuditHandle {
         let deadline = self.control.deadline.borrow().unwrap_or(deadline);
         let mut report = self.control.report.clone();
         // The worker obeys the deadline itself; the grace covers its last bookkeeping after it.
-        match tokio::time::timeout_at(deadline + REPORT_GRACE, report.wait_for(Option::is_some)).await {
+        match tokio::time::timeout_at(deadline + self.control.grace, report.wait_for(Option::is_some)).await {
             Ok(Ok(report)) => report.expect("waited for Some"),
             // The worker is gone without a report (its task was aborted) or missed the deadline.
             _ => {

@@ -449,6 +449,7 @@ impl AuditLayerBuilder {
         let deadline = Deadline(deadline_rx);
         let mut sinks =
             Sinks { primary: self.sink, fallback: self.fallback, retry: self.retry, timeout: self.sink_timeout };
+        let spilling = self.spill.is_some();
         let (output, spilled, boot_event) = match &self.spill {
             None => (Output::Direct(sinks), None, boot_event(&settings, None)),
             Some(spill) => {
@@ -511,7 +512,7 @@ impl AuditLayerBuilder {
                 client_addr_source: self.client_addr_source,
             },
         });
-        let handle = AuditHandle::new(Arc::clone(&core), deadline_tx, report_rx, instance, boot);
+        let handle = AuditHandle::new(Arc::clone(&core), deadline_tx, report_rx, instance, boot, spilling);
         Ok((AuditLayer { core }, handle))
     }
 }

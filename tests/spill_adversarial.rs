@@ -509,6 +509,16 @@ struct Damage {
 
 /// The LSNs of the user records in `dir`, in order. Tests record `i` = 0, 1, 2, … in order, so the `i` of a
 /// user record is its index here (no postcard decoding needed).
+impl Damage {
+    /// The damage of losing the records `gone`, given the LSNs of the test's events (`users`).
+    fn of(users: &[u64], gone: &[Rec]) -> Self {
+        Damage {
+            lost_records: gone.len() as u64,
+            lost_ids: gone.iter().filter(|r| r.origin == 0).map(|r| i_of(users, r.lsn)).collect(),
+        }
+    }
+}
+
 fn user_lsns(dir: &Path) -> Vec<u64> {
     all_records(dir).into_iter().filter(|(_, r)| r.origin == 0).map(|(_, r)| r.lsn).collect()
 }
@@ -559,10 +569,7 @@ async fn a_segment_cut_in_the_middle_costs_exactly_the_records_cut() {
         // Cut inside the second record: it and every later one of this (closed) segment are gone.
         fs::OpenOptions::new().write(true).open(path).unwrap().set_len(recs[1].offset + 5).unwrap();
         let gone = &recs[1..];
-        Damage {
-            lost_records: gone.len() as u64,
-            lost_ids: gone.iter().filter(|r| r.origin == 0).map(|r| i_of(&users, r.lsn)).collect(),
-        }
+        Damage::of(&users, gone)
     })
     .await;
     check_damage(n, &d, &sink, &report, boot);
@@ -578,10 +585,7 @@ async fn a_deleted_middle_segment_costs_exactly_its_records() {
         let (_, path) = &segs[1];
         let gone = records(path);
         fs::remove_file(path).unwrap();
-        Damage {
-            lost_records: gone.len() as u64,
-            lost_ids: gone.iter().filter(|r| r.origin == 0).map(|r| i_of(&users, r.lsn)).collect(),
-        }
+        Damage::of(&users, &gone)
     })
     .await;
     check_damage(n, &d, &sink, &report, boot);
