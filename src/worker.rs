@@ -184,10 +184,8 @@ impl Worker {
     }
 
     async fn sync_spill(&mut self) {
-        if let Output::Spill(spill) = &mut self.output
-            && let Err(error) = spill.spool.sync().await
-        {
-            tracing::error!(%error, "cannot sync the audit spill");
+        if let Output::Spill(spill) = &mut self.output {
+            spill.spool.start_sync().await;
         }
     }
 

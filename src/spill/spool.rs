@@ -141,7 +141,8 @@ pub(crate) fn open(spill: &Spill, instance: &str, boot: Uuid) -> Result<Opened, 
         state: BootFile { boot, instance: instance.to_owned(), clean: false },
         buf: Vec::new(),
         ends: Vec::new(),
-        dirty_since: None,
+        sync_at: None,
+        syncing: None,
         progress: Arc::new(Progress { in_spill: AtomicU64::new(replayed), ..Progress::default() }),
     };
     spool.write_boot_file().map_err(io_error(boot_path))?;
@@ -162,8 +163,10 @@ pub(crate) struct Spool {
     /// The encoded batch, reused: payloads back to back, `ends[i]` where payload `i` ends.
     buf: Vec<u8>,
     ends: Vec<usize>,
-    /// When the first append not yet synced was made.
-    dirty_since: Option<Instant>,
+    /// When the appends not yet synced are to be (under `SyncPolicy::Interval`).
+    sync_at: Option<Instant>,
+    /// An interval sync running on the blocking pool, without the log's lock.
+    syncing: Option<tokio::task::JoinHandle<io::Result<()>>>,
     pub(crate) progress: Arc<Progress>,
 }
 
@@ -216,8 +219,9 @@ impl Spool {
         (self.buf, self.ends) = (buf, ends);
         let (appended, error) = result;
         if appended.contains(&true) {
-            if !sync_now && self.dirty_since.is_none() {
-                self.dirty_since = Some(Instant::now());
+            if let (SyncPolicy::Interval(d), None) = (self.policy, self.sync_at) {
+                // `Interval(Duration::MAX)` means "at shutdown"; a year is as good.
+                self.sync_at = Some(Instant::now() + d.min(Duration::from_secs(365 * 24 * 3600)));
             }
             self.progress.appended.notify_one();
         }
@@ -226,10 +230,33 @@ impl Spool {
 
     /// When the appends not yet synced must be (under [`SyncPolicy::Interval`]).
     pub(crate) fn sync_due(&self) -> Option<Instant> {
-        match (self.policy, self.dirty_since) {
-            // `Interval(Duration::MAX)` means "at shutdown"; a year is as good.
-            (SyncPolicy::Interval(d), Some(since)) => Some(since + d.min(Duration::from_secs(365 * 24 * 3600))),
-            _ => None,
+        self.sync_at
+    }
+
+    /// Starts syncing what was appended, in the background: the fsyncs run without the log's lock, so the
+    /// worker keeps appending meanwhile (a slow fsync must not hold up the memory queue). While the last one
+    /// still runs, tries again shortly.
+    pub(crate) async fn start_sync(&mut self) {
+        if self.syncing.as_ref().is_some_and(|task| !task.is_finished()) {
+            self.sync_at = Some(Instant::now() + Duration::from_millis(10));
+            return;
+        }
+        self.sync_at = None;
+        self.finish_sync().await;
+        match self.log.with(Log::sync_work).await {
+            Ok(work) => self.syncing = Some(tokio::task::spawn_blocking(move || work.run())),
+            Err(error) => tracing::error!(%error, "cannot sync the audit spill"),
+        }
+    }
+
+    /// Waits for a background sync, and says if it failed.
+    async fn finish_sync(&mut self) {
+        if let Some(task) = self.syncing.take() {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::error!(%error, "cannot sync the audit spill"),
+                Err(error) => tracing::error!(%error, "the audit spill's sync task failed"),
+            }
         }
     }
 
@@ -238,9 +265,10 @@ impl Spool {
         self.log.with(|log| Ok(log.end())).await.unwrap_or(0)
     }
 
-    /// Syncs what was appended.
+    /// Syncs everything appended, waiting for it (at shutdown).
     pub(crate) async fn sync(&mut self) -> io::Result<()> {
-        self.dirty_since = None;
+        self.sync_at = None;
+        self.finish_sync().await;
         self.log.with(Log::sync).await
     }
 

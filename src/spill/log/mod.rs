@@ -434,6 +434,20 @@ impl Log {
         Ok(())
     }
 
+    /// Takes what a [`sync`](Self::sync) would do, to be done by [`SyncWork::run`] without holding the log: the
+    /// fsyncs then run while appends and reads go on. What is taken counts as synced here; if the work then
+    /// fails, the caller must say so (nothing is retried).
+    pub(crate) fn sync_work(&mut self) -> io::Result<SyncWork> {
+        let mut files: Vec<File> = self.unsynced.drain(..).map(|(_, file)| file).collect();
+        if std::mem::take(&mut self.dirty)
+            && let Some(file) = &self.writer
+        {
+            files.push(file.try_clone()?);
+        }
+        let dir = std::mem::take(&mut self.dir_dirty).then(|| self.dir.clone());
+        Ok(SyncWork { files, dir })
+    }
+
     /// Reads up to `max` records from the read cursor into `out` (cleared first) as `(lsn, payload)`, never past
     /// what was appended. Corrupt records met are skipped; returns how many were skipped that had not been reported
     /// before (by `open` or an earlier `read`).
@@ -663,6 +677,25 @@ fn lock(dir: &Path) -> Result<File, OpenError> {
 
 /// fsyncs a directory, making the names created in (or renamed into) it durable. Only Unix can open a directory
 /// as a file; elsewhere this is a no-op.
+/// Fsyncs taken from a [`Log`] by [`Log::sync_work`].
+#[derive(Debug)]
+pub(crate) struct SyncWork {
+    files: Vec<File>,
+    dir: Option<PathBuf>,
+}
+
+impl SyncWork {
+    pub(crate) fn run(self) -> io::Result<()> {
+        for file in &self.files {
+            file.sync_data()?;
+        }
+        if let Some(dir) = &self.dir {
+            sync_dir(dir)?;
+        }
+        Ok(())
+    }
+}
+
 fn sync_dir(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
     File::open(dir)?.sync_all()?;
