@@ -30,7 +30,7 @@ thaw() { for pid in $("${PSQL[@]}" -d test -c "SELECT pid FROM pg_stat_activity 
 cleanup() {
   local status=$?
   thaw
-  [ -n "$server" ] && kill "$server" 2>/dev/null && wait "$server" 2>/dev/null
+  if [ -n "$server" ]; then kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true; fi
   "${PSQL[@]}" -d test -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
   rm -rf "$work"
   exit "$status"
