@@ -43,6 +43,25 @@
 //! # }
 //! ```
 //!
+//! In a real server, serve the app with the client's address (the layer records it) and shut the pipeline down
+//! after the server, so that every queued event is written:
+//!
+//! ```no_run
+//! # use std::time::Duration;
+//! # use axum::{Router, routing::get};
+//! # use tower_audit::{AuditLayer, JsonLinesSink};
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let (audit, handle) = AuditLayer::builder(JsonLinesSink::open("audit.jsonl")?).build()?;
+//! let app = Router::new().route("/", get(|| async { "hello" })).layer(audit);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+//!     .with_graceful_shutdown(async { let _ = tokio::signal::ctrl_c().await; })
+//!     .await?;
+//! println!("{}", handle.shutdown(Duration::from_secs(10)).await);
+//! # Ok(()) }
+//! ```
+//!
 //! # Feature flags
 //!
 //! | feature | default | what it adds |
