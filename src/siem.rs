@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use crate::event::{AuditEvent, Outcome, kind};
 
 /// The OCSF schema version [`encode_ocsf`] targets (written as `metadata.version`).
-pub const OCSF_VERSION: &str = "1.3.0";
+pub const OCSF_VERSION: &str = "1.8.0";
 
 /// The ECS version [`encode_ecs`] targets (written as `ecs.version`).
 pub const ECS_VERSION: &str = "9.4.0";
@@ -35,7 +35,7 @@ pub enum Encoding {
     /// The library's own [`AuditEvent`] serialisation (the default).
     #[default]
     Native,
-    /// OCSF 1.3.0 ([`encode_ocsf`]).
+    /// OCSF 1.8.0 ([`encode_ocsf`]).
     Ocsf,
     /// Elastic Common Schema 9.4.0 ([`encode_ecs`]).
     Ecs,
@@ -152,7 +152,7 @@ fn put(map: &mut Map<String, Value>, key: &str, value: Option<impl Into<Value>>)
     }
 }
 
-/// The event as an [OCSF 1.3.0](https://schema.ocsf.io/1.3.0/) event object.
+/// The event as an [OCSF 1.8.0](https://schema.ocsf.io/1.8.0/) event object.
 ///
 /// | event | class | activity |
 /// |---|---|---|
@@ -169,7 +169,9 @@ fn put(map: &mut Map<String, Value>, key: &str, value: Option<impl Into<Value>>)
 /// sequence number, `metadata.correlation_uid` the request id. The actor is `actor.user.uid` (and, for
 /// Authentication, `user.uid`); API Activity requires an actor, so an anonymous request has
 /// `actor.user.name` "anonymous", and requires a source, so one without a client address has
-/// `src_endpoint.name` "unknown". `dst_endpoint.name` is the instance. What has no OCSF attribute (kind,
+/// `src_endpoint.name` "unknown". `dst_endpoint.name` is the instance (Authentication, which needs a service or
+/// a destination, has `dst_endpoint.name` "unknown" without one); `http_response.code` is the HTTP status (API
+/// Activity only; Authentication has it as `status_code`). What has no OCSF attribute (kind,
 /// outcome, route, boot, instance, gRPC status, custom attributes) is under `unmapped`.
 ///
 /// ```
@@ -244,6 +246,11 @@ pub fn encode_ocsf(event: &AuditEvent) -> Value {
             out.insert("api".into(), json!({ "operation": operation }));
         }
     }
+    // Application Lifecycle has neither endpoints nor HTTP attributes (pipeline events carry none anyway).
+    if class.class_uid == 6002 {
+        out.insert("unmapped".into(), unmapped(event));
+        return Value::Object(out);
+    }
     let src = event.client_addr.map(|ip| json!({ "ip": ip.to_string() }));
     match (src, class.class_uid) {
         (Some(src), _) => {
@@ -279,8 +286,16 @@ pub fn encode_ocsf(event: &AuditEvent) -> Value {
     if !request.is_empty() {
         out.insert("http_request".into(), request.into());
     }
-    put(&mut out, "http_response", event.status.map(|code| json!({ "code": code })));
+    // Authentication has no `http_response` attribute: its status is in `status_code`.
+    if class.class_uid == 6003 {
+        put(&mut out, "http_response", event.status.map(|code| json!({ "code": code })));
+    }
+    out.insert("unmapped".into(), unmapped(event));
+    Value::Object(out)
+}
 
+/// What OCSF has no attribute for.
+fn unmapped(event: &AuditEvent) -> Value {
     let mut unmapped = Map::new();
     unmapped.insert("kind".into(), event.kind.as_ref().into());
     unmapped.insert("outcome".into(), event.outcome.as_str().into());
@@ -294,8 +309,7 @@ pub fn encode_ocsf(event: &AuditEvent) -> Value {
             event.attributes.iter().map(|(k, v)| (k.clone(), Value::from(v.as_str()))).collect();
         unmapped.insert("attributes".into(), attributes.into());
     }
-    out.insert("unmapped".into(), unmapped.into());
-    Value::Object(out)
+    unmapped.into()
 }
 
 /// The event as an [Elastic Common Schema 9.4](https://www.elastic.co/guide/en/ecs/current/index.html) document.
