@@ -110,6 +110,7 @@ mod pipeline;
 mod request;
 mod sanitize;
 mod service;
+mod siem;
 pub mod sink;
 mod spill;
 mod stamp;
@@ -129,6 +130,7 @@ pub use self::future::ResponseFuture;
 pub use self::handle::{AuditHandle, ShutdownReport};
 pub use self::layer::{AuditLayer, AuditLayerBuilder};
 pub use self::service::AuditService;
+pub use self::siem::{ECS_VERSION, Encoding, OCSF_VERSION, encode_ecs, encode_ocsf};
 #[cfg(feature = "postgres")]
 pub use self::sink::PostgresSink;
 #[cfg(feature = "sqlite")]

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::SinkError;
 use crate::event::AuditEvent;
+use crate::siem::Encoding;
 use crate::sink::AuditSink;
 
 /// Appends each event as one JSON object per line to a file.
@@ -29,6 +30,7 @@ pub struct JsonLinesSink {
     file: Arc<Mutex<File>>,
     path: PathBuf,
     fsync: bool,
+    encoding: Encoding,
 }
 
 impl JsonLinesSink {
@@ -45,13 +47,34 @@ impl JsonLinesSink {
             .append(true)
             .open(&path)
             .map_err(|source| SinkError::Open { path: path.clone(), source })?;
-        Ok(Self { file: Arc::new(Mutex::new(file)), path, fsync: false })
+        Ok(Self { file: Arc::new(Mutex::new(file)), path, fsync: false, encoding: Encoding::Native })
     }
 
     /// Syncs the file's data to disk after every batch (off by default).
     pub fn fsync(mut self, fsync: bool) -> Self {
         self.fsync = fsync;
         self
+    }
+
+    /// Writes each event in this encoding: the library's own shape ([`Encoding::Native`], the default), OCSF
+    /// ([`Encoding::Ocsf`]) or Elastic Common Schema ([`Encoding::Ecs`]), one JSON object per line either way.
+    ///
+    /// ```
+    /// # fn main() -> Result<(), tower_audit::SinkError> {
+    /// use tower_audit::{Encoding, JsonLinesSink};
+    /// let sink = JsonLinesSink::open(std::env::temp_dir().join("audit-ocsf.jsonl"))?.encoding(Encoding::Ocsf);
+    /// assert_eq!(sink.encoding_used(), Encoding::Ocsf);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn encoding(mut self, encoding: Encoding) -> Self {
+        self.encoding = encoding;
+        self
+    }
+
+    /// The encoding lines are written in (see [`encoding`](Self::encoding)).
+    pub fn encoding_used(&self) -> Encoding {
+        self.encoding
     }
 
     /// The file written to.
@@ -78,7 +101,10 @@ impl AuditSink for JsonLinesSink {
     async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
         let mut buf = Vec::with_capacity(batch.len() * 384);
         for event in batch {
-            serde_json::to_writer(&mut buf, event)?;
+            match self.encoding {
+                Encoding::Native => serde_json::to_writer(&mut buf, event)?,
+                encoding => serde_json::to_writer(&mut buf, &encoding.encode(event))?,
+            }
             buf.push(b'\n');
         }
         self.blocking(buf, self.fsync).await
