@@ -172,7 +172,10 @@ mod tests {
 
     use super::*;
 
-    fn published(stats: &Stats) -> Vec<(String, Vec<(String, String)>, DebugValue)> {
+    /// A published series: name, labels, value.
+    type Published = (String, Vec<(String, String)>, DebugValue);
+
+    fn published(stats: &Stats) -> Vec<Published> {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         metrics::with_local_recorder(&recorder, || {
