@@ -1,8 +1,8 @@
 //! An auth service audited with `tower-audit`: the incident's API, done right.
 //!
 //! ```text
-//! cargo run --release --example auth_server --features sqlite,postgres
-//! cargo run --example auth_server --features sqlite,postgres -- --help
+//! cargo run --release --example auth_server --features sqlite,postgres,metrics
+//! cargo run --example auth_server --features sqlite,postgres,metrics -- --help
 //! ```
 //!
 //! Flags (each also an environment variable; `--help` lists them with their defaults):
