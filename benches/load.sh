@@ -23,7 +23,7 @@ if ! command -v wrk >/dev/null; then
 fi
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then PIN0=(taskset -c 0); PIN1=(taskset -c 1); else PIN0=(); PIN1=(); fi
 
-cargo build --release --example auth_server --features sqlite,postgres >&2
+cargo build --release --example auth_server --features sqlite,postgres,metrics >&2
 BIN=$PWD/target/release/examples/auth_server
 work=$(mktemp -d)
 servers=""

@@ -497,6 +497,13 @@ impl AuditLayerBuilder {
             boot: Some(boot_event),
         };
         runtime.spawn(worker.run());
+        #[cfg(feature = "metrics")]
+        runtime.spawn(crate::metrics::run(
+            Arc::clone(&shared),
+            Arc::clone(&instance),
+            self.flush_interval,
+            report_rx.clone(),
+        ));
         let core = Arc::new(Core {
             tx,
             shared,

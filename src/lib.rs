@@ -70,6 +70,7 @@
 //! | `tonic` | no | reads Tonic's `TcpConnectInfo` (the client address of gRPC calls) |
 //! | `postgres` | no | `PostgresSink`: one multi-row insert per batch on a dedicated pool (sqlx) |
 //! | `sqlite` | no | `SqliteSink`: one transaction per batch into an embedded, bundled SQLite (sqlx) |
+//! | `metrics` | no | publishes every counter of [`Stats`] and the queue depth through the [`metrics`](https://docs.rs/metrics) facade every flush interval (names and labels in the README's Metrics section) |
 //!
 //! # Defaults, and why
 //!
@@ -106,6 +107,8 @@ mod handle;
 mod intake;
 mod layer;
 mod lifecycle;
+#[cfg(feature = "metrics")]
+mod metrics;
 mod pipeline;
 mod request;
 mod sanitize;

@@ -1,8 +1,8 @@
 //! An auth service audited with `tower-audit`: the incident's API, done right.
 //!
 //! ```text
-//! cargo run --release --example auth_server --features sqlite,postgres
-//! cargo run --example auth_server --features sqlite,postgres -- --help
+//! cargo run --release --example auth_server --features sqlite,postgres,metrics
+//! cargo run --example auth_server --features sqlite,postgres,metrics -- --help
 //! ```
 //!
 //! Flags (each also an environment variable; `--help` lists them with their defaults):
@@ -20,6 +20,9 @@
 //! | `--spill-sync every-batch\|interval` | `SPILL_SYNC` | `interval` (fdatasync every 200 ms; `every-batch` before each sink call) |
 //! | — | `JWT_SECRET` | generated at start |
 //! | — | `RUST_LOG` | `info` |
+//!
+//! `GET /metrics` serves every metric in the Prometheus text format, the audit pipeline's
+//! (`tower_audit_events_accepted_total`, `tower_audit_events_dropped_total{reason="queue_full"}`, …) among them.
 //!
 //! The address is bound before anything is created, so a port already in use fails at once, naming the address
 //! and the flag to change it.
@@ -142,14 +145,18 @@ async fn main() -> Result<(), app::BoxError> {
     init_tracing();
     let cli = Cli::parse();
     let (addr, data_dir) = (cli.addr.clone(), cli.data_dir.clone());
-    let config = cli.config();
+    // The recorder goes in before the audit pipeline is built, so it gets the metrics' descriptions too.
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| format!("cannot install the Prometheus recorder: {e}"))?;
+    let config = Config { metrics: Some(prometheus), ..cli.config() };
     // Bind first: a taken port must fail before any directory or database is created.
     let listener = bind(&addr).await;
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| format!("cannot create the data directory {}: {e}", data_dir.display()))?;
     let mode = config.audit;
     let server = Server::start(config).await?;
-    println!("auth server listening on http://{} (audit: {mode:?})", listener.local_addr()?);
+    println!("auth server listening on http://{} (audit: {mode:?}; metrics at /metrics)", listener.local_addr()?);
     app::serve(listener, server.router, async {
         let _ = tokio::signal::ctrl_c().await;
         println!("shutting down: finishing in-flight requests");

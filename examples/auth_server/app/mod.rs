@@ -20,6 +20,7 @@ use std::time::Duration;
 use argon2::password_hash::PasswordHasher;
 use argon2::{Algorithm, Argon2, Params, Version};
 use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::AnyPool;
 use tower_audit::{AuditHandle, AuditLayer};
 
@@ -49,6 +50,9 @@ pub struct Config {
     pub refresh_ttl: Duration,
     pub argon2: Params,
     pub max_body_bytes: usize,
+    /// The installed Prometheus recorder: when given, `GET /metrics` renders it (the audit pipeline's metrics among
+    /// them). Outside the audit layer, so scrapes are not audited.
+    pub metrics: Option<PrometheusHandle>,
 }
 
 impl Default for Config {
@@ -65,6 +69,7 @@ impl Default for Config {
             refresh_ttl: Duration::from_secs(30 * 24 * 3600),
             argon2: Params::default(),
             max_body_bytes: 16 * 1024,
+            metrics: None,
         }
     }
 }
@@ -107,7 +112,7 @@ impl Server {
             mode: config.audit,
         };
         let (layer, handle) = audit.unzip();
-        Ok(Server { router: routes::app(state, config.max_body_bytes, layer), audit: handle, users })
+        Ok(Server { router: routes::app(state, config.max_body_bytes, layer, config.metrics), audit: handle, users })
     }
 }
 

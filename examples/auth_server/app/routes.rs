@@ -1,4 +1,4 @@
-//! The router and its handlers: register, login, me, refresh, logout, and the audit counters.
+//! The router and its handlers: register, login, me, refresh, logout, the audit counters, and `/metrics`.
 
 use std::sync::Arc;
 
@@ -6,10 +6,11 @@ use argon2::Argon2;
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
 use serde_json::json;
 use sqlx::AnyPool;
@@ -33,8 +34,14 @@ pub(crate) struct AppState {
     pub(crate) mode: AuditMode,
 }
 
-/// The router. The audit layer (or the inline anti-pattern) wraps every route.
-pub(crate) fn app(state: AppState, max_body_bytes: usize, audit: Option<AuditLayer>) -> Router {
+/// The router. The audit layer (or the inline anti-pattern) wraps every route but `/metrics` (there when a
+/// Prometheus recorder is given): a scraper polling every few seconds would fill the trail with its requests.
+pub(crate) fn app(
+    state: AppState,
+    max_body_bytes: usize,
+    audit: Option<AuditLayer>,
+    metrics: Option<PrometheusHandle>,
+) -> Router {
     let mode = state.mode;
     let router = Router::new()
         .route("/api/auth/register", post(register))
@@ -50,7 +57,18 @@ pub(crate) fn app(state: AppState, max_body_bytes: usize, audit: Option<AuditLay
         (AuditMode::Inline, _) => router.layer(middleware::from_fn_with_state(state.clone(), inline_audit)),
         _ => router,
     };
-    router.with_state(state)
+    let router = router.with_state(state);
+    match metrics {
+        Some(prometheus) => router.route("/metrics", get(move || scrape(prometheus.clone()))),
+        None => router,
+    }
+}
+
+/// The Prometheus text exposition of every metric recorded in the process.
+async fn scrape(prometheus: PrometheusHandle) -> ([(header::HeaderName, &'static str); 1], String) {
+    // Upkeep only drains histograms (the audit pipeline publishes counters and gauges); cheap at scrape time.
+    prometheus.run_upkeep();
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], prometheus.render())
 }
 
 /// Checks a token of type `typ`: signature, expiry, revocation. Records `auth.token_invalid` when refused.
