@@ -532,6 +532,12 @@ async fn damage_case(n: usize, damage: impl FnOnce(&Path) -> Damage) -> (Damage,
     (d, sink, report, boot)
 }
 
+/// Leaves a backlog, damages it with `f`, replays it, and checks that exactly what `f` says was lost is missing.
+async fn damage_costs_exactly(n: usize, f: impl FnOnce(&Path) -> Damage) {
+    let (d, sink, report, boot) = damage_case(n, f).await;
+    check_damage(n, &d, &sink, &report, boot);
+}
+
 fn check_damage(n: usize, d: &Damage, sink: &Recorder, report: &ShutdownReport, boot: Uuid) {
     let events = sink.events();
     let expected: Vec<usize> = (0..n).filter(|i| !d.lost_ids.contains(i)).collect();
@@ -558,8 +564,7 @@ fn i_of(users: &[u64], lsn: u64) -> usize {
 
 #[tokio::test]
 async fn a_segment_cut_in_the_middle_costs_exactly_the_records_cut() {
-    let n = 60;
-    let (d, sink, report, boot) = damage_case(n, |dir| {
+    damage_costs_exactly(60, |dir| {
         let users = user_lsns(dir);
         let segs = segments(dir);
         assert!(segs.len() >= 3, "{segs:?}");
@@ -572,13 +577,11 @@ async fn a_segment_cut_in_the_middle_costs_exactly_the_records_cut() {
         Damage::of(&users, gone)
     })
     .await;
-    check_damage(n, &d, &sink, &report, boot);
 }
 
 #[tokio::test]
 async fn a_deleted_middle_segment_costs_exactly_its_records() {
-    let n = 60;
-    let (d, sink, report, boot) = damage_case(n, |dir| {
+    damage_costs_exactly(60, |dir| {
         let users = user_lsns(dir);
         let segs = segments(dir);
         assert!(segs.len() >= 3, "{segs:?}");
@@ -588,13 +591,11 @@ async fn a_deleted_middle_segment_costs_exactly_its_records() {
         Damage::of(&users, &gone)
     })
     .await;
-    check_damage(n, &d, &sink, &report, boot);
 }
 
 #[tokio::test]
 async fn a_flipped_bit_in_a_length_field_costs_exactly_one_record() {
-    let n = 60;
-    let (d, sink, report, boot) = damage_case(n, |dir| {
+    damage_costs_exactly(60, |dir| {
         let users = user_lsns(dir);
         let segs = segments(dir);
         let (_, path) = &segs[1];
@@ -606,13 +607,11 @@ async fn a_flipped_bit_in_a_length_field_costs_exactly_one_record() {
         Damage { lost_records: 1, lost_ids: [i_of(&users, victim.lsn)].into() }
     })
     .await;
-    check_damage(n, &d, &sink, &report, boot);
 }
 
 #[tokio::test]
 async fn garbage_files_beside_the_segments_are_ignored() {
-    let n = 20;
-    let (d, sink, report, boot) = damage_case(n, |dir| {
+    damage_costs_exactly(20, |dir| {
         for name in ["foo", "0.seg", "boot.json.tmp", "ledger.tmp", "00000000000000000001.seg.bak", "README"] {
             fs::write(dir.join(name), b"\x00\xffgarbage").unwrap();
         }
@@ -620,7 +619,6 @@ async fn garbage_files_beside_the_segments_are_ignored() {
         Damage { lost_records: 0, lost_ids: HashSet::new() }
     })
     .await;
-    check_damage(n, &d, &sink, &report, boot);
 }
 
 // ===============================================================================================================
