@@ -1328,3 +1328,20 @@ async fn regression_dropping_every_handle_while_the_sink_is_down_never_frees_the
     };
     assert!(outcome.is_ok(), "every handle dropped 3 s ago, the events are on disk: {:?}", outcome.err());
 }
+
+/// Claim 6 ("how many are known lost"): a stray empty `.seg` file whose name falls inside the range of the
+/// segment before it (here `…05.seg` beside `…00.seg` holding LSNs 0‥11) made recovery stop reading `…00.seg`
+/// at LSN 5 and skip the rest uncounted. An empty segment can only be the last one, so recovery now removes it.
+#[tokio::test]
+async fn regression_a_stray_segment_file_hides_records_without_counting_them() {
+    let dir = tempfile::tempdir().unwrap();
+    leave_backlog(dir.path(), Spill::new(dir.path()), 10).await;
+    assert_eq!(segments(dir.path()).len(), 1);
+    fs::write(dir.path().join("00000000000000000005.seg"), b"").unwrap();
+    let (sink, report, boot) = replay(dir.path(), Spill::new(dir.path())).await;
+    let events = sink.events();
+    let b = attrs(&boot_event(&events, boot));
+    assert_eq!((report.stats.recovered, report.stats.corrupt), (10, 0), "{b:?}");
+    assert_eq!(ids(&events), (0..10).collect::<Vec<_>>(), "all 10, once each, in order");
+    assert!(!dir.path().join("00000000000000000005.seg").exists());
+}

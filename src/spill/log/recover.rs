@@ -25,7 +25,20 @@ pub(super) struct Recovery {
 
 /// Scans the segment files in `dir` against the acknowledged position in `ledger`.
 pub(super) fn recover(dir: &Path, ledger: &mut Ledger) -> Result<Recovery, OpenError> {
-    let mut names = list_segments(dir)?;
+    let names = list_segments(dir)?;
+    // An empty segment holds nothing: at most it is the last one, created just before a crash, and then the
+    // ledger and the segments before it say where appending resumes. An empty file named like a segment may also
+    // not be ours, and trusting its name would hide the records of the segment before it. Delete them all.
+    let mut kept = Vec::with_capacity(names.len());
+    for first in names {
+        let path = segment_path(dir, first);
+        if std::fs::metadata(&path).map_err(OpenError::io(path.clone()))?.len() == 0 {
+            std::fs::remove_file(&path).map_err(OpenError::io(path))?;
+        } else {
+            kept.push(first);
+        }
+    }
+    let mut names = kept;
     // Only acknowledged segments are ever deleted, so whatever precedes the oldest segment left was acknowledged,
     // even when the ledger says less (an unsynced ledger write can be lost while the deletion it allowed survives).
     let acked = ledger.acked().max(names.first().copied().unwrap_or(0));
