@@ -39,6 +39,13 @@ impl<B> ResponseBody<B> {
     }
 }
 
+impl<B> ResponseBody<B> {
+    /// A body whose request's event is emitted already (a durable request's), or that records none.
+    pub(crate) fn plain(body: B) -> Self {
+        Self { kind: Kind::Inner { body }, pending: None }
+    }
+}
+
 impl<B: Body> ResponseBody<B> {
     pub(crate) fn new(body: B, mut pending: Pending) -> Self {
         if body.is_end_stream() {

@@ -109,6 +109,16 @@ pub enum ConfigError {
          configure one or the other"
     )]
     SpillWithFallback,
+    /// A [`Policy`](crate::Policy) rule has a setting that cannot hold.
+    #[error("policy rule {rule} ({matcher}) {problem}")]
+    InvalidRule {
+        /// The rule's position in the policy, from 0.
+        rule: usize,
+        /// What the rule matches.
+        matcher: String,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
 }
 
 /// A sink failed to write or flush a batch.

@@ -31,6 +31,12 @@ pub mod kind {
     /// Written by the worker last, at a clean shutdown, with the final counters. A boot without one ended
     /// uncleanly (a crash, a kill, or a shutdown whose deadline passed first).
     pub const AUDIT_SHUTDOWN: &str = "audit.shutdown";
+    /// Recorded by the layer when it withheld a [`Durable`](crate::Delivery::Durable) request's response (the
+    /// client got `503`) because the request's event was not durable in time. It repeats the request's fields;
+    /// `status` is 503, and the attributes say why (`reason`: `timeout`, `failed`, `queue_full`, `closed`) and
+    /// what was withheld (`withheld_status`). The request's own event (with `delivery=durable`) may still reach
+    /// the trail later: the handler did act.
+    pub const AUDIT_RESPONSE_WITHHELD: &str = "audit.response_withheld";
 }
 
 /// One audit record.

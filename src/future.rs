@@ -3,23 +3,30 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
-use http::{Response, StatusCode};
+use http::{HeaderValue, Response, StatusCode};
 use pin_project_lite::pin_project;
 
 use crate::body::ResponseBody;
+use crate::durable::Confirmation;
 use crate::event::Outcome;
-use crate::request::{Pending, UnwindGuard};
+use crate::intake::Refusal;
+use crate::request::{Pending, UnwindGuard, Withheld};
+use crate::stats::add;
 
 pin_project! {
     /// Response future of [`AuditService`](crate::AuditService).
     ///
     /// Emits the event with outcome `error` when the inner service fails, and with outcome `cancelled` when
-    /// dropped before the inner future completes; otherwise hands the event on to the [`ResponseBody`].
-    pub struct ResponseFuture<F> {
+    /// dropped before the inner future completes; otherwise hands the event on to the [`ResponseBody`]. For a
+    /// [`Durable`](crate::Delivery::Durable) request it emits the event at the response head and holds the
+    /// response until the event is durable, or answers `503` at the timeout.
+    pub struct ResponseFuture<F: Future> {
         #[pin]
         kind: Kind<F>,
         pending: Option<Pending>,
+        confirming: Option<Confirming<F::Output>>,
     }
 }
 
@@ -31,14 +38,33 @@ pin_project! {
     }
 }
 
-impl<F> ResponseFuture<F> {
-    pub(crate) fn new(future: F, pending: Pending) -> Self {
-        Self { kind: Kind::Inner { future }, pending: Some(pending) }
+/// A durable request's response, held until its event is durable.
+struct Confirming<T> {
+    held: T,
+    wait: Pin<Box<dyn Future<Output = Confirmation> + Send>>,
+    withheld: Withheld,
+    timeout: Duration,
+}
+
+impl<F: Future> ResponseFuture<F> {
+    /// `pending` is `None` for a request that records no event (skipped or sampled out).
+    pub(crate) fn new(future: F, pending: Option<Pending>) -> Self {
+        Self { kind: Kind::Inner { future }, pending, confirming: None }
     }
 
     pub(crate) fn refused() -> Self {
-        Self { kind: Kind::Refused, pending: None }
+        Self { kind: Kind::Refused, pending: None, confirming: None }
     }
+}
+
+/// `503 Service Unavailable`, empty, with `Retry-After: 1`.
+fn unavailable<B>(retry_after: bool) -> Response<ResponseBody<B>> {
+    let mut response = Response::new(ResponseBody::empty());
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    if retry_after {
+        response.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
 }
 
 impl<F, ResBody, E> Future for ResponseFuture<F>
@@ -49,34 +75,64 @@ where
     type Output = Result<Response<ResponseBody<ResBody>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let future = match this.kind.project() {
-            KindProj::Inner { future } => future,
-            KindProj::Refused => {
-                let mut response = Response::new(ResponseBody::empty());
-                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-                return Poll::Ready(Ok(response));
+        let mut this = self.project();
+        loop {
+            if let Some(confirming) = this.confirming.as_mut() {
+                let answer = ready!(confirming.wait.as_mut().poll(cx));
+                let Confirming { held, withheld, timeout, .. } = this.confirming.take().expect("confirming");
+                let reason = match answer {
+                    Confirmation::Durable => {
+                        add(&withheld.core().shared.counters.durable_confirmed, 1);
+                        return Poll::Ready(held.map(|response| response.map(ResponseBody::plain)));
+                    }
+                    Confirmation::Failed => "failed",
+                    Confirmation::Timeout => "timeout",
+                };
+                withheld.record(reason, timeout);
+                return Poll::Ready(Ok(unavailable(true)));
             }
-        };
-        let guard = UnwindGuard(this.pending);
-        let result = ready!(future.poll(cx));
-        let mut pending = guard.0.take().expect("ResponseFuture polled after completion");
-        Poll::Ready(match result {
-            Ok(response) => {
-                pending.status = Some(response.status());
-                pending.read_grpc_status(response.headers());
+            let future = match this.kind.as_mut().project() {
+                KindProj::Inner { future } => future,
+                KindProj::Refused => return Poll::Ready(Ok(unavailable(false))),
+            };
+            let guard = UnwindGuard(this.pending);
+            let result = ready!(future.poll(cx));
+            let Some(mut pending) = guard.0.take() else {
+                // A request that records no event.
+                return Poll::Ready(result.map(|response| response.map(ResponseBody::plain)));
+            };
+            let response = match result {
+                Ok(response) => response,
+                Err(error) => {
+                    pending.finish(Some(Outcome::Error));
+                    return Poll::Ready(Err(error));
+                }
+            };
+            pending.status = Some(response.status());
+            pending.read_grpc_status(response.headers());
+            let Some(timeout) = pending.durable_timeout() else {
                 let (parts, body) = response.into_parts();
-                Ok(Response::from_parts(parts, ResponseBody::new(body, pending)))
-            }
-            Err(error) => {
-                pending.finish(Some(Outcome::Error));
-                Err(error)
-            }
-        })
+                return Poll::Ready(Ok(Response::from_parts(parts, ResponseBody::new(body, pending))));
+            };
+            // The timeout runs from the response head.
+            let until = crate::call::after(timeout);
+            let (queued, withheld) = pending.finish_durable();
+            let Some(withheld) = withheld else { return Poll::Ready(Ok(unavailable(true))) };
+            let ticket = match queued {
+                Ok(ticket) => ticket,
+                Err(refusal) => {
+                    withheld.record(if refusal == Refusal::Closed { "closed" } else { "queue_full" }, timeout);
+                    return Poll::Ready(Ok(unavailable(true)));
+                }
+            };
+            let core = std::sync::Arc::clone(withheld.core());
+            let wait = Box::pin(async move { core.shared.watermark.confirm(ticket, until).await });
+            *this.confirming = Some(Confirming { held: Ok(response), wait, withheld, timeout });
+        }
     }
 }
 
-impl<F> std::fmt::Debug for ResponseFuture<F> {
+impl<F: Future> std::fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }

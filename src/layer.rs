@@ -20,6 +20,7 @@ use crate::error::ConfigError;
 use crate::handle::AuditHandle;
 use crate::lifecycle::{Settings, boot_event};
 use crate::pipeline::{Core, RequestConfig, Shared};
+use crate::policy::Policy;
 use crate::sanitize::Limits;
 use crate::service::AuditService;
 use crate::sink::{AuditSink, DynSink};
@@ -37,6 +38,7 @@ use crate::worker::{Output, Queue, SpillOutput, Worker, WorkerConfig};
 #[derive(Clone)]
 pub struct AuditLayer {
     core: Arc<Core>,
+    policy: Arc<Policy>,
 }
 
 impl AuditLayer {
@@ -63,7 +65,30 @@ impl AuditLayer {
             client_addr_source: ClientAddrSource::Peer,
             instance: None,
             spill: None,
+            policy: Policy::new(),
         }
+    }
+}
+
+impl AuditLayer {
+    /// A layer over the same pipeline (same queue, worker, sink and handle) that decides by `policy` instead
+    /// of the builder's. For a policy per group of routes, e.g. with Axum's `Router::route_layer`, or one
+    /// route's `MethodRouter::layer`; apply each request to one layer only, or it is recorded twice.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use std::time::Duration;
+    /// use tower_audit::{AuditLayer, MemorySink, Policy, Rule};
+    ///
+    /// let (layer, _handle) = AuditLayer::builder(MemorySink::new()).build().unwrap();
+    /// let durable = layer.with_policy(Policy::new().rule(Rule::any().durable(Duration::from_secs(2)))).unwrap();
+    /// # let _ = durable;
+    /// # }
+    /// ```
+    pub fn with_policy(&self, policy: Policy) -> Result<AuditLayer, ConfigError> {
+        policy.check()?;
+        Ok(AuditLayer { core: Arc::clone(&self.core), policy: Arc::new(policy) })
     }
 }
 
@@ -71,7 +96,7 @@ impl<S> Layer<S> for AuditLayer {
     type Service = AuditService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AuditService::new(inner, Arc::clone(&self.core))
+        AuditService::new(inner, Arc::clone(&self.core), Arc::clone(&self.policy))
     }
 }
 
@@ -127,6 +152,7 @@ pub struct AuditLayerBuilder {
     client_addr_source: ClientAddrSource,
     instance: Option<String>,
     spill: Option<Spill>,
+    policy: Policy,
 }
 
 impl AuditLayerBuilder {
@@ -180,6 +206,29 @@ impl AuditLayerBuilder {
     /// are counted as `lost`). A local [`JsonLinesSink`](crate::JsonLinesSink) is a good choice.
     pub fn fallback(mut self, sink: impl AuditSink) -> Self {
         self.fallback = Some(Box::new(sink));
+        self
+    }
+
+    /// Which requests are recorded and how their events are delivered (see [`Policy`]): skip health checks,
+    /// sample noisy reads, make the events of login, logout and the like durable before their response.
+    /// Without one, every request is recorded best effort. A rule's setting that cannot hold is refused by
+    /// `build` ([`ConfigError::InvalidRule`]).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use std::time::Duration;
+    /// use tower_audit::{AuditLayer, MemorySink, Policy, Rule};
+    ///
+    /// let policy = Policy::new()
+    ///     .rule(Rule::route("/health").skip())
+    ///     .rule(Rule::route("/api/auth/*").durable(Duration::from_secs(2)));
+    /// let (layer, handle) = AuditLayer::builder(MemorySink::new()).policy(policy).build().unwrap();
+    /// # let _ = (layer, handle);
+    /// # }
+    /// ```
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
         self
     }
 
@@ -402,6 +451,7 @@ impl AuditLayerBuilder {
                 return Err(ConfigError::SpillWithFallback);
             }
         }
+        self.policy.check()?;
         if self.batch_size > self.capacity {
             return Err(ConfigError::BatchLargerThanCapacity { batch_size: self.batch_size, capacity: self.capacity });
         }
@@ -520,7 +570,7 @@ impl AuditLayerBuilder {
             },
         });
         let handle = AuditHandle::new(Arc::clone(&core), deadline_tx, report_rx, instance, boot, spilling);
-        Ok((AuditLayer { core }, handle))
+        Ok((AuditLayer { core, policy: Arc::new(self.policy) }, handle))
     }
 }
 

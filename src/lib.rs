@@ -99,6 +99,7 @@ mod client_addr;
 mod config;
 mod context;
 mod delivery;
+mod durable;
 mod error;
 mod event;
 mod future;
@@ -110,6 +111,7 @@ mod lifecycle;
 #[cfg(feature = "metrics")]
 mod metrics;
 mod pipeline;
+mod policy;
 mod request;
 mod sanitize;
 mod service;
@@ -132,6 +134,7 @@ pub use self::event::{AuditEvent, Outcome, SCHEMA_VERSION, kind};
 pub use self::future::ResponseFuture;
 pub use self::handle::{AuditHandle, ShutdownReport};
 pub use self::layer::{AuditLayer, AuditLayerBuilder};
+pub use self::policy::{Delivery, Policy, RequestHead, Rule};
 pub use self::service::AuditService;
 pub use self::siem::{ECS_VERSION, Encoding, OCSF_VERSION, encode_ecs, encode_ocsf};
 #[cfg(feature = "postgres")]

@@ -31,6 +31,8 @@
 //! | `tower_audit_sink_panics_total` | counter | | `sink_panics` |
 //! | `tower_audit_sink_timeouts_total` | counter | | `sink_timeouts` |
 //! | `tower_audit_gap_events_total` | counter | | `gap_events` |
+//! | `tower_audit_requests_unrecorded_total` | counter | `reason="skipped"`, `"sampled_out"` | `skipped`, `sampled_out` |
+//! | `tower_audit_durable_responses_total` | counter | `result="confirmed"`, `"withheld"` | `durable_confirmed`, `durable_withheld` |
 //! | `tower_audit_queued_events` | gauge | | `queued` |
 //! | `tower_audit_queued_bytes` | gauge | | `queued_bytes` |
 //!
@@ -71,11 +73,13 @@ const RETRIES: &str = "tower_audit_sink_retries_total";
 const PANICS: &str = "tower_audit_sink_panics_total";
 const TIMEOUTS: &str = "tower_audit_sink_timeouts_total";
 const GAP_EVENTS: &str = "tower_audit_gap_events_total";
+const UNRECORDED: &str = "tower_audit_requests_unrecorded_total";
+const DURABLE: &str = "tower_audit_durable_responses_total";
 const QUEUED_EVENTS: &str = "tower_audit_queued_events";
 const QUEUED_BYTES: &str = "tower_audit_queued_bytes";
 
 /// Every counter series of `s`.
-fn counters(s: &Stats) -> [Series; 20] {
+fn counters(s: &Stats) -> [Series; 24] {
     let reason = |r| Some(("reason", r));
     [
         (ACCEPTED, None, s.accepted),
@@ -98,6 +102,10 @@ fn counters(s: &Stats) -> [Series; 20] {
         (PANICS, None, s.sink_panics),
         (TIMEOUTS, None, s.sink_timeouts),
         (GAP_EVENTS, None, s.gap_events),
+        (UNRECORDED, reason("skipped"), s.skipped),
+        (UNRECORDED, reason("sampled_out"), s.sampled_out),
+        (DURABLE, Some(("result", "confirmed")), s.durable_confirmed),
+        (DURABLE, Some(("result", "withheld")), s.durable_withheld),
     ]
 }
 
@@ -121,6 +129,12 @@ pub(crate) fn describe() {
     describe_counter!(PANICS, Unit::Count, "Audit sink calls that panicked.");
     describe_counter!(TIMEOUTS, Unit::Count, "Audit sink calls that exceeded the sink timeout.");
     events(GAP_EVENTS, "audit.gap events written into a trail.");
+    describe_counter!(UNRECORDED, Unit::Count, "Requests the audit policy recorded no event for, by reason.");
+    describe_counter!(
+        DURABLE,
+        Unit::Count,
+        "Durable requests' responses released (confirmed) or answered 503 (withheld) by the audit layer."
+    );
     describe_gauge!(
         QUEUED_EVENTS,
         Unit::Count,
@@ -225,6 +239,10 @@ mod tests {
             gap_events: 20,
             spilled: 21,
             corrupt: 22,
+            skipped: 23,
+            sampled_out: 24,
+            durable_confirmed: 25,
+            durable_withheld: 26,
         };
         let got = published(&stats);
         let i = |extra: &[(&str, &str)]| {
@@ -257,6 +275,10 @@ mod tests {
             c("tower_audit_gap_events_total", &[], 20),
             c("tower_audit_events_spilled_total", &[], 21),
             c("tower_audit_events_lost_total", &[("reason", "corrupt")], 22),
+            c("tower_audit_requests_unrecorded_total", &[("reason", "skipped")], 23),
+            c("tower_audit_requests_unrecorded_total", &[("reason", "sampled_out")], 24),
+            c("tower_audit_durable_responses_total", &[("result", "confirmed")], 25),
+            c("tower_audit_durable_responses_total", &[("result", "withheld")], 26),
         ];
         want.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         assert_eq!(got, want);

@@ -8,6 +8,7 @@ use http::HeaderName;
 use ipnet::IpNet;
 use tokio::sync::{Notify, mpsc};
 
+use crate::durable::Watermark;
 use crate::event::AuditEvent;
 use crate::intake::{Entry, Gate, Refusal, Slot};
 use crate::sanitize::Limits;
@@ -46,6 +47,8 @@ pub(crate) struct Shared {
     pub(crate) wake_pending: AtomicBool,
     /// Room freed up in the queue, or intake closed: wakes requests waiting under `Overflow::Wait`.
     pub(crate) room: Notify,
+    /// Where durable requests learn that their events are durable.
+    pub(crate) watermark: Watermark,
 }
 
 impl Shared {
@@ -56,6 +59,7 @@ impl Shared {
             wake: Notify::new(),
             wake_pending: AtomicBool::new(false),
             room: Notify::new(),
+            watermark: Watermark::default(),
         }
     }
 
@@ -82,6 +86,25 @@ impl Core {
     /// Queues an event without waiting, into its reserved `slot` if it has one. A refused event is counted
     /// by reason (`on_full` says which counter a full queue means).
     pub(crate) fn push(&self, event: AuditEvent, slot: Option<Slot>, on_full: OnFull) -> bool {
+        let queued = self.enqueue(event, slot, on_full, false).is_ok();
+        if queued {
+            self.wake_if_batch_waiting();
+        }
+        queued
+    }
+
+    /// Queues a durable event like [`push`](Self::push), and wakes the worker at once. Its ticket, or why it
+    /// was not queued.
+    pub(crate) fn push_durable(&self, event: AuditEvent, slot: Option<Slot>, on_full: OnFull) -> Result<u64, Refusal> {
+        let ticket = self.enqueue(event, slot, on_full, true)?;
+        let shared = &*self.shared;
+        shared.wake_pending.store(true, Relaxed);
+        shared.wake.notify_one();
+        Ok(ticket)
+    }
+
+    /// Admits and sends an event (with a ticket when `durable`). The ticket, or 0.
+    fn enqueue(&self, event: AuditEvent, slot: Option<Slot>, on_full: OnFull, durable: bool) -> Result<u64, Refusal> {
         let bytes = event.heap_size();
         let counters = &self.shared.counters;
         if let Err(refusal) = self.shared.gate.enter(bytes, slot.is_some()) {
@@ -90,20 +113,28 @@ impl Core {
                 // A refused admission raised and lowered the counts: a waiter that looked meanwhile saw no room.
                 self.shared.room.notify_waiters();
             }
-            return false;
+            return Err(refusal);
         }
         // Inside the gate: counted as accepted before the worker can see (and settle) it.
         add(&counters.accepted, 1);
-        let sent = self.tx.send(Entry { event, bytes });
+        let (sent, ticket) = if durable {
+            // Issued and sent under one lock: the worker takes durable events in ticket order.
+            let mut issued = self.shared.watermark.issued.lock().unwrap_or_else(|e| e.into_inner());
+            let ticket = *issued + 1;
+            let sent = self.tx.send(Entry { event, bytes, ticket });
+            *issued = ticket;
+            (sent, ticket)
+        } else {
+            (self.tx.send(Entry { event, bytes, ticket: 0 }), 0)
+        };
         self.shared.gate.leave();
         if sent.is_err() {
             // The worker's end is gone although the gate was open: it can only have died; count the event.
             self.shared.gate.taken(1, bytes);
             add(&counters.abandoned, 1);
-            return false;
+            return Err(Refusal::Closed);
         }
-        self.wake_if_batch_waiting();
-        true
+        Ok(ticket)
     }
 
     /// Queues a custom event (handle or handler): bounded and sanitised like request events, never waiting.

@@ -5,15 +5,16 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::time::Instant;
 
 use http::{HeaderMap, HeaderName, Method, Request, StatusCode};
 
 use crate::event::{AuditEvent, Outcome, kind};
-use crate::intake::Slot;
+use crate::intake::{Refusal, Slot};
 use crate::pipeline::{Core, OnFull};
+use crate::policy::Delivery;
 use crate::sanitize::{bounded, bounded_bytes, redacted_path};
 
 /// What the layer read from the request, shared with the handler's [`AuditContext`](crate::AuditContext).
@@ -107,7 +108,7 @@ fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(http::header::CONTENT_TYPE).is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
 }
 
-fn matched_path<B>(req: &Request<B>) -> Option<&str> {
+pub(crate) fn matched_path<B>(req: &Request<B>) -> Option<&str> {
     #[cfg(feature = "axum")]
     if let Some(path) = req.extensions().get::<axum::extract::MatchedPath>() {
         return Some(path.as_str());
@@ -144,6 +145,7 @@ pub(crate) struct Pending {
     pub(crate) body_polled: bool,
     /// A panic unwound through the layer while it polled the inner future or body.
     panicked: bool,
+    delivery: Delivery,
 }
 
 /// Held across a poll of the inner future or body: if a panic unwinds through that poll, the request's
@@ -162,8 +164,9 @@ impl Drop for UnwindGuard<'_> {
 }
 
 impl Pending {
-    pub(crate) fn new(state: Arc<RequestState>, slot: Option<Slot>, on_full: OnFull) -> Self {
+    pub(crate) fn new(state: Arc<RequestState>, slot: Option<Slot>, on_full: OnFull, delivery: Delivery) -> Self {
         Pending {
+            delivery,
             state: Some(state),
             slot,
             on_full,
@@ -184,7 +187,46 @@ impl Pending {
 
     /// Emits the event. `outcome` overrides the outcome derived from the status codes.
     pub(crate) fn finish(&mut self, outcome: Option<Outcome>) {
-        let Some(state) = self.state.take() else { return };
+        if let Some((core, event)) = self.take_event(outcome) {
+            core.push(event, self.slot.take(), self.on_full);
+        }
+    }
+
+    /// Whether the response waits for the event to be durable, and how long.
+    pub(crate) fn durable_timeout(&self) -> Option<Duration> {
+        match self.delivery {
+            Delivery::Durable { timeout } => Some(timeout),
+            Delivery::BestEffort => None,
+        }
+    }
+
+    /// Emits a durable event, now (at the response head): its ticket, or why it was not queued. What the
+    /// response was withheld for is recorded by [`Withheld::record`].
+    pub(crate) fn finish_durable(&mut self) -> (Result<u64, Refusal>, Option<Withheld>) {
+        let Some((core, mut event)) = self.take_event(None) else {
+            return (Err(Refusal::Closed), None);
+        };
+        event.attributes.insert("delivery".to_owned(), "durable".to_owned());
+        let mut withheld = AuditEvent::with_time(Cow::Borrowed(kind::AUDIT_RESPONSE_WITHHELD), event.time);
+        withheld.outcome = Outcome::ServerError;
+        withheld.method.clone_from(&event.method);
+        withheld.route.clone_from(&event.route);
+        withheld.path.clone_from(&event.path);
+        withheld.status = Some(StatusCode::SERVICE_UNAVAILABLE.as_u16());
+        withheld.request_id.clone_from(&event.request_id);
+        withheld.actor.clone_from(&event.actor);
+        withheld.client_addr = event.client_addr;
+        withheld.user_agent.clone_from(&event.user_agent);
+        if let Some(status) = event.status {
+            withheld.attributes.insert("withheld_status".to_owned(), status.to_string());
+        }
+        let queued = core.push_durable(event, self.slot.take(), self.on_full);
+        (queued, Some(Withheld { core, event: withheld }))
+    }
+
+    /// Takes the event, built, with the pipeline it goes to; `None` once taken.
+    fn take_event(&mut self, outcome: Option<Outcome>) -> Option<(Arc<Core>, AuditEvent)> {
+        let state = self.state.take()?;
         let outcome = outcome.unwrap_or_else(|| match (self.grpc_status, self.status) {
             (Some(code), _) => Outcome::from_grpc_code(code),
             (None, Some(status)) => Outcome::from_http_status(status),
@@ -215,7 +257,35 @@ impl Pending {
         if self.panicked {
             event.attributes.insert("panic".to_owned(), "true".to_owned());
         }
-        core.push(event, self.slot.take(), self.on_full);
+        Some((core, event))
+    }
+}
+
+/// The `audit.response_withheld` event of a durable request, made ready with its event, recorded only if the
+/// response is withheld.
+pub(crate) struct Withheld {
+    core: Arc<Core>,
+    event: AuditEvent,
+}
+
+impl Withheld {
+    /// Records that the response was withheld, and why (`reason`); counts it.
+    pub(crate) fn record(mut self, reason: &'static str, timeout: Duration) {
+        let counters = &self.core.shared.counters;
+        crate::stats::add(&counters.durable_withheld, 1);
+        self.event.attributes.insert("reason".to_owned(), reason.to_owned());
+        self.event.attributes.insert("timeout_ms".to_owned(), timeout.as_millis().to_string());
+        self.core.push(self.event, None, OnFull::QueueFull);
+    }
+
+    pub(crate) fn core(&self) -> &Arc<Core> {
+        &self.core
+    }
+}
+
+impl std::fmt::Debug for Withheld {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Withheld").finish_non_exhaustive()
     }
 }
 

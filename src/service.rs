@@ -16,7 +16,8 @@ use crate::context::AuditContext;
 use crate::future::ResponseFuture;
 use crate::intake::{Refusal, Slot};
 use crate::pipeline::{Core, OnFull, Shared};
-use crate::request::{Pending, RequestState};
+use crate::policy::{Decision, Delivery, Policy};
+use crate::request::{Pending, RequestState, matched_path};
 use crate::stats::add;
 
 /// Records one audit event per request. Made by [`AuditLayer`](crate::AuditLayer).
@@ -39,6 +40,7 @@ use crate::stats::add;
 pub struct AuditService<S> {
     inner: S,
     core: Arc<Core>,
+    policy: Arc<Policy>,
     ready: Ready,
 }
 
@@ -57,8 +59,8 @@ enum Ready {
 }
 
 impl<S> AuditService<S> {
-    pub(crate) fn new(inner: S, core: Arc<Core>) -> Self {
-        Self { inner, core, ready: Ready::Unchecked }
+    pub(crate) fn new(inner: S, core: Arc<Core>, policy: Arc<Policy>) -> Self {
+        Self { inner, core, policy, ready: Ready::Unchecked }
     }
 
     /// The wrapped service.
@@ -97,7 +99,7 @@ fn wait_for_room(shared: Arc<Shared>, limit: std::time::Duration) -> WaitForRoom
 
 impl<S> AuditService<S> {
     /// Answers 503 without calling the inner service: the request's event could not be queued.
-    fn refuse<F>(&self) -> ResponseFuture<F> {
+    fn refuse<F: Future>(&self) -> ResponseFuture<F> {
         add(&self.core.shared.counters.refused, 1);
         ResponseFuture::refused()
     }
@@ -106,7 +108,7 @@ impl<S> AuditService<S> {
 impl<S: Clone> Clone for AuditService<S> {
     /// A clone starts unchecked: it has not been polled ready.
     fn clone(&self) -> Self {
-        Self::new(self.inner.clone(), Arc::clone(&self.core))
+        Self::new(self.inner.clone(), Arc::clone(&self.core), Arc::clone(&self.policy))
     }
 }
 
@@ -131,8 +133,9 @@ where
                 (_, Overflow::Drop) | (Ready::Waited(_), _) => return self.inner.poll_ready(cx),
                 (Ready::Refuse, _) => return Poll::Ready(Ok(())),
                 (Ready::Unchecked, Overflow::FailClosed) => {
-                    // No room now: refuse at once rather than wait for the inner service to be ready.
-                    if self.core.shared.gate.has_room().is_err() {
+                    // No room now: refuse at once rather than wait for the inner service to be ready (unless a
+                    // policy may exempt the request; then `call` refuses when it cannot reserve).
+                    if self.policy.is_empty() && self.core.shared.gate.has_room().is_err() {
                         self.ready = Ready::Refuse;
                         return Poll::Ready(Ok(()));
                     }
@@ -159,19 +162,37 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let ready = std::mem::replace(&mut self.ready, Ready::Unchecked);
-        let (slot, on_full): (Option<Slot>, OnFull) = match (self.core.config.overflow, ready) {
+        let layer_overflow = self.core.config.overflow;
+        let decision = if self.policy.is_empty() {
+            Decision::Record { delivery: Delivery::BestEffort, overflow: layer_overflow }
+        } else {
+            let route = matched_path(&req).unwrap_or_else(|| req.uri().path());
+            self.policy.decide(&req, route, layer_overflow)
+        };
+        let (delivery, overflow) = match decision {
+            Decision::Record { delivery, overflow } => (delivery, overflow),
+            Decision::Skip | Decision::SampledOut => {
+                let counters = &self.core.shared.counters;
+                add(if decision == Decision::Skip { &counters.skipped } else { &counters.sampled_out }, 1);
+                // No request event; the handler's own events are still recorded.
+                let state = Arc::new(RequestState::capture(&req, Arc::clone(&self.core)));
+                req.extensions_mut().insert(AuditContext::new(state));
+                return ResponseFuture::new(self.inner.call(req), None);
+            }
+        };
+        let (slot, on_full): (Option<Slot>, OnFull) = match (overflow, ready) {
             (Overflow::FailClosed, Ready::Refuse) => return self.refuse(),
             (Overflow::FailClosed, _) => match self.core.reserve() {
                 Ok(slot) => (Some(slot), OnFull::QueueFull),
                 Err(_) => return self.refuse(),
             },
-            (Overflow::Wait(_), Ready::Waited(on_full)) => (None, on_full),
+            (_, Ready::Waited(on_full)) => (None, on_full),
             // `Drop`, or `call` without `poll_ready` (a contract breach).
             _ => (None, OnFull::QueueFull),
         };
         let state = Arc::new(RequestState::capture(&req, Arc::clone(&self.core)));
         req.extensions_mut().insert(AuditContext::new(Arc::clone(&state)));
-        let pending = Pending::new(state, slot, on_full);
-        ResponseFuture::new(self.inner.call(req), pending)
+        let pending = Pending::new(state, slot, on_full, delivery);
+        ResponseFuture::new(self.inner.call(req), Some(pending))
     }
 }

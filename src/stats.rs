@@ -26,6 +26,10 @@ pub(crate) struct Counters {
     pub(crate) spill_full: AtomicU64,
     pub(crate) left_in_spill: AtomicU64,
     pub(crate) corrupt: AtomicU64,
+    pub(crate) skipped: AtomicU64,
+    pub(crate) sampled_out: AtomicU64,
+    pub(crate) durable_confirmed: AtomicU64,
+    pub(crate) durable_withheld: AtomicU64,
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
@@ -72,6 +76,10 @@ impl Counters {
             gap_events: load(&self.gap_events),
             spilled: load(&self.spilled),
             corrupt,
+            skipped: load(&self.skipped),
+            sampled_out: load(&self.sampled_out),
+            durable_confirmed: load(&self.durable_confirmed),
+            durable_withheld: load(&self.durable_withheld),
         }
     }
 }
@@ -172,6 +180,17 @@ pub struct Stats {
     /// corrupt: it is taken for an event (one of the worker's own, at most one per batch, would make the
     /// identity's right side one too high).
     pub corrupt: u64,
+    /// Requests a [`Policy`](crate::Policy) rule skipped: no event was made for them. Not part of the identity.
+    pub skipped: u64,
+    /// Requests a sampling rule left out ([`Rule::sample`](crate::Rule::sample)): no event was made for them,
+    /// which is not a loss. Not part of the identity.
+    pub sampled_out: u64,
+    /// Durable responses released because their event was durable in time.
+    pub durable_confirmed: u64,
+    /// Durable responses withheld (the client got `503`) because their event was not durable in time: the
+    /// queue refused it, its batch failed, or the timeout passed. Each is recorded by an
+    /// `audit.response_withheld` event.
+    pub durable_withheld: u64,
 }
 
 impl Stats {
@@ -213,6 +232,12 @@ impl fmt::Display for Stats {
             self.dropped_closed,
             self.refused
         )?;
+        if self.skipped + self.sampled_out > 0 {
+            write!(f, "; skipped {}, sampled out {}", self.skipped, self.sampled_out)?;
+        }
+        if self.durable_confirmed + self.durable_withheld > 0 {
+            write!(f, "; durable: confirmed {}, withheld {}", self.durable_confirmed, self.durable_withheld)?;
+        }
         if self.recovered + self.spilled + self.spill_full + self.left_in_spill + self.corrupt > 0 {
             write!(
                 f,

@@ -81,6 +81,12 @@ struct State {
     last_warn: Option<Instant>,
     /// Whether the last lifecycle event written to the spill is in it.
     lifecycle_spilled: bool,
+    /// The last durable ticket taken and not settled yet (its batch is not written).
+    ticket: Option<u64>,
+    /// Whether the user events of the last batch written are durable: in the sink, or synced in the spill.
+    users_durable: bool,
+    /// The batch being written holds durable events: with a spill, sync it now whatever the policy.
+    sync_now: bool,
 }
 
 impl Worker {
@@ -91,6 +97,9 @@ impl Worker {
             warned: Losses::default(),
             last_warn: None,
             lifecycle_spilled: false,
+            ticket: None,
+            users_durable: false,
+            sync_now: false,
         };
         let mut batch = Vec::with_capacity(self.config.batch_size);
         let mut requests = self.deadline.0.clone();
@@ -132,12 +141,14 @@ impl Worker {
             loop {
                 let limit = self.limit(&state);
                 let took = self.queue.take(&mut batch, limit);
+                state.ticket = took.ticket.or(state.ticket);
                 if took.disconnected {
                     return self.shut_down(batch, state).await;
                 }
                 let gap_due = state.primary.is_due(self.losses());
+                // Durable events go out at once (with whatever is waiting: group commit).
                 // `deliver` is `true` when the shutdown deadline passed during the write (shutdown began meanwhile).
-                if (took.full || (ticked && (!batch.is_empty() || gap_due)))
+                if (took.full || state.ticket.is_some() || (ticked && (!batch.is_empty() || gap_due)))
                     && self.deliver(&mut batch, &mut state).await
                 {
                     return self.shut_down(batch, state).await;
@@ -164,16 +175,23 @@ impl Worker {
         if batch_size > 1 && state.primary.is_due(self.losses()) { batch_size - 1 } else { batch_size }
     }
 
-    /// Writes `batch` (with the gap event due, if any) and settles its events. Returns `true` when the
-    /// shutdown deadline passed first; the events left in `batch` are then unsettled.
+    /// Writes `batch` (with the gap event due, if any) and settles its events, durable ones included (they
+    /// wake their requests). Returns `true` when the shutdown deadline passed first; the events left in
+    /// `batch` are then unsettled.
     async fn deliver(&mut self, batch: &mut Vec<AuditEvent>, state: &mut State) -> bool {
-        match state.primary.due(self.losses()) {
+        let ticket = state.ticket.take();
+        (state.users_durable, state.sync_now) = (false, ticket.is_some());
+        let out_of_time = match state.primary.due(self.losses()) {
             // No room in front (events taken before the losses happened): the gap event goes alone first.
             Some(due) if batch.len() >= self.config.batch_size => {
                 self.write(&mut Vec::new(), Some(due), None, state).await || self.write(batch, None, None, state).await
             }
             due => self.write(batch, due, None, state).await,
+        };
+        if let (Some(ticket), false) = (ticket, out_of_time) {
+            self.shared.watermark.settle(ticket, state.users_durable);
         }
+        out_of_time
     }
 
     fn sync_due(&self) -> Option<Instant> {
@@ -225,7 +243,7 @@ impl Worker {
                 };
                 add(&counters.spilled, appended.iter().filter(|a| **a).count() as u64);
                 let users = appended[meta..].iter().filter(|a| **a).count() as u64;
-                if let Some(error) = error {
+                if let Some(error) = &error {
                     tracing::error!(%error, events = n - users, "cannot append to the audit spill; events lost");
                     add(&counters.lost, n - users);
                 } else if users < n {
@@ -236,7 +254,15 @@ impl Worker {
                     state.primary.written(upto);
                 }
                 state.lifecycle_spilled = lifecycle && appended.get(meta - 1).copied().unwrap_or(false);
+                state.users_durable = users == n && error.is_none();
                 events.clear();
+                if state.sync_now && state.users_durable {
+                    // Durable events: synced before their requests are released, whatever the sync policy.
+                    if let Err(error) = spill.spool.sync_for_durable().await {
+                        tracing::error!(%error, "cannot sync the audit spill; durable requests are answered 503");
+                        state.users_durable = false;
+                    }
+                }
                 return false;
             }
             Output::Direct(sinks) => sinks,
@@ -248,6 +274,7 @@ impl Worker {
         }
         match written {
             Written::Yes => {
+                state.users_durable = true;
                 add(&counters.written, n);
                 add(&counters.batches, 1);
                 if let Some(upto) = reported {
@@ -271,7 +298,10 @@ impl Worker {
                 }
                 if !events.is_empty() {
                     match sinks.fallback(events, &self.deadline, counters).await {
-                        Written::Yes => add(&counters.fallback_written, n),
+                        Written::Yes => {
+                            state.users_durable = true;
+                            add(&counters.fallback_written, n);
+                        }
                         Written::Failed => add(&counters.lost, n),
                         Written::Deadline => return true,
                     }
@@ -314,7 +344,7 @@ impl Worker {
                 break;
             }
             let limit = self.limit(&state);
-            self.queue.take(&mut batch, limit);
+            state.ticket = self.queue.take(&mut batch, limit).ticket.or(state.ticket);
             if batch.is_empty() {
                 break;
             }
@@ -413,6 +443,8 @@ pub(crate) struct Queue {
 /// What one `take` saw.
 pub(crate) struct Took {
     full: bool,
+    /// The last durable ticket taken.
+    ticket: Option<u64>,
     /// Every producer is gone and the queue is empty.
     disconnected: bool,
 }
@@ -420,11 +452,14 @@ pub(crate) struct Took {
 impl Queue {
     /// Moves events into `batch` until it holds `limit`, without waiting.
     fn take(&mut self, batch: &mut Vec<AuditEvent>, limit: usize) -> Took {
-        let (start, mut bytes, mut disconnected) = (batch.len(), 0, false);
+        let (start, mut bytes, mut disconnected, mut ticket) = (batch.len(), 0, false, None);
         while batch.len() < limit {
             match self.rx.try_recv() {
                 Ok(entry) => {
                     bytes += entry.bytes;
+                    if entry.ticket != 0 {
+                        ticket = Some(entry.ticket);
+                    }
                     batch.push(entry.event);
                 }
                 Err(mpsc::error::TryRecvError::Empty) => break,
@@ -438,7 +473,7 @@ impl Queue {
             self.shared.gate.taken(batch.len() - start, bytes);
             self.shared.room.notify_waiters();
         }
-        Took { full: batch.len() >= limit, disconnected }
+        Took { full: batch.len() >= limit, ticket, disconnected }
     }
 
     /// Once intake is closed, waits for the producers inside the gate to publish (they never wait in there,
@@ -463,6 +498,8 @@ impl Queue {
             add(&self.shared.counters.left_in_spill, progress.in_spill.swap(0, std::sync::atomic::Ordering::SeqCst));
         }
         add(&self.shared.counters.abandoned, self.shared.stats().queued);
+        // Durable events not settled by now never will be: their requests are answered 503 at once.
+        self.shared.watermark.close();
     }
 }
 

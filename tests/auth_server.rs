@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use app::{AuditMode, AuditSinkKind, Claims, Config, Server};
+use app::{AuditMode, AuditSinkKind, Claims, Config, DurableRoutes, Server, audit_policy};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::sqlite::SqlitePool;
@@ -366,6 +366,45 @@ async fn a_stalled_audit_sink_neither_slows_nor_fails_any_auth_request() {
     assert_eq!(stats.accepted + stats.dropped_queue_full, 80, "{stats:?}");
     assert!(stats.dropped_queue_full > 0);
     assert_eq!(stats.written, 0);
+}
+
+#[tokio::test]
+async fn with_the_audit_sink_frozen_auth_actions_answer_503_in_time_and_the_rest_keeps_serving() {
+    let timeout = Duration::from_millis(300);
+    let stalled = common::StalledSink::default();
+    let prebuilt =
+        AuditLayer::builder(stalled.clone()).policy(audit_policy(DurableRoutes::Auth, timeout)).build().unwrap();
+    let handle = prebuilt.1.clone();
+    let s = start(AuditMode::Layer, 5, Duration::from_secs(5), Some(prebuilt)).await;
+    let started = std::time::Instant::now();
+    let res = s.client.post(format!("{}/api/auth/register", s.base)).json(&alice()).send().await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!((res.status(), res.headers()["retry-after"].to_str().unwrap()), (StatusCode::SERVICE_UNAVAILABLE, "1"));
+    assert!(waited >= timeout && waited < timeout + Duration::from_secs(2), "{waited:?}");
+    // The handler did act (the user exists): the 503 says the outcome is not known to the trail, not that nothing
+    // happened; the trail will have the request (when the sink comes back) and an audit.response_withheld event.
+    let (status, _) =
+        s.post("/api/auth/login", json!({"email": "alice@example.com", "password": "correct horse battery"})).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let id: String =
+        sqlx::query_scalar("SELECT id FROM users WHERE email = 'alice@example.com'").fetch_one(&s.users).await.unwrap();
+    let claims = Claims {
+        sub: id,
+        email: "alice@example.com".to_owned(),
+        typ: "access".to_owned(),
+        jti: "j-1".to_owned(),
+        iat: now(),
+        exp: now() + 600,
+    };
+    // Best effort and skipped routes answer as usual.
+    for _ in 0..20 {
+        let (status, body) = s.get_with("/api/auth/me", &token(&claims, SECRET)).await;
+        assert_eq!((status, body["email"].as_str()), (StatusCode::OK, Some("alice@example.com")));
+        let res = s.client.get(format!("{}/health", s.base)).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    let stats = handle.stats();
+    assert_eq!((stats.durable_withheld, stats.durable_confirmed, stats.skipped), (2, 0, 20));
 }
 
 /// `DATABASE_URL` switches the user store to Postgres (a fresh database, so reruns start clean).

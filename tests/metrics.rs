@@ -103,6 +103,10 @@ impl Scraper {
             ("tower_audit_sink_panics_total", &[]),
             ("tower_audit_sink_timeouts_total", &[]),
             ("tower_audit_gap_events_total", &[]),
+            ("tower_audit_requests_unrecorded_total", &[("reason", "skipped")]),
+            ("tower_audit_requests_unrecorded_total", &[("reason", "sampled_out")]),
+            ("tower_audit_durable_responses_total", &[("result", "confirmed")]),
+            ("tower_audit_durable_responses_total", &[("result", "withheld")]),
             ("tower_audit_queued_events", &[]),
             ("tower_audit_queued_bytes", &[]),
         ];

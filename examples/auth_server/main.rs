@@ -18,6 +18,9 @@
 //! | `--audit-url URL_OR_PATH` | `AUDIT_URL` | per sink: `sqlite://DIR/auth_server_audit.db`, `DIR/auth_server_audit.jsonl`, the user store's URL |
 //! | `--spill-dir DIR` | `SPILL_DIR` | off; e.g. `data/spill`: audit batches wait on disk through a sink outage or a crash |
 //! | `--spill-sync every-batch\|interval` | `SPILL_SYNC` | `interval` (fdatasync every 200 ms; `every-batch` before each sink call) |
+//! | `--durable auth\|all\|none` | `DURABLE` | `auth`: register, login, refresh and logout answer only once their event is durable |
+//! | `--durable-timeout-ms MS` | `DURABLE_TIMEOUT_MS` | `2000`: then a durable route answers 503 with `Retry-After` |
+//! | `--audit-batch-size N` | `AUDIT_BATCH_SIZE` | `512` (`1` turns group commit off) |
 //! | — | `JWT_SECRET` | generated at start |
 //! | — | `RUST_LOG` | `info` |
 //!
@@ -33,7 +36,7 @@ use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use app::{AuditMode, AuditSinkKind, Config, Server};
+use app::{AuditMode, AuditOptions, AuditSinkKind, Config, DurableRoutes, Server};
 use clap::{CommandFactory, Parser, ValueEnum};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
@@ -77,6 +80,16 @@ struct Cli {
     /// When the spill syncs its appends to disk (with --spill-dir)
     #[arg(long, env = "SPILL_SYNC", value_enum, default_value_t = SpillSync::Interval)]
     spill_sync: SpillSync,
+    /// Which routes answer only once their audit event is durable (committed by the sink, or fsynced in the
+    /// spill); the others are audited best effort, and /health not at all
+    #[arg(long, env = "DURABLE", value_enum, default_value_t = DurableRoutes::Auth)]
+    durable: DurableRoutes,
+    /// How long a durable route waits for its event before answering 503 (milliseconds)
+    #[arg(long, env = "DURABLE_TIMEOUT_MS", default_value_t = 2000)]
+    durable_timeout_ms: u64,
+    /// Events per audit batch (1 turns group commit off: one sink write per event)
+    #[arg(long, env = "AUDIT_BATCH_SIZE", default_value_t = tower_audit::DEFAULT_BATCH_SIZE)]
+    audit_batch_size: usize,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -128,12 +141,17 @@ impl Cli {
             db_pool_size: self.db_pool_size,
             audit: self.audit,
             audit_sink,
-            spill: self.spill_dir.as_ref().map(|dir| {
-                tower_audit::Spill::new(dir).sync(match self.spill_sync {
-                    SpillSync::EveryBatch => tower_audit::SyncPolicy::EveryBatch,
-                    SpillSync::Interval => tower_audit::SyncPolicy::default(),
-                })
-            }),
+            audit_options: AuditOptions {
+                spill: self.spill_dir.as_ref().map(|dir| {
+                    tower_audit::Spill::new(dir).sync(match self.spill_sync {
+                        SpillSync::EveryBatch => tower_audit::SyncPolicy::EveryBatch,
+                        SpillSync::Interval => tower_audit::SyncPolicy::default(),
+                    })
+                }),
+                durable: self.durable,
+                durable_timeout: Duration::from_millis(self.durable_timeout_ms),
+                batch_size: self.audit_batch_size,
+            },
             jwt_secret: std::env::var("JWT_SECRET").ok(),
             ..Config::default()
         }

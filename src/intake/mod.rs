@@ -20,6 +20,8 @@ use crate::event::AuditEvent;
 pub(crate) struct Entry {
     pub(crate) event: AuditEvent,
     pub(crate) bytes: usize,
+    /// A durable event's ticket (see [`Watermark`](crate::durable::Watermark)); 0 for the others.
+    pub(crate) ticket: u64,
 }
 
 /// A slot reserved for the event of one request (under `Overflow::Wait` and `Overflow::FailClosed`).

@@ -272,6 +272,12 @@ impl Spool {
         self.log.with(Log::sync).await
     }
 
+    /// Makes what was appended durable: nothing to do under [`SyncPolicy::EveryBatch`] (`append` synced),
+    /// a sync otherwise.
+    pub(crate) async fn sync_for_durable(&mut self) -> io::Result<()> {
+        if self.policy == SyncPolicy::EveryBatch { Ok(()) } else { self.sync().await }
+    }
+
     /// Records that this boot ended cleanly: its `audit.shutdown` event is in the spill.
     pub(crate) async fn mark_clean(&mut self) -> io::Result<()> {
         self.state.clean = true;

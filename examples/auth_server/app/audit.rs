@@ -2,12 +2,16 @@
 //! the request's audit context.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use axum::extract::{FromRequestParts, Request, State};
+use axum::http::Method;
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use tower_audit::{AuditContext, AuditEvent, AuditHandle, AuditLayer, JsonLinesSink, PostgresSink, Spill, SqliteSink};
+use tower_audit::{
+    AuditContext, AuditEvent, AuditHandle, AuditLayer, JsonLinesSink, Policy, PostgresSink, Rule, Spill, SqliteSink,
+};
 
 use super::BoxError;
 use super::error::ApiError;
@@ -46,10 +50,59 @@ impl tower_audit::AuditSink for StalledSink {
     }
 }
 
+/// Which routes answer only once their audit event is durable (`--durable`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DurableRoutes {
+    /// Register, login, refresh and logout (the actions PCI DSS 10.2 names): their response waits until their
+    /// event is committed (or fsynced in the spill), or turns into a 503. `/me` stays best effort. The default.
+    #[default]
+    Auth,
+    /// Every audited route, `/me` included (to measure what durability costs: `benches/load.sh`).
+    All,
+    /// None: every event best effort.
+    None,
+}
+
+/// The audit policy: `/health` is not audited, the routes chosen by `durable` are durable (waiting at most
+/// `timeout`), everything else best effort.
+pub fn audit_policy(durable: DurableRoutes, timeout: Duration) -> Policy {
+    let policy = Policy::new().rule(Rule::route("/health").skip());
+    match durable {
+        DurableRoutes::Auth => ["register", "login", "refresh", "logout"].into_iter().fold(policy, |policy, action| {
+            policy.rule(Rule::route(format!("/api/auth/{action}")).methods([Method::POST]).durable(timeout))
+        }),
+        DurableRoutes::All => policy.rule(Rule::any().durable(timeout)),
+        DurableRoutes::None => policy,
+    }
+}
+
+/// How the audit pipeline is set up besides its sink.
+#[derive(Debug, Clone)]
+pub struct AuditOptions {
+    pub spill: Option<Spill>,
+    pub durable: DurableRoutes,
+    pub durable_timeout: Duration,
+    pub batch_size: usize,
+}
+
+impl Default for AuditOptions {
+    fn default() -> Self {
+        Self {
+            spill: None,
+            durable: DurableRoutes::Auth,
+            durable_timeout: Duration::from_secs(2),
+            batch_size: tower_audit::DEFAULT_BATCH_SIZE,
+        }
+    }
+}
+
 /// Builds the audit pipeline for the chosen sink. Audit rows never share the user store's pool. With a spill,
 /// batches wait on disk through a sink outage; without one, what the sink fails for good goes to the log
 /// (`TracingSink`) as a fallback.
-pub async fn audit_pipeline(kind: &AuditSinkKind, spill: Option<Spill>) -> Result<(AuditLayer, AuditHandle), BoxError> {
+pub async fn audit_pipeline(
+    kind: &AuditSinkKind,
+    options: AuditOptions,
+) -> Result<(AuditLayer, AuditHandle), BoxError> {
     let builder = match kind {
         AuditSinkKind::Sqlite(url) => {
             let sink = SqliteSink::connect(url).await?;
@@ -64,7 +117,11 @@ pub async fn audit_pipeline(kind: &AuditSinkKind, spill: Option<Spill>) -> Resul
         AuditSinkKind::JsonLines(path) => AuditLayer::builder(JsonLinesSink::open(path)?),
         AuditSinkKind::Stalled => AuditLayer::builder(StalledSink),
     };
-    let builder = match spill {
+    let builder = builder
+        .policy(audit_policy(options.durable, options.durable_timeout))
+        .batch_size(options.batch_size)
+        .capacity(tower_audit::DEFAULT_CAPACITY.max(options.batch_size));
+    let builder = match options.spill {
         Some(spill) => builder.spill(spill),
         None => builder.fallback(tower_audit::TracingSink::new()),
     };

@@ -24,7 +24,8 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::AnyPool;
 use tower_audit::{AuditHandle, AuditLayer};
 
-pub use audit::{AuditMode, AuditSinkKind, audit_pipeline};
+#[allow(unused_imports)] // `audit_policy`: the tests build pipelines of their own with it.
+pub use audit::{AuditMode, AuditOptions, AuditSinkKind, DurableRoutes, audit_pipeline, audit_policy};
 #[allow(unused_imports)] // the tests decode tokens with it; `main.rs` does not
 pub use tokens::Claims;
 
@@ -41,9 +42,8 @@ pub struct Config {
     pub db_acquire_timeout: Duration,
     pub audit: AuditMode,
     pub audit_sink: AuditSinkKind,
-    /// A disk spill between the layer's queue and the sink (off by default): a sink outage or a crash then
-    /// loses no event that reached the disk.
-    pub spill: Option<tower_audit::Spill>,
+    /// The audit pipeline's spill (off by default), durable routes and batch size.
+    pub audit_options: AuditOptions,
     /// HS256 secret; generated at start when `None` (tokens then die with the process).
     pub jwt_secret: Option<String>,
     pub access_ttl: Duration,
@@ -63,7 +63,7 @@ impl Default for Config {
             db_acquire_timeout: Duration::from_secs(5),
             audit: AuditMode::Layer,
             audit_sink: AuditSinkKind::Sqlite("sqlite://data/auth_server_audit.db".to_owned()),
-            spill: None,
+            audit_options: AuditOptions::default(),
             jwt_secret: None,
             access_ttl: Duration::from_secs(15 * 60),
             refresh_ttl: Duration::from_secs(30 * 24 * 3600),
@@ -85,7 +85,7 @@ impl Server {
     /// Opens the user store (creating its tables), builds the audit pipeline the config asks for, and the router.
     pub async fn start(config: Config) -> Result<Self, BoxError> {
         let audit = match config.audit {
-            AuditMode::Layer => Some(audit_pipeline(&config.audit_sink, config.spill.clone()).await?),
+            AuditMode::Layer => Some(audit_pipeline(&config.audit_sink, config.audit_options.clone()).await?),
             AuditMode::Inline | AuditMode::Off => None,
         };
         Self::start_with(config, audit).await
