@@ -4,8 +4,8 @@
 #   bash benches/load.sh                # DURATION=8 REPEATS=3 CONNECTIONS=32 by default
 #
 # It starts one server per mode (fresh databases, all pinned to CPU 0), registers one user on each, then runs wrk
-# pinned to CPU 1 against GET /api/auth/me (bearer token) and POST /api/auth/login, REPEATS times per mode,
-# interleaved, and reports the median requests/s, p50, p99 and p99.9 latency, errors (socket errors and non-2xx),
+# pinned to CPU 1 against GET /api/auth/me (bearer token) and POST /api/auth/login, then GET /api/auth/me over one
+# connection (the latency a durable event adds), REPEATS times per mode, interleaved, and reports the median requests/s, p50, p99 and p99.9 latency, errors (socket errors and non-2xx),
 # and each server's peak RSS. Installs wrk from Debian's packages if it is missing. Then, unless SPILL_OUTAGE=0, runs
 # benches/load_spill_outage.sh: the spill with the Postgres audit sink frozen for 15 s.
 set -euo pipefail
@@ -32,10 +32,15 @@ trap cleanup EXIT
 results="$work/results.tsv"
 : > "$results"
 
-MODES=(off layer layer-stalled-sink inline inline-pool-1)
+# `layer` makes the auth actions durable (the default: register, login, refresh, logout) and /me best effort;
+# `layer-durable` makes /me durable too, and `layer-durable-batch-1` turns group commit off (one sink write per
+# event, Kubernetes' blocking-strict). MODES="off layer …" runs a subset.
+read -r -a MODES <<< "${MODES:-off layer layer-durable layer-durable-batch-1 layer-stalled-sink inline inline-pool-1}"
 declare -A ARGS=(
   [off]="--audit off --db-pool-size 5"
   [layer]="--audit layer --audit-sink sqlite --db-pool-size 5"
+  [layer-durable]="--audit layer --audit-sink sqlite --durable all --db-pool-size 5"
+  [layer-durable-batch-1]="--audit layer --audit-sink sqlite --durable all --audit-batch-size 1 --db-pool-size 5"
   [layer-stalled-sink]="--audit layer --audit-sink stalled --db-pool-size 5"
   [inline]="--audit inline --db-pool-size 5"
   [inline-pool-1]="--audit inline --db-pool-size 1"
@@ -68,11 +73,16 @@ done
 for mode in "${MODES[@]}"; do TOKENS[$mode]=${TOKENS[$mode]:-${TOKENS[off]}}; done
 cat benches/load/login.lua benches/load/report.lua > "$work/login.lua"
 
-for endpoint in me login; do
+# me1: one connection, one request at a time: the latency a durable event adds (about one sink commit).
+for endpoint in me login me1; do
   for r in $(seq 1 "$REPEATS"); do
     for mode in "${MODES[@]}"; do
       base="http://127.0.0.1:${PORTS[$mode]}"
-      if [ "$endpoint" = me ]; then
+      if [ "$endpoint" = me1 ]; then
+        case $mode in inline*) continue ;; esac
+        line=$("${PIN1[@]}" wrk -t1 -c1 -d"${DURATION}s" --timeout 10s \
+          -H "Authorization: Bearer ${TOKENS[$mode]}" -s benches/load/report.lua "$base/api/auth/me" | grep '^RESULT')
+      elif [ "$endpoint" = me ]; then
         line=$("${PIN1[@]}" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 10s \
           -H "Authorization: Bearer ${TOKENS[$mode]}" -s benches/load/report.lua "$base/api/auth/me" | grep '^RESULT')
       else
@@ -106,18 +116,24 @@ for line in open(path):
 labels = list(dict.fromkeys(l for l, _ in runs))
 print(f"wrk -t1 -c{conns} -d{duration}s, {repeats} interleaved runs per mode, medians; servers on CPU 0, wrk on CPU 1.")
 print("Peak RSS is the server's VmHWM after all runs on that endpoint (the login runs come second).\n")
-for endpoint in ("me", "login"):
-    title = "GET /api/auth/me" if endpoint == "me" else "POST /api/auth/login"
+titles = {"me": "GET /api/auth/me", "login": "POST /api/auth/login",
+          "me1": "GET /api/auth/me, one connection (wrk -c1)"}
+for endpoint, title in titles.items():
+    if not any(e == endpoint for _, e in runs):
+        continue
     print(f"### {title}\n")
-    print("| mode | req/s | vs off | p50 ms | p99 ms | p99 vs off | p99.9 ms | errors | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| mode | req/s | vs off | vs layer | p50 ms | p99 ms | p99 vs off | p99 vs layer | p99.9 ms | errors | peak RSS MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     med = lambda l, k: statistics.median(r[k] for r in runs[(l, endpoint)])
+    ratio = lambda l, k, base: med(l, k) / med(base, k) if (base, endpoint) in runs else float("nan")
     for label in labels:
-        rps, p99 = med(label, "rps"), med(label, "p99_us")
-        base_rps, base_p99 = med("off", "rps"), med("off", "p99_us")
+        if (label, endpoint) not in runs:
+            continue
         errors = int(sum(r["errors"] for r in runs[(label, endpoint)]))
-        print(f"| {label} | {rps:,.0f} | {rps / base_rps:.3f} | {med(label, 'p50_us') / 1000:.2f} | "
-              f"{p99 / 1000:.2f} | {p99 / base_p99:.2f} | {med(label, 'p999_us') / 1000:.2f} | {errors} | "
+        print(f"| {label} | {med(label, 'rps'):,.0f} | {ratio(label, 'rps', 'off'):.3f} | "
+              f"{ratio(label, 'rps', 'layer'):.3f} | {med(label, 'p50_us') / 1000:.2f} | "
+              f"{med(label, 'p99_us') / 1000:.2f} | {ratio(label, 'p99_us', 'off'):.2f} | "
+              f"{ratio(label, 'p99_us', 'layer'):.2f} | {med(label, 'p999_us') / 1000:.2f} | {errors} | "
               f"{rss.get((label, endpoint), 0) / 1024:.1f} |")
     print()
 PY
