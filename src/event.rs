@@ -23,6 +23,13 @@ pub mod kind {
     pub const HTTP_REQUEST: &str = "http.request";
     /// One gRPC call (request content type `application/grpc…`), recorded by the layer.
     pub const GRPC_CALL: &str = "grpc.call";
+    /// The intent of an HTTP request under [`DurableIntent`](crate::Delivery::DurableIntent): made durable
+    /// before the handler runs. Its outcome is `success` (the request was received) and it has no status,
+    /// latency or actor; the request's own `http.request` event follows with the same `intent_id` attribute.
+    pub const HTTP_INTENT: &str = "http.intent";
+    /// The intent of a gRPC call under [`DurableIntent`](crate::Delivery::DurableIntent), as
+    /// [`HTTP_INTENT`] for a `grpc.call`.
+    pub const GRPC_INTENT: &str = "grpc.intent";
     /// Written by the worker into the trail after events were lost: how many and why.
     pub const AUDIT_GAP: &str = "audit.gap";
     /// Written by the worker first, when a pipeline starts: its instance, boot, version and the settings that

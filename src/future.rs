@@ -2,16 +2,19 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use http::{HeaderValue, Response, StatusCode};
 use pin_project_lite::pin_project;
+use tokio::time::Instant;
 
 use crate::body::ResponseBody;
 use crate::durable::Confirmation;
 use crate::event::Outcome;
 use crate::intake::Refusal;
+use crate::pipeline::Core;
 use crate::request::{Pending, UnwindGuard, Withheld};
 use crate::stats::add;
 
@@ -21,11 +24,14 @@ pin_project! {
     /// Emits the event with outcome `error` when the inner service fails, and with outcome `cancelled` when
     /// dropped before the inner future completes; otherwise hands the event on to the [`ResponseBody`]. For a
     /// [`Durable`](crate::Delivery::Durable) request it emits the event at the response head and holds the
-    /// response until the event is durable, or answers `503` at the timeout.
+    /// response until the event is durable, or answers `503` at the timeout. For a
+    /// [`DurableIntent`](crate::Delivery::DurableIntent) request it first holds the inner future, unpolled,
+    /// until the request's intent event is durable, or answers `503` at the timeout without polling it.
     pub struct ResponseFuture<F: Future> {
         #[pin]
         kind: Kind<F>,
         pending: Option<Pending>,
+        intent: Option<Intent>,
         confirming: Option<Confirming<F::Output>>,
     }
 }
@@ -38,6 +44,34 @@ pin_project! {
     }
 }
 
+/// A [`DurableIntent`](crate::Delivery::DurableIntent) request's inner future, held unpolled until its
+/// intent event is durable.
+pub(crate) struct Intent {
+    /// The wait for the intent's ticket, or why it could not be queued.
+    wait: Result<Pin<Box<dyn Future<Output = Confirmation> + Send>>, &'static str>,
+    timeout: Duration,
+}
+
+impl Intent {
+    /// Waits for the intent queued as `queued` (see [`RequestState::push_intent`]) until `timeout` from now.
+    pub(crate) fn new(core: &Arc<Core>, queued: Result<u64, Refusal>, timeout: Duration) -> Self {
+        let until = crate::call::after(timeout);
+        let wait = match queued {
+            Ok(ticket) => Ok(confirm(Arc::clone(core), ticket, until)),
+            Err(refusal) => Err(refusal_reason(refusal)),
+        };
+        Intent { wait, timeout }
+    }
+}
+
+fn confirm(core: Arc<Core>, ticket: u64, until: Instant) -> Pin<Box<dyn Future<Output = Confirmation> + Send>> {
+    Box::pin(async move { core.shared.watermark.confirm(ticket, until).await })
+}
+
+fn refusal_reason(refusal: Refusal) -> &'static str {
+    if refusal == Refusal::Closed { "closed" } else { "queue_full" }
+}
+
 /// A durable request's response, held until its event is durable.
 struct Confirming<T> {
     held: T,
@@ -48,12 +82,12 @@ struct Confirming<T> {
 
 impl<F: Future> ResponseFuture<F> {
     /// `pending` is `None` for a request that records no event (skipped or sampled out).
-    pub(crate) fn new(future: F, pending: Option<Pending>) -> Self {
-        Self { kind: Kind::Inner { future }, pending, confirming: None }
+    pub(crate) fn new(future: F, pending: Option<Pending>, intent: Option<Intent>) -> Self {
+        Self { kind: Kind::Inner { future }, pending, intent, confirming: None }
     }
 
     pub(crate) fn refused() -> Self {
-        Self { kind: Kind::Refused, pending: None, confirming: None }
+        Self { kind: Kind::Refused, pending: None, intent: None, confirming: None }
     }
 }
 
@@ -91,6 +125,26 @@ where
                 withheld.record(reason, timeout);
                 return Poll::Ready(Ok(unavailable(true)));
             }
+            if let Some(intent) = this.intent.as_mut() {
+                let answer = match &mut intent.wait {
+                    Ok(wait) => match ready!(wait.as_mut().poll(cx)) {
+                        Confirmation::Durable => Ok(()),
+                        Confirmation::Failed => Err("failed"),
+                        Confirmation::Timeout => Err("timeout"),
+                    },
+                    Err(reason) => Err(*reason),
+                };
+                let timeout = intent.timeout;
+                *this.intent = None;
+                if let Err(reason) = answer {
+                    // The handler never runs: its future is dropped unpolled.
+                    this.kind.set(Kind::Refused);
+                    if let Some(mut pending) = this.pending.take() {
+                        pending.withhold_intent(reason, timeout);
+                    }
+                    return Poll::Ready(Ok(unavailable(true)));
+                }
+            }
             let future = match this.kind.as_mut().project() {
                 KindProj::Inner { future } => future,
                 KindProj::Refused => return Poll::Ready(Ok(unavailable(false))),
@@ -121,12 +175,11 @@ where
             let ticket = match queued {
                 Ok(ticket) => ticket,
                 Err(refusal) => {
-                    withheld.record(if refusal == Refusal::Closed { "closed" } else { "queue_full" }, timeout);
+                    withheld.record(refusal_reason(refusal), timeout);
                     return Poll::Ready(Ok(unavailable(true)));
                 }
             };
-            let core = std::sync::Arc::clone(withheld.core());
-            let wait = Box::pin(async move { core.shared.watermark.confirm(ticket, until).await });
+            let wait = confirm(Arc::clone(withheld.core()), ticket, until);
             *this.confirming = Some(Confirming { held: Ok(response), wait, withheld, timeout });
         }
     }

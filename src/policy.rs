@@ -20,6 +20,10 @@ use crate::error::ConfigError;
 ///
 /// assert_eq!(Delivery::default(), Delivery::BestEffort);
 /// assert_eq!(Delivery::durable(Duration::from_secs(2)), Delivery::Durable { timeout: Duration::from_secs(2) });
+/// assert_eq!(
+///     Delivery::durable_intent(Duration::from_secs(2)),
+///     Delivery::DurableIntent { timeout: Duration::from_secs(2) }
+/// );
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -46,12 +50,44 @@ pub enum Delivery {
         /// The longest the response waits for its event to be durable (measured from the response head).
         timeout: Duration,
     },
+    /// [`Durable`](Delivery::Durable), and before that an *intent*: an `http.intent` (or `grpc.intent`) event
+    /// is made durable before the inner service's future is first polled, so the handler cannot act without a
+    /// record, even if the process dies inside it (Kubernetes' `RequestReceived` stage, Vault's request log).
+    ///
+    /// If the intent is not durable within `timeout` (from the start of the request), the inner future is
+    /// dropped unpolled and the client gets `503` with `Retry-After: 1`; the request's event then records
+    /// status 503 with the attributes `withheld=intent`, `reason` and `timeout_ms`. Otherwise the request
+    /// goes on as a `Durable` one, with a second `timeout` from its response head. The intent and the
+    /// request's event share an `intent_id` attribute (16 hex digits): an intent without a matching request
+    /// event is a request whose handler started and whose end was never recorded.
+    ///
+    /// The layer calls the inner service at once (`Service::call`) and holds the future it returned until the
+    /// intent is durable. Axum handlers, Tonic methods and `service_fn` closures that return an `async` block
+    /// all do their work in that future; a service that acts inside `call` itself is not held back.
+    DurableIntent {
+        /// The longest the request waits for its intent to be durable (from the request), and then its
+        /// response for its event (from the response head).
+        timeout: Duration,
+    },
 }
 
 impl Delivery {
     /// [`Delivery::Durable`] with this timeout.
     pub fn durable(timeout: Duration) -> Self {
         Delivery::Durable { timeout }
+    }
+
+    /// [`Delivery::DurableIntent`] with this timeout.
+    pub fn durable_intent(timeout: Duration) -> Self {
+        Delivery::DurableIntent { timeout }
+    }
+
+    /// How long a durable response waits for its event; `None` for best effort.
+    pub(crate) fn timeout(self) -> Option<Duration> {
+        match self {
+            Delivery::BestEffort => None,
+            Delivery::Durable { timeout } | Delivery::DurableIntent { timeout } => Some(timeout),
+        }
     }
 }
 
@@ -216,6 +252,11 @@ impl Rule {
         self.delivery(Delivery::Durable { timeout })
     }
 
+    /// Short for `.delivery(Delivery::DurableIntent { timeout })`.
+    pub fn durable_intent(self, timeout: Duration) -> Self {
+        self.delivery(Delivery::DurableIntent { timeout })
+    }
+
     /// Short for `.delivery(Delivery::BestEffort)`.
     pub fn best_effort(self) -> Self {
         self.delivery(Delivery::BestEffort)
@@ -252,7 +293,7 @@ impl Rule {
         let problem = match self.action {
             Action::Skip => return Ok(()),
             Action::Record { every: 0, .. } => "samples 1 in 0 requests (sample needs n >= 1)",
-            Action::Record { delivery: Delivery::Durable { timeout }, .. } if timeout.is_zero() => {
+            Action::Record { delivery, .. } if delivery.timeout().is_some_and(|t| t.is_zero()) => {
                 "has a durable timeout of zero"
             }
             Action::Record { overflow: Some(Overflow::Wait(_)), .. } => {

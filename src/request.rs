@@ -83,6 +83,22 @@ impl RequestState {
         self.fields.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Queues the intent event of a [`DurableIntent`](Delivery::DurableIntent) request, durable: its ticket,
+    /// or why it was not queued. The request's own event gets the same `intent_id` attribute.
+    pub(crate) fn push_intent(&self) -> Result<u64, Refusal> {
+        let intent_id = format!("{:016x}", fastrand::u64(..));
+        let kind = if self.info.kind == kind::GRPC_CALL { kind::GRPC_INTENT } else { kind::HTTP_INTENT };
+        let mut event = AuditEvent::with_time(Cow::Borrowed(kind), self.info.time);
+        {
+            let mut fields = self.fields();
+            event.attributes = fields.attributes.clone();
+            event.attributes.insert("intent_id".to_owned(), intent_id.clone());
+            fields.attributes.insert("intent_id".to_owned(), intent_id);
+        }
+        self.complete(&mut event);
+        self.core.push_durable(event, None, OnFull::QueueFull)
+    }
+
     /// Fills what a custom event recorded during this request left unset.
     pub(crate) fn complete(&self, event: &mut AuditEvent) {
         let info = &self.info;
@@ -194,10 +210,21 @@ impl Pending {
 
     /// Whether the response waits for the event to be durable, and how long.
     pub(crate) fn durable_timeout(&self) -> Option<Duration> {
-        match self.delivery {
-            Delivery::Durable { timeout } => Some(timeout),
-            Delivery::BestEffort => None,
+        self.delivery.timeout()
+    }
+
+    /// Emits the event of a request whose intent was not durable in time (`reason`), with status 503: its
+    /// response is withheld and its handler never ran.
+    pub(crate) fn withhold_intent(&mut self, reason: &'static str, timeout: Duration) {
+        if let Some(state) = &self.state {
+            crate::stats::add(&state.core.shared.counters.durable_withheld, 1);
+            let attributes = &mut state.fields().attributes;
+            attributes.insert("withheld".to_owned(), "intent".to_owned());
+            attributes.insert("reason".to_owned(), reason.to_owned());
+            attributes.insert("timeout_ms".to_owned(), timeout.as_millis().to_string());
         }
+        self.status = Some(StatusCode::SERVICE_UNAVAILABLE);
+        self.finish(None);
     }
 
     /// Emits a durable event, now (at the response head): its ticket, or why it was not queued. What the
@@ -206,7 +233,9 @@ impl Pending {
         let Some((core, mut event)) = self.take_event(None) else {
             return (Err(Refusal::Closed), None);
         };
-        event.attributes.insert("delivery".to_owned(), "durable".to_owned());
+        let delivery =
+            if matches!(self.delivery, Delivery::DurableIntent { .. }) { "durable_intent" } else { "durable" };
+        event.attributes.insert("delivery".to_owned(), delivery.to_owned());
         let mut withheld = AuditEvent::with_time(Cow::Borrowed(kind::AUDIT_RESPONSE_WITHHELD), event.time);
         withheld.outcome = Outcome::ServerError;
         withheld.method.clone_from(&event.method);

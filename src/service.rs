@@ -13,7 +13,7 @@ use tower_service::Service;
 use crate::Overflow;
 use crate::body::ResponseBody;
 use crate::context::AuditContext;
-use crate::future::ResponseFuture;
+use crate::future::{Intent, ResponseFuture};
 use crate::intake::{Refusal, Slot};
 use crate::pipeline::{Core, OnFull, Shared};
 use crate::policy::{Decision, Delivery, Policy};
@@ -177,7 +177,7 @@ where
                 // No request event; the handler's own events are still recorded.
                 let state = Arc::new(RequestState::capture(&req, Arc::clone(&self.core)));
                 req.extensions_mut().insert(AuditContext::new(state));
-                return ResponseFuture::new(self.inner.call(req), None);
+                return ResponseFuture::new(self.inner.call(req), None, None);
             }
         };
         let (slot, on_full): (Option<Slot>, OnFull) = match (overflow, ready) {
@@ -192,7 +192,11 @@ where
         };
         let state = Arc::new(RequestState::capture(&req, Arc::clone(&self.core)));
         req.extensions_mut().insert(AuditContext::new(Arc::clone(&state)));
+        let intent = match delivery {
+            Delivery::DurableIntent { timeout } => Some(Intent::new(&self.core, state.push_intent(), timeout)),
+            Delivery::BestEffort | Delivery::Durable { .. } => None,
+        };
         let pending = Pending::new(state, slot, on_full, delivery);
-        ResponseFuture::new(self.inner.call(req), Some(pending))
+        ResponseFuture::new(self.inner.call(req), Some(pending), intent)
     }
 }

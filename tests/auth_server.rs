@@ -8,7 +8,7 @@ mod common;
 
 use std::time::Duration;
 
-use app::{AuditMode, AuditSinkKind, Claims, Config, DurableRoutes, Server, audit_policy};
+use app::{AuditMode, AuditOptions, AuditSinkKind, Claims, Config, DurableRoutes, Server, audit_policy};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use sqlx::sqlite::SqlitePool;
@@ -405,6 +405,61 @@ async fn with_the_audit_sink_frozen_auth_actions_answer_503_in_time_and_the_rest
     }
     let stats = handle.stats();
     assert_eq!((stats.durable_withheld, stats.durable_confirmed, stats.skipped), (2, 0, 20));
+}
+
+#[tokio::test]
+async fn with_intents_a_frozen_audit_sink_stops_auth_actions_before_they_act() {
+    let timeout = Duration::from_millis(300);
+    let prebuilt = AuditLayer::builder(common::StalledSink::default())
+        .policy(audit_policy(DurableRoutes::AuthIntent, timeout))
+        .build()
+        .unwrap();
+    let handle = prebuilt.1.clone();
+    let s = start(AuditMode::Layer, 5, Duration::from_secs(5), Some(prebuilt)).await;
+    let res = s.client.post(format!("{}/api/auth/register", s.base)).json(&alice()).send().await.unwrap();
+    assert_eq!((res.status(), res.headers()["retry-after"].to_str().unwrap()), (StatusCode::SERVICE_UNAVAILABLE, "1"));
+    // Unlike `Durable`, the handler never ran: no user was created.
+    let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(&s.users).await.unwrap();
+    assert_eq!(users, 0);
+    assert_eq!((handle.stats().durable_withheld, handle.stats().durable_confirmed), (1, 0));
+}
+
+#[tokio::test]
+async fn with_intents_each_auth_action_has_its_intent_before_its_request_in_the_trail() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit_url = format!("sqlite://{}", dir.path().join("intents.db").display());
+    let options = AuditOptions { durable: DurableRoutes::AuthIntent, ..AuditOptions::default() };
+    let prebuilt = app::audit_pipeline(&AuditSinkKind::Sqlite(audit_url.clone()), options).await.unwrap();
+    let handle = prebuilt.1.clone();
+    let s = start(AuditMode::Layer, 5, Duration::from_secs(5), Some(prebuilt)).await;
+    assert_eq!(s.post("/api/auth/register", alice()).await.0, StatusCode::CREATED);
+    let login = json!({"email": "alice@example.com", "password": "correct horse battery"});
+    let (status, tokens) = s.post("/api/auth/login", login).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(s.get_with("/api/auth/me", tokens["access_token"].as_str().unwrap()).await.0, StatusCode::OK);
+    let report = handle.shutdown(Duration::from_secs(30)).await;
+    assert!(report.drained, "{report}");
+    assert_eq!((report.stats.durable_confirmed, report.stats.durable_withheld), (2, 0));
+    let pool = SqlitePool::connect(&audit_url).await.unwrap();
+    let rows: Vec<(String, Option<String>, Option<i64>)> = sqlx::query_as(
+        "SELECT kind, path, status FROM audit_events WHERE kind NOT LIKE 'audit.%' AND kind NOT LIKE 'auth.%' \
+         ORDER BY seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let row = |kind: &str, path: &str, status: Option<i64>| (kind.to_owned(), Some(path.to_owned()), status);
+    assert_eq!(
+        rows,
+        [
+            row("http.intent", "/api/auth/register", None),
+            row("http.request", "/api/auth/register", Some(201)),
+            row("http.intent", "/api/auth/login", None),
+            row("http.request", "/api/auth/login", Some(200)),
+            // `/me` is best effort: no intent.
+            row("http.request", "/api/auth/me", Some(200)),
+        ]
+    );
 }
 
 /// `DATABASE_URL` switches the user store to Postgres (a fresh database, so reruns start clean).

@@ -350,6 +350,7 @@ async fn rules_that_cannot_hold_are_refused_by_build_and_with_policy() {
     let bad = [
         (Rule::route("/a").sample(0), "policy rule 0 (Route(\"/a\")) samples 1 in 0 requests (sample needs n >= 1)"),
         (Rule::any().durable(Duration::ZERO), "policy rule 0 (Any) has a durable timeout of zero"),
+        (Rule::any().durable_intent(Duration::ZERO), "policy rule 0 (Any) has a durable timeout of zero"),
         (
             Rule::route("/b/*").overflow(Overflow::Wait(Duration::from_secs(1))),
             "policy rule 0 (Route(\"/b/*\")) sets Overflow::Wait, which only the whole layer can have (it acts in \
@@ -364,4 +365,91 @@ async fn rules_that_cannot_hold_are_refused_by_build_and_with_policy() {
     let (layer, _handle) = AuditLayer::builder(MemorySink::new()).build().unwrap();
     let policy = Policy::new().rule(Rule::any()).rule(Rule::any().sample(0));
     assert!(matches!(layer.with_policy(policy).unwrap_err(), ConfigError::InvalidRule { rule: 1, .. }));
+}
+
+/// A `DurableIntent` route: what the handler saw of the trail when it ran, and how often it ran.
+fn intent_app(sink: MemorySink, calls: Arc<AtomicUsize>) -> Router {
+    Router::new().route(
+        "/transfer",
+        post(move || {
+            let (sink, calls) = (sink.clone(), Arc::clone(&calls));
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let intents = sink.events().iter().filter(|e| e.kind == kind::HTTP_INTENT).count();
+                format!("intents in the trail: {intents}")
+            }
+        }),
+    )
+}
+
+fn intent_policy() -> Policy {
+    Policy::new().rule(Rule::route("/transfer").durable_intent(TIMEOUT))
+}
+
+#[tokio::test]
+async fn an_intent_is_in_the_sink_before_the_handler_runs_and_shares_its_id_with_the_request() {
+    let (sink, calls) = (MemorySink::new(), Arc::new(AtomicUsize::new(0)));
+    let (layer, handle) = AuditLayer::builder(sink.clone()).policy(intent_policy()).build().unwrap();
+    let base = serve(intent_app(sink.clone(), Arc::clone(&calls)).layer(layer)).await;
+    let client = reqwest::Client::new();
+    for (i, want) in ["intents in the trail: 1", "intents in the trail: 2"].into_iter().enumerate() {
+        let res = client.post(format!("{base}/transfer")).header("x-request-id", format!("t-{i}")).send().await;
+        let res = res.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.text().await.unwrap(), want);
+    }
+    let report = handle.shutdown(LIMIT).await;
+    assert!(report.drained);
+    let s = report.stats;
+    // Four events (two intents, two requests); two responses released, none withheld.
+    assert_eq!((s.accepted, s.written, s.durable_confirmed, s.durable_withheld, s.missing()), (4, 4, 2, 0, 0));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let events = ended_cleanly(sink.events());
+    assert_eq!(kinds(&events), [kind::HTTP_INTENT, kind::HTTP_REQUEST, kind::HTTP_INTENT, kind::HTTP_REQUEST]);
+    for pair in events.chunks(2) {
+        let (intent, request) = (&pair[0], &pair[1]);
+        let id = attr(intent, "intent_id").unwrap();
+        assert!(id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        assert_eq!(attr(request, "intent_id"), Some(id));
+        assert_eq!(intent.request_id, request.request_id);
+        assert_eq!((intent.method.as_deref(), intent.route.as_deref()), (Some("POST"), Some("/transfer")));
+        assert_eq!((intent.status, intent.latency_us), (None, None));
+        assert_eq!((request.status, attr(request, "delivery")), (Some(200), Some("durable_intent")));
+        assert!(intent.seq < request.seq);
+    }
+    assert_ne!(attr(&events[0], "intent_id"), attr(&events[2], "intent_id"));
+}
+
+#[tokio::test]
+async fn an_intent_not_durable_in_time_answers_503_and_the_handler_never_runs() {
+    let sink = GateSink::default();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (layer, handle) = AuditLayer::builder(sink.clone()).policy(intent_policy()).build().unwrap();
+    let base = serve(intent_app(MemorySink::new(), Arc::clone(&calls)).layer(layer)).await;
+    sink.pass_boot().await;
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let res = client.post(format!("{base}/transfer")).header("x-request-id", "x-1").send().await.unwrap();
+    let waited = started.elapsed();
+    assert_eq!((res.status().as_u16(), res.headers()["retry-after"].to_str().unwrap()), (503, "1"));
+    assert!(waited >= TIMEOUT && waited < TIMEOUT + Duration::from_secs(2), "{waited:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!((handle.stats().durable_confirmed, handle.stats().durable_withheld), (0, 1));
+
+    let report = sink.shutdown_open(&handle).await;
+    assert!(report.drained);
+    let events = ended_cleanly(sink.written.lock().unwrap().clone());
+    assert_eq!(kinds(&events), [kind::HTTP_INTENT, kind::HTTP_REQUEST]);
+    let request = &events[1];
+    assert_eq!((request.status, request.outcome), (Some(503), tower_audit::Outcome::ServerError));
+    assert_eq!((attr(request, "withheld"), attr(request, "reason")), (Some("intent"), Some("timeout")));
+    assert_eq!(attr(request, "timeout_ms"), Some("300"));
+    assert_eq!(attr(request, "intent_id"), attr(&events[0], "intent_id"));
+    assert_eq!(report.stats.missing(), 0);
+
+    // Once the pipeline is shut down, no intent can be queued: 503 at once, and still no handler.
+    let res = client.post(format!("{base}/transfer")).send().await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(handle.stats().durable_withheld, 2);
 }

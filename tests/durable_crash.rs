@@ -2,7 +2,8 @@
 //! set) serves a durable route over loopback, with a spill whose own sync policy would sync only once an hour,
 //! so what makes an event durable is the durable request asking for it. The test SIGKILLs it under load from
 //! eight clients (once with the sink down, once up), restarts it on the same spill with the sink up, and checks
-//! that every request answered 200 has its event in SQLite, exactly once.
+//! that every request answered 200 has its event in SQLite, exactly once. Then it kills the child while 20
+//! `DurableIntent` handlers are running (and never ending), and checks that each has its intent in the trail.
 //!
 //! A test binary of its own (`harness = false`) so it can be its own child process.
 
@@ -13,13 +14,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
 
 const CHILD: &str = "TOWER_AUDIT_DURABLE_CHILD";
 /// Requests answered 200 in each round before the kill.
 const ANSWERED: u32 = 300;
 const CLIENTS: usize = 8;
+/// Requests killed inside their `DurableIntent` handler.
+const INTENTS: usize = 20;
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -35,7 +38,7 @@ fn main() {
 
 mod child {
     use super::*;
-    use axum::{Json, Router, routing::get};
+    use axum::{Json, Router, http::HeaderMap, routing::get};
     use tower_audit::{AuditEvent, AuditLayer, AuditSink, Policy, Rule, SinkError, Spill, SqliteSink, SyncPolicy};
 
     struct Switch {
@@ -62,10 +65,24 @@ mod child {
                 tower_audit::Retry::default().base_delay(Duration::from_millis(5)).max_delay(Duration::from_millis(50)),
             )
             .spill(Spill::new(dir.join("spill")).sync(SyncPolicy::Interval(Duration::from_secs(3600))))
-            .policy(Policy::new().rule(Rule::route("/act").durable(Duration::from_secs(5))))
+            .policy(
+                Policy::new()
+                    .rule(Rule::route("/act").durable(Duration::from_secs(5)))
+                    .rule(Rule::route("/intent").durable_intent(Duration::from_secs(5))),
+            )
             .build()
             .unwrap();
-        let audited = Router::new().route("/act", get(|| async { "done" })).layer(layer);
+        let audited = Router::new()
+            .route("/act", get(|| async { "done" }))
+            // A handler that says it started, then never ends: the process dies inside it.
+            .route(
+                "/intent",
+                get(|headers: HeaderMap| async move {
+                    println!("entered {}", headers["x-request-id"].to_str().unwrap());
+                    std::future::pending::<&'static str>().await
+                }),
+            )
+            .layer(layer);
         let app = audited.route("/stats", get(move || async move { Json(handle.stats()) }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("listening {}", listener.local_addr().unwrap());
@@ -76,6 +93,8 @@ mod child {
 struct Running {
     child: Child,
     base: String,
+    /// The child's stdout after its first line, kept open so it can go on printing.
+    lines: Lines<BufReader<ChildStdout>>,
 }
 
 async fn start(dir: &Path, sink_down: bool) -> Running {
@@ -89,7 +108,7 @@ async fn start(dir: &Path, sink_down: bool) -> Running {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.unwrap().unwrap().unwrap();
     let addr = line.strip_prefix("listening ").unwrap().to_owned();
-    Running { child, base: format!("http://{addr}") }
+    Running { child, base: format!("http://{addr}"), lines }
 }
 
 async fn sigkill_loses_no_event_of_a_2xx_durable_response() {
@@ -135,6 +154,27 @@ async fn sigkill_loses_no_event_of_a_2xx_durable_response() {
         }
     }
 
+    // DurableIntent: with the sink down, requests whose handlers have started (and never end) when the process
+    // is killed. Each handler started only once its intent was synced in the spill.
+    let mut run = start(dir.path(), true).await;
+    let mut requests = Vec::new();
+    for i in 0..INTENTS {
+        let (client, base) = (client.clone(), run.base.clone());
+        requests.push(tokio::spawn(async move {
+            client.get(format!("{base}/intent")).header("x-request-id", format!("intent-{i}")).send().await
+        }));
+    }
+    let mut entered = Vec::new();
+    while entered.len() < INTENTS {
+        let line = tokio::time::timeout(Duration::from_secs(30), run.lines.next_line()).await.unwrap().unwrap();
+        entered.push(line.unwrap().strip_prefix("entered ").unwrap().to_owned());
+    }
+    run.child.start_kill().unwrap();
+    run.child.wait().await.unwrap();
+    for request in requests {
+        assert!(request.await.unwrap().is_err(), "a request inside a killed handler got an answer");
+    }
+
     // Restarted with the sink up: everything the spill holds is replayed.
     let run = start(dir.path(), false).await;
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -162,6 +202,17 @@ async fn sigkill_loses_no_event_of_a_2xx_durable_response() {
     let missing: Vec<_> = answered_200.iter().filter(|id| !counts.contains_key(*id)).collect();
     assert!(missing.is_empty(), "{} requests answered 200 are not in the trail: {missing:?}", missing.len());
     assert_eq!(other, 0, "requests answered neither 200 nor cut by the kill");
+    // Every handler that started inside the killed process has its intent in the trail, once, and no request
+    // event (none ended).
+    let intents: Vec<(String, String)> = sqlx::query_as(
+        "SELECT kind, request_id FROM audit_events WHERE request_id LIKE 'intent-%' ORDER BY request_id",
+    )
+    .fetch_all(&sqlite)
+    .await
+    .unwrap();
+    entered.sort();
+    let want: Vec<(String, String)> = entered.iter().map(|id| ("http.intent".to_owned(), id.clone())).collect();
+    assert_eq!(intents, want);
     println!(
         "{} requests answered 200 before the kills, every one in the trail once ({} events in all)",
         answered_200.len(),

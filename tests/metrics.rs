@@ -186,6 +186,8 @@ async fn the_auth_server_serves_the_audit_pipelines_counters_at_metrics() {
             (("tower_audit_events_accepted_total", &[]), 4.0),
             (("tower_audit_events_written_total", &[("trail", "primary")]), 4.0),
             (("tower_audit_sink_batches_total", &[]), batches),
+            // Login and register are durable in the auth server: both responses waited for their events.
+            (("tower_audit_durable_responses_total", &[("result", "confirmed")]), 2.0),
         ],
     );
     assert_eq!(audit.stats().accepted, 4);
@@ -203,6 +205,7 @@ async fn the_auth_server_serves_the_audit_pipelines_counters_at_metrics() {
             (("tower_audit_events_accepted_total", &[]), 4.0),
             (("tower_audit_events_written_total", &[("trail", "primary")]), 4.0),
             (("tower_audit_sink_batches_total", &[]), last),
+            (("tower_audit_durable_responses_total", &[("result", "confirmed")]), 2.0),
         ],
     );
 }

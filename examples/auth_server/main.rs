@@ -18,7 +18,7 @@
 //! | `--audit-url URL_OR_PATH` | `AUDIT_URL` | per sink: `sqlite://DIR/auth_server_audit.db`, `DIR/auth_server_audit.jsonl`, the user store's URL |
 //! | `--spill-dir DIR` | `SPILL_DIR` | off; e.g. `data/spill`: audit batches wait on disk through a sink outage or a crash |
 //! | `--spill-sync every-batch\|interval` | `SPILL_SYNC` | `interval` (fdatasync every 200 ms; `every-batch` before each sink call) |
-//! | `--durable auth\|all\|none` | `DURABLE` | `auth`: register, login, refresh and logout answer only once their event is durable |
+//! | `--durable auth\|auth-intent\|all\|none` | `DURABLE` | `auth`: register, login, refresh and logout answer only once their event is durable; `auth-intent` also makes an intent durable before their handler runs |
 //! | `--durable-timeout-ms MS` | `DURABLE_TIMEOUT_MS` | `2000`: then a durable route answers 503 with `Retry-After` |
 //! | `--audit-batch-size N` | `AUDIT_BATCH_SIZE` | `512` (`1` turns group commit off) |
 //! | — | `JWT_SECRET` | generated at start |

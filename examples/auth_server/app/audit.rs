@@ -10,7 +10,8 @@ use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tower_audit::{
-    AuditContext, AuditEvent, AuditHandle, AuditLayer, JsonLinesSink, Policy, PostgresSink, Rule, Spill, SqliteSink,
+    AuditContext, AuditEvent, AuditHandle, AuditLayer, Delivery, JsonLinesSink, Policy, PostgresSink, Rule, Spill,
+    SqliteSink,
 };
 
 use super::BoxError;
@@ -57,6 +58,9 @@ pub enum DurableRoutes {
     /// event is committed (or fsynced in the spill), or turns into a 503. `/me` stays best effort. The default.
     #[default]
     Auth,
+    /// The same four routes with `DurableIntent`: an intent event is durable before the handler runs (so a
+    /// crash inside it still leaves a record), then the response waits as with `auth`.
+    AuthIntent,
     /// Every audited route, `/me` included (to measure what durability costs: `benches/load.sh`).
     All,
     /// None: every event best effort.
@@ -67,10 +71,14 @@ pub enum DurableRoutes {
 /// `timeout`), everything else best effort.
 pub fn audit_policy(durable: DurableRoutes, timeout: Duration) -> Policy {
     let policy = Policy::new().rule(Rule::route("/health").skip());
+    let auth_routes = |policy: Policy, delivery: Delivery| {
+        ["register", "login", "refresh", "logout"].into_iter().fold(policy, |policy, action| {
+            policy.rule(Rule::route(format!("/api/auth/{action}")).methods([Method::POST]).delivery(delivery))
+        })
+    };
     match durable {
-        DurableRoutes::Auth => ["register", "login", "refresh", "logout"].into_iter().fold(policy, |policy, action| {
-            policy.rule(Rule::route(format!("/api/auth/{action}")).methods([Method::POST]).durable(timeout))
-        }),
+        DurableRoutes::Auth => auth_routes(policy, Delivery::durable(timeout)),
+        DurableRoutes::AuthIntent => auth_routes(policy, Delivery::durable_intent(timeout)),
         DurableRoutes::All => policy.rule(Rule::any().durable(timeout)),
         DurableRoutes::None => policy,
     }
