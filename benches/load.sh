@@ -73,8 +73,9 @@ done
 for mode in "${MODES[@]}"; do TOKENS[$mode]=${TOKENS[$mode]:-${TOKENS[off]}}; done
 cat benches/load/login.lua benches/load/report.lua > "$work/login.lua"
 
-# me1: one connection, one request at a time: the latency a durable event adds (about one sink commit).
-for endpoint in me login me1; do
+# ENDPOINTS="me me1" runs a subset. me1: one connection, one request at a time: the latency a durable event adds (about one sink commit).
+read -r -a ENDPOINTS <<< "${ENDPOINTS:-me login me1}"
+for endpoint in "${ENDPOINTS[@]}"; do
   for r in $(seq 1 "$REPEATS"); do
     for mode in "${MODES[@]}"; do
       base="http://127.0.0.1:${PORTS[$mode]}"

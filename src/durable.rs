@@ -56,7 +56,8 @@ impl Watermark {
     /// Settles every ticket after the last settled one up to `upto`, durable or not. Called by the worker
     /// once per batch, in ticket order.
     pub(crate) fn settle(&self, upto: u64, durable: bool) {
-        let from = self.settled.load(Acquire) + 1;
+        // Once closed (everything settled up to `u64::MAX`), there is nothing left to settle.
+        let Some(from) = self.settled.load(Acquire).checked_add(1) else { return };
         if upto < from {
             return;
         }
@@ -134,6 +135,9 @@ mod tests {
         assert_eq!(w.check(2), d);
         w.close();
         assert_eq!((w.check(10), w.check(u64::MAX)), (f, f));
+        // Closing twice (the worker's shutdown, then the queue's drop) is harmless.
+        w.close();
+        assert_eq!((w.check(10), w.check(1)), (f, d));
     }
 
     #[test]

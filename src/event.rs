@@ -40,7 +40,8 @@ pub mod kind {
     pub const AUDIT_SHUTDOWN: &str = "audit.shutdown";
     /// Recorded by the layer when it withheld a [`Durable`](crate::Delivery::Durable) request's response (the
     /// client got `503`) because the request's event was not durable in time. It repeats the request's fields;
-    /// `status` is 503, and the attributes say why (`reason`: `timeout`, `failed`, `queue_full`, `closed`) and
+    /// `status` is 503, and the attributes say why (`reason`: `timeout`, `failed`, `queue_full`, `closed`, or
+    /// `cancelled` when the client went away while the response waited; it then got nothing) and
     /// what was withheld (`withheld_status`). The request's own event (with `delivery=durable`) may still reach
     /// the trail later: the handler did act.
     pub const AUDIT_RESPONSE_WITHHELD: &str = "audit.response_withheld";

@@ -72,12 +72,21 @@ fn refusal_reason(refusal: Refusal) -> &'static str {
     if refusal == Refusal::Closed { "closed" } else { "queue_full" }
 }
 
-/// A durable request's response, held until its event is durable.
+/// A durable request's response, held until its event is durable. Dropped while it waits (the client went
+/// away), it records the response as withheld with reason `cancelled`.
 struct Confirming<T> {
-    held: T,
+    held: Option<T>,
     wait: Pin<Box<dyn Future<Output = Confirmation> + Send>>,
-    withheld: Withheld,
+    withheld: Option<Withheld>,
     timeout: Duration,
+}
+
+impl<T> Drop for Confirming<T> {
+    fn drop(&mut self) {
+        if let Some(withheld) = self.withheld.take() {
+            withheld.record("cancelled", self.timeout);
+        }
+    }
 }
 
 impl<F: Future> ResponseFuture<F> {
@@ -113,7 +122,9 @@ where
         loop {
             if let Some(confirming) = this.confirming.as_mut() {
                 let answer = ready!(confirming.wait.as_mut().poll(cx));
-                let Confirming { held, withheld, timeout, .. } = this.confirming.take().expect("confirming");
+                let withheld = confirming.withheld.take().expect("confirming");
+                let (held, timeout) = (confirming.held.take().expect("confirming"), confirming.timeout);
+                *this.confirming = None;
                 let reason = match answer {
                     Confirmation::Durable => {
                         add(&withheld.core().shared.counters.durable_confirmed, 1);
@@ -180,7 +191,7 @@ where
                 }
             };
             let wait = confirm(Arc::clone(withheld.core()), ticket, until);
-            *this.confirming = Some(Confirming { held: Ok(response), wait, withheld, timeout });
+            *this.confirming = Some(Confirming { held: Some(Ok(response)), wait, withheld: Some(withheld), timeout });
         }
     }
 }

@@ -122,8 +122,9 @@ impl<'a> RequestHead<'a> {
         self.extensions
     }
 
-    /// What [`Rule::route`] patterns are matched against: Axum's matched path (with the `axum` feature, when
-    /// the layer runs after routing), else the request path (for gRPC, `/package.Service/Method`).
+    /// What [`Rule::route`] patterns are matched against: for a gRPC call, its method path
+    /// (`/package.Service/Method`, also behind an Axum router); else Axum's matched path (with the `axum`
+    /// feature, when the layer runs after routing), or the request path without one.
     pub fn route(&self) -> &'a str {
         self.route
     }

@@ -54,7 +54,9 @@ impl RequestState {
         let uri = req.uri();
         let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
         let path = redacted_path(target, &config.redact_query, config.keep_query, config.limits.max_path_len);
-        let route = matched_path(req).map(|route| bounded(route, max)).or_else(|| grpc.then(|| path.clone()));
+        // A gRPC call's route is its method path, even behind an Axum router (Tonic's `Routes` is one, whose
+        // matched path is `/package.Service/{*rest}`).
+        let route = if grpc { Some(path.clone()) } else { matched_path(req).map(|route| bounded(route, max)) };
         let header = |name| headers.get(name).map(|v| bounded_bytes(v.as_bytes(), max));
         let mut attributes = BTreeMap::new();
         for name in &config.capture_headers {
@@ -124,7 +126,16 @@ fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(http::header::CONTENT_TYPE).is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
 }
 
-pub(crate) fn matched_path<B>(req: &Request<B>) -> Option<&str> {
+/// What policy rules match a request against: a gRPC call's method path; else Axum's matched path, or the
+/// request path without one.
+pub(crate) fn policy_route<B>(req: &Request<B>) -> &str {
+    if is_grpc(req.headers()) {
+        return req.uri().path();
+    }
+    matched_path(req).unwrap_or_else(|| req.uri().path())
+}
+
+fn matched_path<B>(req: &Request<B>) -> Option<&str> {
     #[cfg(feature = "axum")]
     if let Some(path) = req.extensions().get::<axum::extract::MatchedPath>() {
         return Some(path.as_str());

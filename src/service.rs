@@ -17,7 +17,7 @@ use crate::future::{Intent, ResponseFuture};
 use crate::intake::{Refusal, Slot};
 use crate::pipeline::{Core, OnFull, Shared};
 use crate::policy::{Decision, Delivery, Policy};
-use crate::request::{Pending, RequestState, matched_path};
+use crate::request::{Pending, RequestState, policy_route};
 use crate::stats::add;
 
 /// Records one audit event per request. Made by [`AuditLayer`](crate::AuditLayer).
@@ -166,8 +166,7 @@ where
         let decision = if self.policy.is_empty() {
             Decision::Record { delivery: Delivery::BestEffort, overflow: layer_overflow }
         } else {
-            let route = matched_path(&req).unwrap_or_else(|| req.uri().path());
-            self.policy.decide(&req, route, layer_overflow)
+            self.policy.decide(&req, policy_route(&req), layer_overflow)
         };
         let (delivery, overflow) = match decision {
             Decision::Record { delivery, overflow } => (delivery, overflow),

@@ -188,8 +188,10 @@ pub struct Stats {
     /// Durable responses released because their event was durable in time.
     pub durable_confirmed: u64,
     /// Durable responses withheld (the client got `503`) because their event was not durable in time: the
-    /// queue refused it, its batch failed, or the timeout passed. Each is recorded by an
-    /// `audit.response_withheld` event.
+    /// queue refused it, its batch failed, or the timeout passed; or never released because the client went
+    /// away while it waited (`reason=cancelled`). Each is recorded by an `audit.response_withheld` event (a
+    /// refused [`DurableIntent`](crate::Delivery::DurableIntent) by its request's event). So every durable
+    /// request that reached its response head (or its intent) counts once, here or in `durable_confirmed`.
     pub durable_withheld: u64,
 }
 

@@ -219,6 +219,9 @@ impl Worker {
         state: &mut State,
     ) -> bool {
         let n = events.len() as u64;
+        // Says what became of this call's events only: a lone gap event written before a batch must not vouch
+        // for the batch.
+        state.users_durable = false;
         let reported = gap.as_ref().map(|due| due.upto);
         let mut origins = Vec::new();
         let mut front = Vec::new();
