@@ -32,7 +32,8 @@ pin_project! {
         kind: Kind<F>,
         pending: Option<Pending>,
         intent: Option<Intent>,
-        confirming: Option<Confirming<F::Output>>,
+        // Boxed: only durable requests have one, and the response it holds would make every future larger.
+        confirming: Option<Box<Confirming<F::Output>>>,
     }
 }
 
@@ -191,7 +192,8 @@ where
                 }
             };
             let wait = confirm(Arc::clone(withheld.core()), ticket, until);
-            *this.confirming = Some(Confirming { held: Some(Ok(response)), wait, withheld: Some(withheld), timeout });
+            let confirming = Confirming { held: Some(Ok(response)), wait, withheld: Some(withheld), timeout };
+            *this.confirming = Some(Box::new(confirming));
         }
     }
 }
