@@ -26,11 +26,6 @@ use tower_audit::{
 
 const LIMIT: Duration = Duration::from_secs(10);
 
-fn identity(s: &Stats) {
-    assert_eq!(s.offered(), s.accepted + s.dropped() + s.refused, "{s:?}");
-    assert_eq!(s.accepted, s.written + s.fallback_written + s.lost + s.abandoned + s.queued, "{s:?}");
-}
-
 fn cx() -> Context<'static> {
     Context::from_waker(std::task::Waker::noop())
 }
@@ -297,7 +292,7 @@ async fn every_ordinary_sink_panic_is_contained_and_counted() {
     let report = handle.shutdown(LIMIT).await;
     let s = report.stats;
     eprintln!("{report}; {s:?}");
-    identity(&s);
+    assert_identity(&s);
     assert_eq!(s.lost, 1);
     assert_eq!(s.written, 1);
     // make + poll + drop + fallback poll + primary flush + fallback flush
@@ -365,7 +360,7 @@ async fn no_gap_event_about_nothing_missing() {
     for e in &written {
         eprintln!("{} {:?}", e.kind, e.attributes);
     }
-    identity(&report.stats);
+    assert_identity(&report.stats);
     assert_eq!(report.stats.refused, 1);
     assert_eq!(report.stats.missing(), 0);
     let gaps: Vec<_> = written.iter().filter(|e| e.kind == kind::AUDIT_GAP).collect();
@@ -402,7 +397,7 @@ async fn gap_events_never_exceed_batch_size_and_failed_gap_is_carried() {
         tokio::time::sleep(Duration::from_millis(350)).await;
         let report = handle.shutdown(LIMIT).await;
         let s = report.stats;
-        identity(&s);
+        assert_identity(&s);
         for call in primary.calls().iter().chain(fallback.calls().iter()) {
             assert!(call.len() <= batch_size, "batch of {} > {batch_size}", call.len());
             assert!(!call.is_empty());
@@ -485,7 +480,7 @@ async fn deadline_abandons_queued_and_cut_calls_and_attempts_nothing_after() {
     let waited = start.elapsed();
     eprintln!("{report} after {waited:?}");
     let s = report.stats;
-    identity(&s);
+    assert_identity(&s);
     assert_eq!((s.abandoned, s.written, s.queued, s.lost), (5, 0, 0, 0));
     assert!(!report.drained);
     assert_eq!(primary.inner.calls.load(Ordering::SeqCst), 1, "no shutdown event attempted after the deadline");
@@ -562,7 +557,7 @@ async fn reservations_do_not_hold_shutdown_and_requests_after_it_are_dropped_clo
         drop(tx);
         read_body(streaming.into_body()).await.unwrap();
         let s = handle.stats();
-        identity(&s);
+        assert_identity(&s);
         assert_eq!(s.dropped_closed, 2, "{overflow:?}: {s:?}");
         let after = svc.ready().await.unwrap().call(get("/after")).await.unwrap();
         if overflow == Overflow::FailClosed {
@@ -617,14 +612,14 @@ async fn no_slot_leaks_after_many_cancelled_refused_and_dropped_requests() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
         let s = handle.stats();
-        identity(&s);
+        assert_identity(&s);
         assert_eq!(s.queued, 0, "{s:?}");
         // Capacity is intact: `cap` events go in at once.
         let ok = (0..cap).filter(|i| handle.record(AuditEvent::new(format!("x{i}")))).count();
         assert_eq!(ok, cap, "{overflow:?}: capacity shrank; {s:?}");
         assert!(!handle.record(AuditEvent::new("over")));
         let report = handle.shutdown(LIMIT).await;
-        identity(&report.stats);
+        assert_identity(&report.stats);
         assert!(report.drained);
     }
 }
@@ -835,7 +830,7 @@ async fn shutdown_under_multithreaded_hammering_is_prompt_and_true() {
                     }
                     n += 1;
                     let s = h.stats();
-                    identity(&s);
+                    assert_identity(&s);
                     for (a, b) in [
                         (last.accepted, s.accepted),
                         (last.written, s.written),
@@ -894,13 +889,13 @@ async fn shutdown_under_multithreaded_hammering_is_prompt_and_true() {
         }
         let s = report.stats;
         eprintln!("{overflow:?}: {report} in {took:?}");
-        identity(&s);
+        assert_identity(&s);
         assert!(took < Duration::from_secs(5), "shutdown waited {took:?}");
         assert_eq!(s.queued, 0);
         assert_eq!(s.abandoned, 0);
         assert!(report.drained);
         let fin = handle.stats();
-        identity(&fin);
+        assert_identity(&fin);
         assert_eq!(fin.accepted, s.accepted, "accepted after the report");
         assert_eq!(fin.written, s.written);
         assert!(fin.dropped_closed + fin.refused > s.dropped_closed + s.refused);
@@ -1114,7 +1109,7 @@ async fn shutdown_racing_the_drop_of_every_layer_and_a_second_shutdown() {
         assert_eq!(a, b);
         assert!(a.drained, "{a}");
         assert_eq!(a.stats.written, 10);
-        identity(&a.stats);
+        assert_identity(&a.stats);
     }
 }
 

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{FailingSink, ScriptedSink, StalledSink, Step, answer, eventually, get, kinds};
+use common::{FailingSink, ScriptedSink, StalledSink, Step, answer, assert_identity, eventually, get, kinds};
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use tokio::sync::Semaphore;
@@ -24,7 +24,7 @@ use tokio::time::Instant;
 use tower::{Layer, ServiceExt, service_fn};
 use tower_audit::{
     AuditContext, AuditEvent, AuditLayer, AuditSink, MemorySink, Overflow, Policy, Retry, Rule, SinkError, Spill,
-    Stats, SyncPolicy, kind,
+    SyncPolicy, kind,
 };
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -106,16 +106,6 @@ fn request_events(events: &[AuditEvent]) -> Vec<&AuditEvent> {
 
 fn of_kind<'a>(events: &'a [AuditEvent], k: &str) -> Vec<&'a AuditEvent> {
     events.iter().filter(|e| e.kind == k).collect()
-}
-
-/// Both lines of the accounting identity, and nothing missing or still queued.
-fn assert_identity(s: &Stats) {
-    assert_eq!(s.offered(), s.accepted + s.dropped() + s.refused, "{s}");
-    assert_eq!(
-        s.accepted + s.recovered,
-        s.written + s.fallback_written + s.lost + s.abandoned + s.spill_full + s.left_in_spill + s.corrupt + s.queued,
-        "{s}"
-    );
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -10,10 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::eventually;
+use common::{assert_identity, eventually};
 use tower_audit::{
-    AuditEvent, AuditHandle, AuditLayer, AuditSink, ConfigError, MemorySink, Retry, SinkError, Spill, Stats,
-    SyncPolicy, kind,
+    AuditEvent, AuditHandle, AuditLayer, AuditSink, ConfigError, MemorySink, Retry, SinkError, Spill, SyncPolicy, kind,
 };
 
 /// A memory sink that refuses every batch while it is down.
@@ -92,14 +91,6 @@ fn actors_once(events: &[AuditEvent]) -> HashSet<String> {
 
 fn expected(range: std::ops::Range<usize>) -> HashSet<String> {
     range.map(|i| format!("e{i}")).collect()
-}
-
-fn assert_identity(s: &Stats) {
-    assert_eq!(
-        s.accepted + s.recovered,
-        s.written + s.fallback_written + s.lost + s.abandoned + s.spill_full + s.left_in_spill + s.corrupt + s.queued,
-        "{s:?}"
-    );
 }
 
 fn segment_bytes_on_disk(dir: &Path) -> u64 {

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::assert_identity;
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use tower_audit::{
     AuditEvent, AuditHandle, AuditLayer, AuditLayerBuilder, AuditSink, ConfigError, Retry, ShutdownReport, SinkError,
-    Spill, Stats, SyncPolicy, kind,
+    Spill, SyncPolicy, kind,
 };
 use uuid::Uuid;
 
@@ -106,23 +107,8 @@ async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool)
     }
 }
 
-fn identity(s: &Stats) {
-    assert_eq!(s.offered(), s.accepted + s.dropped() + s.refused, "{s:?}");
-    assert_eq!(
-        s.accepted + s.recovered,
-        s.written + s.fallback_written + s.lost + s.abandoned + s.spill_full + s.left_in_spill + s.corrupt + s.queued,
-        "{s:?}"
-    );
-    // `queued` is computed with a saturating subtraction: check the settled side never passes the other.
-    assert!(
-        s.written + s.fallback_written + s.lost + s.abandoned + s.spill_full + s.left_in_spill + s.corrupt
-            <= s.accepted + s.recovered,
-        "{s:?}"
-    );
-}
-
 fn final_identity(r: &ShutdownReport) {
-    identity(&r.stats);
+    assert_identity(&r.stats);
     assert_eq!(r.stats.queued, 0, "{r}");
 }
 
@@ -156,7 +142,7 @@ async fn record_paced(handle: &AuditHandle, range: std::ops::Range<usize>, burst
             assert!(handle.record(ev(i)), "event {i} refused: {:?}", handle.stats());
         }
         wait_until("the queue to empty", LONG, || handle.stats().queued_bytes == 0).await;
-        identity(&handle.stats());
+        assert_identity(&handle.stats());
     }
 }
 
@@ -303,7 +289,7 @@ async fn an_outage_is_spilled_without_queue_overflow_and_replayed_oldest_first_i
     record_paced(&handle, 0..2000, 50).await;
     wait_until("everything spilled", LONG, || handle.stats().spilled == 2001).await;
     let s = handle.stats();
-    identity(&s);
+    assert_identity(&s);
     assert_eq!((s.dropped(), s.spill_full, s.lost, s.written, s.queued), (0, 0, 0, 0, 2000), "{s:?}");
     assert!(sink.batches().is_empty());
     assert!(segments(dir.path()).len() > 5, "tiny segments rotate: {:?}", segments(dir.path()));
@@ -312,14 +298,14 @@ async fn an_outage_is_spilled_without_queue_overflow_and_replayed_oldest_first_i
     // New events keep being appended while the backlog is replayed.
     for i in 2000..2100 {
         assert!(handle.record(ev(i)));
-        identity(&handle.stats());
+        assert_identity(&handle.stats());
         if i % 10 == 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
     wait_until("everything written", LONG, || {
         let s = handle.stats();
-        identity(&s);
+        assert_identity(&s);
         s.written == 2100
     })
     .await;
@@ -800,7 +786,7 @@ async fn the_budget_is_never_exceeded_and_what_it_drops_is_reported_exactly() {
     let biggest = all_records(dir.path()).iter().map(|(_, r)| r.size()).max().unwrap();
     assert!(max - used < biggest + 8, "room for another record was left: {used} of {max}");
     let s = handle.stats();
-    identity(&s);
+    assert_identity(&s);
     let kept = user_lsns(dir.path()).len() as u64;
     assert_eq!(kept + s.spill_full, i as u64, "{s:?}");
 

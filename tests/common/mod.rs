@@ -451,3 +451,12 @@ pub async fn two_boots<S: AuditSink + Clone>(sink: S) -> Vec<(tower_audit::Audit
     }
     runs
 }
+
+/// Both lines of the accounting identity (the spill's buckets are 0 without a spill), and the settled side
+/// never past the accepted one (`queued` is a saturating difference, which would hide it).
+pub fn assert_identity(s: &tower_audit::Stats) {
+    assert_eq!(s.offered(), s.accepted + s.dropped() + s.refused, "{s:?}");
+    let settled = s.written + s.fallback_written + s.lost + s.abandoned + s.spill_full + s.left_in_spill + s.corrupt;
+    assert_eq!(s.accepted + s.recovered, settled + s.queued, "{s:?}");
+    assert!(settled <= s.accepted + s.recovered, "{s:?}");
+}
