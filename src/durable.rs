@@ -52,6 +52,17 @@ pub(crate) enum Confirmation {
     Timeout,
 }
 
+impl Confirmation {
+    /// Why the event is not durable, as a withheld response's `reason`; `None` when it is.
+    pub(crate) fn failure(self) -> Option<&'static str> {
+        match self {
+            Confirmation::Durable => None,
+            Confirmation::Failed => Some("failed"),
+            Confirmation::Timeout => Some("timeout"),
+        }
+    }
+}
+
 impl Watermark {
     /// Settles every ticket after the last settled one up to `upto`, durable or not. Called by the worker
     /// once per batch, in ticket order.

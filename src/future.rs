@@ -126,29 +126,21 @@ where
                 let withheld = confirming.withheld.take().expect("confirming");
                 let (held, timeout) = (confirming.held.take().expect("confirming"), confirming.timeout);
                 *this.confirming = None;
-                let reason = match answer {
-                    Confirmation::Durable => {
-                        add(&withheld.core().shared.counters.durable_confirmed, 1);
-                        return Poll::Ready(held.map(|response| response.map(ResponseBody::plain)));
-                    }
-                    Confirmation::Failed => "failed",
-                    Confirmation::Timeout => "timeout",
+                let Some(reason) = answer.failure() else {
+                    add(&withheld.core().shared.counters.durable_confirmed, 1);
+                    return Poll::Ready(held.map(|response| response.map(ResponseBody::plain)));
                 };
                 withheld.record(reason, timeout);
                 return Poll::Ready(Ok(unavailable(true)));
             }
             if let Some(intent) = this.intent.as_mut() {
-                let answer = match &mut intent.wait {
-                    Ok(wait) => match ready!(wait.as_mut().poll(cx)) {
-                        Confirmation::Durable => Ok(()),
-                        Confirmation::Failed => Err("failed"),
-                        Confirmation::Timeout => Err("timeout"),
-                    },
-                    Err(reason) => Err(*reason),
+                let failure = match &mut intent.wait {
+                    Ok(wait) => ready!(wait.as_mut().poll(cx)).failure(),
+                    Err(reason) => Some(*reason),
                 };
                 let timeout = intent.timeout;
                 *this.intent = None;
-                if let Err(reason) = answer {
+                if let Some(reason) = failure {
                     // The handler never runs: its future is dropped unpolled.
                     this.kind.set(Kind::Refused);
                     if let Some(mut pending) = this.pending.take() {
