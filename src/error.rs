@@ -119,6 +119,12 @@ pub enum ConfigError {
         /// What is wrong with it.
         problem: &'static str,
     },
+    /// The signing key given to [`Integrity::from_pem`](crate::integrity::Integrity::from_pem) could not be read.
+    #[error("cannot read the integrity signing key (want an Ed25519 key in PKCS#8 PEM): {0}")]
+    InvalidSigningKey(String),
+    /// An [`Integrity`](crate::integrity::Integrity) setting cannot hold.
+    #[error("integrity: {0}")]
+    InvalidIntegrity(&'static str),
 }
 
 /// A sink failed to write or flush a batch.

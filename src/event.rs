@@ -2,6 +2,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -15,7 +16,8 @@ use crate::sanitize::{Limits, bounded, is_clean};
 /// Version of the event schema. Bumped whenever a field is added or changes meaning or type.
 ///
 /// 2 added [`AuditEvent::instance`] and [`AuditEvent::boot`]; a version 1 record reads with both `None`.
-pub const SCHEMA_VERSION: u16 = 2;
+/// 3 added [`AuditEvent::prev_hash`] and [`AuditEvent::hash`]; an older record reads with both `None`.
+pub const SCHEMA_VERSION: u16 = 3;
 
 /// Well-known values of [`AuditEvent::kind`].
 pub mod kind {
@@ -30,6 +32,10 @@ pub mod kind {
     /// The intent of a gRPC call under [`DurableIntent`](crate::Delivery::DurableIntent), as
     /// [`HTTP_INTENT`] for a `grpc.call`.
     pub const GRPC_INTENT: &str = "grpc.intent";
+    /// Written by the worker with [integrity](crate::AuditLayerBuilder::integrity) on: a signed checkpoint of the
+    /// boot's hash chain (every N events, every T seconds, traffic or not). See
+    /// [`Checkpoint`](crate::integrity::Checkpoint).
+    pub const AUDIT_CHECKPOINT: &str = "audit.checkpoint";
     /// Written by the worker into the trail after events were lost: how many and why.
     pub const AUDIT_GAP: &str = "audit.gap";
     /// Written by the worker first, when a pipeline starts: its instance, boot, version and the settings that
@@ -118,11 +124,90 @@ pub struct AuditEvent {
     pub user_agent: Option<String>,
     /// Custom attributes (bounded in number and length).
     pub attributes: BTreeMap<String, String>,
+    /// With [integrity](crate::AuditLayerBuilder::integrity) on: the [`hash`](Self::hash) of the event before
+    /// this one in the same boot (all zeros for the first), set by the worker. `None` without integrity, and in
+    /// a record written before schema version 3.
+    #[serde(default)]
+    pub prev_hash: Option<Hash>,
+    /// With [integrity](crate::AuditLayerBuilder::integrity) on: the hash that links this event into its boot's
+    /// chain, `SHA-256(domain ‖ prev_hash ‖ canonical encoding)` (the encoding is specified in the README's
+    /// "Integrity" section), set by the worker.
+    #[serde(default)]
+    pub hash: Option<Hash>,
+}
+
+/// A SHA-256 hash in an event's chain: 32 bytes, written as 64 lowercase hex digits in JSON and text.
+///
+/// ```
+/// use tower_audit::Hash;
+///
+/// let hash: Hash = "ab".repeat(32).parse().unwrap();
+/// assert_eq!(hash.0, [0xab; 32]);
+/// assert_eq!(hash.to_string(), "ab".repeat(32));
+/// assert_eq!("ab".parse::<Hash>().unwrap_err().to_string(), "a hash is 64 hex digits");
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    /// All zeros: the `prev_hash` of a boot's first event.
+    pub const ZERO: Hash = Hash([0; 32]);
+}
+
+impl fmt::Display for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Hash({self})")
+    }
+}
+
+/// Why a text is not a [`Hash`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a hash is 64 hex digits")]
+pub struct ParseHashError;
+
+impl std::str::FromStr for Hash {
+    type Err = ParseHashError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let digits = s.as_bytes();
+        if digits.len() != 64 {
+            return Err(ParseHashError);
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in digits.chunks_exact(2).enumerate() {
+            let nibble = |d: u8| (d as char).to_digit(16).ok_or(ParseHashError);
+            out[i] = (nibble(pair[0])? << 4 | nibble(pair[1])?) as u8;
+        }
+        Ok(Hash(out))
+    }
+}
+
+impl Serialize for Hash {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() { s.collect_str(self) } else { self.0.serialize(s) }
+    }
+}
+
+impl<'de> Deserialize<'de> for Hash {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let text = <Cow<'de, str>>::deserialize(d)?;
+            text.parse().map_err(serde::de::Error::custom)
+        } else {
+            <[u8; 32]>::deserialize(d).map(Hash)
+        }
+    }
 }
 
 impl AuditEvent {
     /// Whether the worker made this event about the pipeline itself ([`kind::AUDIT_BOOT`],
-    /// [`kind::AUDIT_SHUTDOWN`], [`kind::AUDIT_GAP`]) rather than a request or a handler recording it.
+    /// [`kind::AUDIT_SHUTDOWN`], [`kind::AUDIT_GAP`], [`kind::AUDIT_CHECKPOINT`]) rather than a request or a handler recording it.
     ///
     /// ```
     /// use tower_audit::{AuditEvent, kind};
@@ -130,7 +215,7 @@ impl AuditEvent {
     /// assert!(!AuditEvent::new("auth.login").is_pipeline_event());
     /// ```
     pub fn is_pipeline_event(&self) -> bool {
-        matches!(&*self.kind, kind::AUDIT_BOOT | kind::AUDIT_SHUTDOWN | kind::AUDIT_GAP)
+        matches!(&*self.kind, kind::AUDIT_BOOT | kind::AUDIT_SHUTDOWN | kind::AUDIT_GAP | kind::AUDIT_CHECKPOINT)
     }
 
     /// A custom event of the given kind, dated now, outcome [`Outcome::Success`].
@@ -159,6 +244,8 @@ impl AuditEvent {
             client_addr: None,
             user_agent: None,
             attributes: BTreeMap::new(),
+            prev_hash: None,
+            hash: None,
         }
     }
 

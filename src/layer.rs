@@ -18,6 +18,8 @@ use crate::config::{
 use crate::delivery::Sinks;
 use crate::error::ConfigError;
 use crate::handle::AuditHandle;
+use crate::integrity::Integrity;
+use crate::integrity::chain::Chain;
 use crate::lifecycle::{Settings, boot_event};
 use crate::pipeline::{Core, RequestConfig, Shared};
 use crate::policy::Policy;
@@ -66,6 +68,7 @@ impl AuditLayer {
             instance: None,
             spill: None,
             policy: Policy::new(),
+            integrity: None,
         }
     }
 }
@@ -153,6 +156,7 @@ pub struct AuditLayerBuilder {
     instance: Option<String>,
     spill: Option<Spill>,
     policy: Policy,
+    integrity: Option<Integrity>,
 }
 
 impl AuditLayerBuilder {
@@ -255,6 +259,37 @@ impl AuditLayerBuilder {
     /// ```
     pub fn spill(mut self, spill: Spill) -> Self {
         self.spill = Some(spill);
+        self
+    }
+
+    /// Makes the trail tamper-evident: the worker links every event it writes into a hash chain per boot
+    /// (`prev_hash`, `hash`) and signs checkpoints of the chain (`audit.checkpoint` events, and the
+    /// `audit.shutdown` event) with the [`Integrity`]'s Ed25519 key, into the trail and to its checkpoint sink.
+    /// The hashing happens on the worker; the request path is unchanged. See the README's "Integrity" section
+    /// and [`integrity::verify`](crate::integrity::verify).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use tower_audit::{AuditLayer, MemorySink, integrity::{Checkpoint, Integrity}, kind};
+    ///
+    /// let integrity = Integrity::from_seed(&[7; 32]);
+    /// let key = integrity.verifier_key();
+    /// let sink = MemorySink::new();
+    /// let (_layer, handle) = AuditLayer::builder(sink.clone()).integrity(integrity).build()?;
+    /// handle.shutdown(Duration::from_secs(5)).await;
+    /// let events = sink.events();
+    /// let shutdown = events.last().unwrap();
+    /// assert_eq!(shutdown.kind, kind::AUDIT_SHUTDOWN);
+    /// // The shutdown event signs the chain up to the event before it.
+    /// let checkpoint = Checkpoint::from_event(shutdown).unwrap()?;
+    /// checkpoint.verify(&key)?;
+    /// assert_eq!((checkpoint.seq, Some(checkpoint.hash)), (events[0].seq, events[0].hash));
+    /// # Ok(()) }
+    /// ```
+    pub fn integrity(mut self, integrity: Integrity) -> Self {
+        self.integrity = Some(integrity);
         self
     }
 
@@ -452,6 +487,9 @@ impl AuditLayerBuilder {
             }
         }
         self.policy.check()?;
+        if let Some(integrity) = &self.integrity {
+            integrity.check()?;
+        }
         if self.batch_size > self.capacity {
             return Err(ConfigError::BatchLargerThanCapacity { batch_size: self.batch_size, capacity: self.capacity });
         }
@@ -544,6 +582,7 @@ impl AuditLayerBuilder {
             deadline,
             report: report_tx,
             stamper: Stamper::new(Arc::clone(&instance), boot),
+            chain: self.integrity.map(|integrity| Chain::start(integrity, Arc::clone(&shared))),
             boot: Some(boot_event),
         };
         runtime.spawn(worker.run());

@@ -106,6 +106,7 @@ mod future;
 mod gap;
 mod handle;
 mod intake;
+pub mod integrity;
 mod layer;
 mod lifecycle;
 #[cfg(feature = "metrics")]
@@ -130,7 +131,7 @@ pub use self::config::{
 };
 pub use self::context::AuditContext;
 pub use self::error::{BoxError, ConfigError, SinkError};
-pub use self::event::{AuditEvent, Outcome, SCHEMA_VERSION, kind};
+pub use self::event::{AuditEvent, Hash, Outcome, ParseHashError, SCHEMA_VERSION, kind};
 pub use self::future::ResponseFuture;
 pub use self::handle::{AuditHandle, ShutdownReport};
 pub use self::layer::{AuditLayer, AuditLayerBuilder};

@@ -33,6 +33,7 @@
 //! | `tower_audit_gap_events_total` | counter | | `gap_events` |
 //! | `tower_audit_requests_unrecorded_total` | counter | `reason="skipped"`, `"sampled_out"` | `skipped`, `sampled_out` |
 //! | `tower_audit_durable_responses_total` | counter | `result="confirmed"`, `"withheld"` | `durable_confirmed`, `durable_withheld` |
+//! | `tower_audit_checkpoints_total` | counter | `result="signed"`, `"anchor_failed"` | `checkpoints`, `anchor_failed` |
 //! | `tower_audit_queued_events` | gauge | | `queued` |
 //! | `tower_audit_queued_bytes` | gauge | | `queued_bytes` |
 //!
@@ -75,11 +76,12 @@ const TIMEOUTS: &str = "tower_audit_sink_timeouts_total";
 const GAP_EVENTS: &str = "tower_audit_gap_events_total";
 const UNRECORDED: &str = "tower_audit_requests_unrecorded_total";
 const DURABLE: &str = "tower_audit_durable_responses_total";
+const CHECKPOINTS: &str = "tower_audit_checkpoints_total";
 const QUEUED_EVENTS: &str = "tower_audit_queued_events";
 const QUEUED_BYTES: &str = "tower_audit_queued_bytes";
 
 /// Every counter series of `s`.
-fn counters(s: &Stats) -> [Series; 24] {
+fn counters(s: &Stats) -> [Series; 26] {
     let reason = |r| Some(("reason", r));
     [
         (ACCEPTED, None, s.accepted),
@@ -106,6 +108,8 @@ fn counters(s: &Stats) -> [Series; 24] {
         (UNRECORDED, reason("sampled_out"), s.sampled_out),
         (DURABLE, Some(("result", "confirmed")), s.durable_confirmed),
         (DURABLE, Some(("result", "withheld")), s.durable_withheld),
+        (CHECKPOINTS, Some(("result", "signed")), s.checkpoints),
+        (CHECKPOINTS, Some(("result", "anchor_failed")), s.anchor_failed),
     ]
 }
 
@@ -134,6 +138,11 @@ pub(crate) fn describe() {
         DURABLE,
         Unit::Count,
         "Durable requests' responses released (confirmed) or answered 503 (withheld) by the audit layer."
+    );
+    describe_counter!(
+        CHECKPOINTS,
+        Unit::Count,
+        "Integrity checkpoints signed into the trail, and those the checkpoint sink did not take (anchor_failed)."
     );
     describe_gauge!(
         QUEUED_EVENTS,
@@ -243,6 +252,8 @@ mod tests {
             sampled_out: 24,
             durable_confirmed: 25,
             durable_withheld: 26,
+            checkpoints: 27,
+            anchor_failed: 28,
         };
         let got = published(&stats);
         let i = |extra: &[(&str, &str)]| {
@@ -279,6 +290,8 @@ mod tests {
             c("tower_audit_requests_unrecorded_total", &[("reason", "sampled_out")], 24),
             c("tower_audit_durable_responses_total", &[("result", "confirmed")], 25),
             c("tower_audit_durable_responses_total", &[("result", "withheld")], 26),
+            c("tower_audit_checkpoints_total", &[("result", "signed")], 27),
+            c("tower_audit_checkpoints_total", &[("result", "anchor_failed")], 28),
         ];
         want.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         assert_eq!(got, want);

@@ -30,6 +30,8 @@ pub(crate) struct Counters {
     pub(crate) sampled_out: AtomicU64,
     pub(crate) durable_confirmed: AtomicU64,
     pub(crate) durable_withheld: AtomicU64,
+    pub(crate) checkpoints: AtomicU64,
+    pub(crate) anchor_failed: AtomicU64,
 }
 
 pub(crate) fn add(counter: &AtomicU64, n: u64) {
@@ -80,6 +82,8 @@ impl Counters {
             sampled_out: load(&self.sampled_out),
             durable_confirmed: load(&self.durable_confirmed),
             durable_withheld: load(&self.durable_withheld),
+            checkpoints: load(&self.checkpoints),
+            anchor_failed: load(&self.anchor_failed),
         }
     }
 }
@@ -193,6 +197,12 @@ pub struct Stats {
     /// refused [`DurableIntent`](crate::Delivery::DurableIntent) by its request's event). So every durable
     /// request that reached its response head (or its intent) counts once, here or in `durable_confirmed`.
     pub durable_withheld: u64,
+    /// Checkpoints signed into the trail (`audit.checkpoint` events and the `audit.shutdown` event), with
+    /// [integrity](crate::AuditLayerBuilder::integrity) on. Not part of the identity.
+    pub checkpoints: u64,
+    /// Checkpoints the checkpoint sink did not take (every try failed, or it was too far behind). The trail
+    /// still has them; only the off-host copy is missing.
+    pub anchor_failed: u64,
 }
 
 impl Stats {

@@ -17,6 +17,7 @@ use crate::event::AuditEvent;
 use crate::gap::{Due, Ledger, Losses, Trail};
 use crate::handle::ShutdownReport;
 use crate::intake::Entry;
+use crate::integrity::chain::Chain;
 use crate::lifecycle::shutdown_event;
 use crate::pipeline::Shared;
 use crate::spill::codec::Origin;
@@ -42,6 +43,8 @@ pub(crate) struct Worker {
     pub(crate) report: watch::Sender<Option<ShutdownReport>>,
     /// The stamping stage as built with the layer (its identity, no event stamped yet); `run` stamps with a copy.
     pub(crate) stamper: Stamper,
+    /// With integrity on: the chain stage, right after stamping.
+    pub(crate) chain: Option<Chain>,
     /// The `audit.boot` event, written first.
     pub(crate) boot: Option<AuditEvent>,
 }
@@ -161,8 +164,21 @@ impl Worker {
                     return self.shut_down(batch, state).await;
                 }
             }
+            if self.checkpoint_if_due(&mut state).await {
+                return self.shut_down(batch, state).await;
+            }
             self.warn_about_losses(&mut state);
         }
+    }
+
+    /// With integrity on, writes an `audit.checkpoint` event when one is due (checked whenever the worker has
+    /// drained the queue, and at every tick: a heartbeat without traffic). `true` when the shutdown deadline
+    /// passed during the write.
+    async fn checkpoint_if_due(&mut self, state: &mut State) -> bool {
+        if !self.chain.as_ref().is_some_and(Chain::due) {
+            return false;
+        }
+        self.write(&mut Vec::new(), None, Some((Origin::Lifecycle, Chain::checkpoint_event())), state).await
     }
 
     fn losses(&self) -> Losses {
@@ -235,7 +251,12 @@ impl Worker {
             origins.push(origin);
         }
         events.splice(0..0, front);
-        events.iter_mut().for_each(|e| self.stamper.stamp(e));
+        for event in events.iter_mut() {
+            self.stamper.stamp(event);
+            if let Some(chain) = &mut self.chain {
+                chain.link(event);
+            }
+        }
         let counters = &self.shared.counters;
         let sinks = match &mut self.output {
             Output::Spill(spill) => {
@@ -290,6 +311,9 @@ impl Worker {
             Written::Failed => {
                 if let Some(mut due) = state.fallback.due(Losses::of(&self.shared.stats())) {
                     self.stamper.stamp(&mut due.event);
+                    if let Some(chain) = &mut self.chain {
+                        chain.link(&mut due.event);
+                    }
                     match sinks.fallback(std::slice::from_ref(&due.event), &self.deadline, counters).await {
                         Written::Yes => {
                             add(&counters.gap_events, 1);

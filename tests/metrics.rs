@@ -107,6 +107,8 @@ impl Scraper {
             ("tower_audit_requests_unrecorded_total", &[("reason", "sampled_out")]),
             ("tower_audit_durable_responses_total", &[("result", "confirmed")]),
             ("tower_audit_durable_responses_total", &[("result", "withheld")]),
+            ("tower_audit_checkpoints_total", &[("result", "signed")]),
+            ("tower_audit_checkpoints_total", &[("result", "anchor_failed")]),
             ("tower_audit_queued_events", &[]),
             ("tower_audit_queued_bytes", &[]),
         ];

@@ -5,8 +5,13 @@
 
 use crate::event::AuditEvent;
 
-/// The payload format this version writes and reads.
-pub(crate) const FORMAT: u8 = 1;
+/// The payload format this version writes. It reads [`FORMAT_V1`] too.
+pub(crate) const FORMAT: u8 = 2;
+
+/// Format 1: an event of schema version 2, without the chain fields (`prev_hash`, `hash`) that end version 3.
+/// Postcard is positional, and `None` is one zero byte, so such an event decodes as today's with two zero bytes
+/// appended.
+pub(crate) const FORMAT_V1: u8 = 1;
 
 /// Who made an event: the accounting of a recovered or delivered event depends on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,7 +41,7 @@ pub(crate) fn encode(event: &AuditEvent, origin: Origin, out: &mut Vec<u8>) {
 /// The origin of a payload, read without decoding the event.
 pub(crate) fn origin(payload: &[u8]) -> Option<Origin> {
     match payload {
-        [FORMAT, origin, ..] => Origin::from_byte(*origin),
+        [FORMAT | FORMAT_V1, origin, ..] => Origin::from_byte(*origin),
         _ => None,
     }
 }
@@ -57,7 +62,12 @@ pub(crate) fn decode(payload: &[u8]) -> Result<(Origin, AuditEvent), DecodeError
         detail,
     };
     let origin = origin(payload).ok_or_else(|| error("not a format this version reads".into()))?;
-    let event = postcard::from_bytes(&payload[2..]).map_err(|e| error(e.to_string()))?;
+    let event = if payload[0] == FORMAT_V1 {
+        postcard::from_bytes(&[&payload[2..], &[0, 0]].concat())
+    } else {
+        postcard::from_bytes(&payload[2..])
+    };
+    let event = event.map_err(|e| error(e.to_string()))?;
     Ok((origin, event))
 }
 
@@ -74,6 +84,21 @@ mod tests {
         assert_eq!(origin(&payload), Some(Origin::Gap));
         let (origin, decoded) = decode(&payload).unwrap();
         assert_eq!((origin, decoded), (Origin::Gap, event));
+    }
+
+    #[test]
+    fn a_format_1_record_decodes_without_chain_fields() {
+        let mut event = crate::event::tests::every_field();
+        event.prev_hash = Some(crate::event::Hash([1; 32]));
+        event.hash = Some(crate::event::Hash([2; 32]));
+        let mut payload = Vec::new();
+        encode(&event, Origin::User, &mut payload);
+        // Format 1 is format 2 without the two trailing fields: here both `Some`, 1 + 32 bytes each.
+        let v1 = [&[FORMAT_V1], &payload[1..payload.len() - 66]].concat();
+        let (origin, decoded) = decode(&v1).unwrap();
+        event.prev_hash = None;
+        event.hash = None;
+        assert_eq!((origin, decoded), (Origin::User, event));
     }
 
     #[test]

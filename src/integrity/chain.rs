@@ -1,0 +1,121 @@
+//! The worker's chain stage: links every stamped event to the one before it in the boot (`prev_hash`, `hash`),
+//! and signs a checkpoint into each `audit.checkpoint` and `audit.shutdown` event as it links it. Copies of the
+//! signed events go to the checkpoint sink, from a task of its own.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use super::note::Checkpoint;
+use super::{Integrity, hash_with};
+use crate::event::{AuditEvent, Hash, kind};
+use crate::pipeline::Shared;
+use crate::sink::DynSink;
+use crate::stats::add;
+
+/// Checkpoints waiting for the checkpoint sink; past this, the oldest wait is not worth keeping a newer one
+/// out: a newer checkpoint covers everything an older one of the same boot does.
+const ANCHOR_QUEUE: usize = 16;
+/// How long the checkpoint sink gets per checkpoint, and how many tries.
+const ANCHOR_TIMEOUT: Duration = Duration::from_secs(10);
+const ANCHOR_TRIES: u32 = 3;
+
+pub(crate) struct Chain {
+    integrity: Integrity,
+    head: Hash,
+    head_seq: u64,
+    /// Events linked since the last checkpoint.
+    since: u64,
+    last: Instant,
+    buf: Vec<u8>,
+    anchor: Option<mpsc::Sender<AuditEvent>>,
+    shared: Arc<Shared>,
+}
+
+impl Chain {
+    /// A chain for a new boot; spawns the checkpoint sink's task if there is one.
+    pub(crate) fn start(integrity: Integrity, shared: Arc<Shared>) -> Self {
+        let anchor = integrity.sink.clone().map(|sink| {
+            let (tx, rx) = mpsc::channel(ANCHOR_QUEUE);
+            tokio::spawn(anchor(rx, sink, Arc::clone(&shared)));
+            tx
+        });
+        Chain {
+            integrity,
+            head: Hash::ZERO,
+            head_seq: 0,
+            since: 0,
+            last: Instant::now(),
+            buf: Vec::with_capacity(1024),
+            anchor,
+            shared,
+        }
+    }
+
+    /// Whether a checkpoint is due: `every` events linked since the last one, or `interval` passed (a heartbeat,
+    /// with traffic or without).
+    pub(crate) fn due(&self) -> bool {
+        self.since >= self.integrity.every || self.last.elapsed() >= self.integrity.interval
+    }
+
+    /// A checkpoint event to write; it is signed when linked (it covers the chain up to the event before it).
+    pub(crate) fn checkpoint_event() -> AuditEvent {
+        AuditEvent::with_time(kind::AUDIT_CHECKPOINT.into(), SystemTime::now())
+    }
+
+    /// Links a stamped event; signs it first if it is a checkpoint (`audit.checkpoint`, `audit.shutdown`).
+    pub(crate) fn link(&mut self, event: &mut AuditEvent) {
+        let checkpoint = matches!(&*event.kind, kind::AUDIT_CHECKPOINT | kind::AUDIT_SHUTDOWN);
+        if checkpoint {
+            let signed = Checkpoint::sign(
+                event.instance.as_deref().unwrap_or_default(),
+                event.boot.unwrap_or_default(),
+                self.head_seq,
+                self.head,
+                event.time,
+                &self.integrity.key_name,
+                &self.integrity.key,
+            );
+            signed.to_event(event);
+            (self.since, self.last) = (0, Instant::now());
+            add(&self.shared.counters.checkpoints, 1);
+        } else {
+            self.since += 1;
+        }
+        event.prev_hash = Some(self.head);
+        let hash = hash_with(&self.head, event, &mut self.buf);
+        event.hash = Some(hash);
+        (self.head, self.head_seq) = (hash, event.seq);
+        if checkpoint && let Some(anchor) = &self.anchor {
+            // A full queue means the sink is far behind: this newer checkpoint waits its turn by replacing
+            // nothing; it is counted as not anchored.
+            if anchor.try_send(event.clone()).is_err() {
+                add(&self.shared.counters.anchor_failed, 1);
+            }
+        }
+    }
+}
+
+/// Writes each checkpoint to the checkpoint sink, a few tries each, bounded in time; counts what failed.
+async fn anchor(mut rx: mpsc::Receiver<AuditEvent>, sink: Arc<dyn DynSink>, shared: Arc<Shared>) {
+    while let Some(event) = rx.recv().await {
+        let mut written = false;
+        for _ in 0..ANCHOR_TRIES {
+            match tokio::time::timeout(ANCHOR_TIMEOUT, sink.write_batch(std::slice::from_ref(&event))).await {
+                Ok(Ok(())) => {
+                    written = true;
+                    break;
+                }
+                Ok(Err(error)) => tracing::warn!(%error, seq = event.seq, "checkpoint sink failed"),
+                Err(_) => tracing::warn!(seq = event.seq, "checkpoint sink timed out"),
+            }
+        }
+        if !written {
+            tracing::error!(seq = event.seq, "checkpoint not anchored: the checkpoint sink failed every try");
+            add(&shared.counters.anchor_failed, 1);
+        }
+    }
+    let _ = sink.flush().await;
+}
