@@ -352,7 +352,7 @@ async fn ensure_schema_upgrades_a_version_1_table_in_place() {
     let old = |i: usize| (Some(old_ids[i].to_string()), i as i64 + 1, "v1.event".to_owned(), None, None, 1);
     let new = |seq, kind: &str| {
         let identity = (Some(handle.instance().to_owned()), Some(handle.boot().to_string()));
-        (None, seq, kind.to_owned(), identity.0, identity.1, 2)
+        (None, seq, kind.to_owned(), identity.0, identity.1, tower_audit::SCHEMA_VERSION as i16)
     };
     let v2 = "v2.event";
     assert_eq!(

@@ -236,7 +236,7 @@ async fn ensure_schema_upgrades_a_version_1_table_in_place() {
     sqlite.ensure_schema().await.unwrap();
     let columns: Vec<String> =
         sqlx::query_scalar("SELECT name FROM pragma_table_info('audit_events')").fetch_all(&reader).await.unwrap();
-    assert_eq!(columns[columns.len() - 3..], ["version", "instance", "boot"]);
+    assert_eq!(columns[columns.len() - 5..], ["version", "instance", "boot", "prev_hash", "hash"]);
     assert_eq!(
         index_names(&reader).await,
         [
@@ -264,7 +264,7 @@ async fn ensure_schema_upgrades_a_version_1_table_in_place() {
     let old = |i: usize| (Some(old_ids[i].to_string()), i as i64 + 1, "v1.event".to_owned(), None, None, 1);
     let new = |seq, kind: &str| {
         let identity = (Some(handle.instance().to_owned()), Some(handle.boot().to_string()));
-        (None, seq, kind.to_owned(), identity.0, identity.1, 2)
+        (None, seq, kind.to_owned(), identity.0, identity.1, i64::from(tower_audit::SCHEMA_VERSION))
     };
     let v2 = "v2.event";
     assert_eq!(

@@ -13,6 +13,8 @@ use crate::sink::sql::{COLUMNS, DEFAULT_TABLE, Row, Table};
 const SCHEMA_V1: &str = include_str!("../../migrations/postgres/0001_audit_events.sql");
 /// Schema version 2: `instance`, `boot` and the unique `(boot, seq)` index.
 const SCHEMA_V2: &str = include_str!("../../migrations/postgres/0002_identity.sql");
+/// Schema version 3: the integrity chain's columns.
+const SCHEMA_V3: &str = include_str!("../../migrations/postgres/0003_chain.sql");
 /// The index schema version 2 adds, as named in its file.
 const V2_INDEX: &str = "audit_events_boot_seq_key";
 
@@ -125,11 +127,11 @@ impl PostgresSink {
         Ok(self)
     }
 
-    /// Brings the table to schema version 2: creates it with its indexes (time, actor, kind, and the unique
-    /// `(boot, seq)`) if it does not exist, and upgrades a version 1 table in place (adds the `instance` and
-    /// `boot` columns, NULL in the rows already there, and the unique index). Running it again changes nothing.
-    /// The DDL is the one in `migrations/postgres/`, `0001` then `0002`, for those who run migrations
-    /// themselves.
+    /// Brings the table to schema version 3: creates it with its indexes (time, actor, kind, and the unique
+    /// `(boot, seq)`) if it does not exist, and upgrades an older table in place (adds version 2's `instance`
+    /// and `boot` columns and unique index, and version 3's `prev_hash` and `hash` columns, NULL in the rows
+    /// already there). Running it again changes nothing. The DDL is the one in `migrations/postgres/`, `0001`,
+    /// `0002` then `0003`, for those who run migrations themselves.
     ///
     /// The upgrade runs only when the table lacks one of those: its `ALTER TABLE`s would lock the table
     /// exclusively, behind any query reading it, even when they change nothing. Building the unique index on a
@@ -160,6 +162,16 @@ impl PostgresSink {
             // Several statements in one simple query: one transaction.
             run(SCHEMA_V2).execute(&self.pool).await?;
         }
+        let at_v3: bool = sqlx::query_scalar(
+            "SELECT count(*) = 2 FROM pg_attribute \
+             WHERE attrelid = to_regclass($1) AND attname IN ('prev_hash', 'hash') AND NOT attisdropped",
+        )
+        .bind(self.table.qualified())
+        .fetch_one(&self.pool)
+        .await?;
+        if !at_v3 {
+            run(SCHEMA_V3).execute(&self.pool).await?;
+        }
         Ok(())
     }
 }
@@ -169,12 +181,12 @@ fn insert_sql(table: &Table) -> String {
         "INSERT INTO {table} ({COLUMNS}) \
          SELECT id::uuid, seq, 'epoch'::timestamptz + micros * interval '1 microsecond', kind, outcome, method, \
                 route, path, status, grpc_status, latency_us, request_id, actor, client_addr::inet, user_agent, \
-                attributes::jsonb, version, instance, boot::uuid \
+                attributes::jsonb, version, instance, boot::uuid, prev_hash, hash \
          FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], \
                      $8::text[], $9::int4[], $10::int4[], $11::int8[], $12::text[], $13::text[], $14::text[], \
-                     $15::text[], $16::text[], $17::int2[], $18::text[], $19::text[]) \
+                     $15::text[], $16::text[], $17::int2[], $18::text[], $19::text[], $20::text[], $21::text[]) \
               AS t(id, seq, micros, kind, outcome, method, route, path, status, grpc_status, latency_us, \
-                   request_id, actor, client_addr, user_agent, attributes, version, instance, boot) \
+                   request_id, actor, client_addr, user_agent, attributes, version, instance, boot, prev_hash, hash) \
          ON CONFLICT (id) DO NOTHING",
         table = table.qualified()
     )
@@ -202,6 +214,8 @@ struct Columns {
     version: Vec<i16>,
     instance: Vec<Option<String>>,
     boot: Vec<Option<String>>,
+    prev_hash: Vec<Option<String>>,
+    hash: Vec<Option<String>>,
 }
 
 impl Columns {
@@ -225,6 +239,8 @@ impl Columns {
         self.version.push(row.version);
         self.instance.push(row.instance);
         self.boot.push(row.boot);
+        self.prev_hash.push(row.prev_hash);
+        self.hash.push(row.hash);
     }
 }
 
@@ -253,7 +269,9 @@ impl AuditSink for PostgresSink {
             .bind(c.attributes)
             .bind(c.version)
             .bind(c.instance)
-            .bind(c.boot);
+            .bind(c.boot)
+            .bind(c.prev_hash)
+            .bind(c.hash);
         let mut checkout = Checkout { conn: self.pool.acquire().await.map_err(SinkError::backend)?, answered: false };
         let written = async {
             let mut tx = checkout.conn.begin().await?;

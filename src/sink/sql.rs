@@ -58,10 +58,12 @@ fn is_identifier(s: &str) -> bool {
         && s.len() <= MAX_TABLE_LEN
 }
 
-/// The columns, in the order both sinks bind them (the schema version 2 columns last, as they are in the table).
+/// The columns, in the order both sinks bind them (those of schema versions 2 and 3 last, as they are in the
+/// table).
 pub(crate) const COLUMNS: &str = "id, seq, time, kind, outcome, method, route, path, status, grpc_status, latency_us, \
-                                  request_id, actor, client_addr, user_agent, attributes, version, instance, boot";
-pub(crate) const COLUMN_COUNT: usize = 19;
+                                  request_id, actor, client_addr, user_agent, attributes, version, instance, boot, \
+                                  prev_hash, hash";
+pub(crate) const COLUMN_COUNT: usize = 21;
 
 /// One event as column values.
 pub(crate) struct Row {
@@ -85,6 +87,8 @@ pub(crate) struct Row {
     pub(crate) version: i16,
     pub(crate) instance: Option<String>,
     pub(crate) boot: Option<String>,
+    pub(crate) prev_hash: Option<String>,
+    pub(crate) hash: Option<String>,
 }
 
 impl Row {
@@ -111,6 +115,8 @@ impl Row {
             version: i16::try_from(event.version).unwrap_or(i16::MAX),
             instance: event.instance.as_deref().map(str::to_owned),
             boot: event.boot.map(|boot| boot.hyphenated().to_string()),
+            prev_hash: event.prev_hash.map(|h| h.to_string()),
+            hash: event.hash.map(|h| h.to_string()),
         })
     }
 }

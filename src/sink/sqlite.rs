@@ -13,6 +13,8 @@ use crate::sink::sql::{COLUMN_COUNT, COLUMNS, DEFAULT_TABLE, Row, Table};
 const SCHEMA_V1: &str = include_str!("../../migrations/sqlite/0001_audit_events.sql");
 /// Schema version 2: `instance`, `boot` and the unique `(boot, seq)` index.
 const SCHEMA_V2: &str = include_str!("../../migrations/sqlite/0002_identity.sql");
+/// Schema version 3: the integrity chain's columns.
+const SCHEMA_V3: &str = include_str!("../../migrations/sqlite/0003_chain.sql");
 
 /// SQLite's limit on bound parameters in one statement (since 3.32, as bundled).
 const MAX_BINDS: usize = 32_766;
@@ -101,10 +103,11 @@ impl SqliteSink {
         Ok(self)
     }
 
-    /// Brings the table to schema version 2, in one write transaction: creates it with its indexes (time,
-    /// actor, kind, and the unique `(boot, seq)`) if it does not exist, and upgrades a version 1 table in place
-    /// (adds the `instance` and `boot` columns, NULL in the rows already there, and the unique index). Running it
-    /// again changes nothing. The DDL is the one in `migrations/sqlite/`, `0001` then `0002`.
+    /// Brings the table to schema version 3, in one write transaction: creates it with its indexes (time,
+    /// actor, kind, and the unique `(boot, seq)`) if it does not exist, and upgrades an older table in place
+    /// (adds the `instance` and `boot` columns of version 2 and the unique index, and the `prev_hash` and `hash`
+    /// columns of version 3, NULL in the rows already there). Running it again changes nothing. The DDL is the
+    /// one in `migrations/sqlite/`, `0001`, `0002` then `0003`.
     ///
     /// # Errors
     ///
@@ -121,8 +124,8 @@ impl SqliteSink {
             .bind(self.table.qualified())
             .fetch_all(&mut *tx)
             .await?;
-        let v2 = self.table.schema_sql(SCHEMA_V2);
-        for statement in statements(&v2) {
+        let upgrades = [SCHEMA_V2, SCHEMA_V3].map(|template| self.table.schema_sql(template));
+        for statement in upgrades.iter().flat_map(|sql| statements(sql)) {
             // SQLite has no `ADD COLUMN IF NOT EXISTS`.
             if added_column(&statement).is_some_and(|added| columns.iter().any(|c| c.eq_ignore_ascii_case(added))) {
                 continue;
@@ -181,7 +184,9 @@ impl AuditSink for SqliteSink {
                     .push_bind(&row.attributes)
                     .push_bind(row.version)
                     .push_bind(&row.instance)
-                    .push_bind(&row.boot);
+                    .push_bind(&row.boot)
+                    .push_bind(&row.prev_hash)
+                    .push_bind(&row.hash);
             });
             insert.push(" ON CONFLICT (id) DO NOTHING");
             insert.build().execute(&mut *tx).await.map_err(SinkError::backend)?;
