@@ -582,7 +582,10 @@ impl AuditLayerBuilder {
             deadline,
             report: report_tx,
             stamper: Stamper::new(Arc::clone(&instance), boot),
-            chain: self.integrity.map(|integrity| Chain::start(integrity, Arc::clone(&shared))),
+            chain: self.integrity.map(|integrity| {
+                let keep = self.spill.as_ref().map(|spill| spill.dir.clone());
+                Chain::start(integrity, Arc::clone(&shared), keep)
+            }),
             boot: Some(boot_event),
         };
         runtime.spawn(worker.run());

@@ -57,3 +57,105 @@ async fn every_event_is_chained_and_checkpoints_sign_the_head_every_n_events_and
     assert_eq!(report.stats.checkpoints, 3);
     assert_eq!(report.stats.written, 12);
 }
+
+#[tokio::test]
+async fn with_a_spill_a_new_boot_references_the_last_checkpoint_of_the_boot_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let integrity = Integrity::from_seed(&[2; 32]);
+    let mut trails = Vec::new();
+    for _ in 0..2 {
+        let sink = MemorySink::new();
+        let (_layer, handle) = AuditLayer::builder(sink.clone())
+            .spill(tower_audit::Spill::new(dir.path()))
+            .integrity(integrity.clone())
+            .build()
+            .unwrap();
+        assert!(handle.record(AuditEvent::new("test.event")));
+        assert!(handle.shutdown(LIMIT).await.drained);
+        trails.push(sink.events());
+    }
+    let (first, second) = (&trails[0], &trails[1]);
+    assert_eq!(assert_chained(first, &integrity), [3]);
+    assert_eq!(assert_chained(second, &integrity), [3]);
+    // Boot 1 knew of no boot before it; boot 2's first event names boot 1's last checkpoint (its shutdown's).
+    assert!(Checkpoint::previous_of(&first[0]).is_none());
+    let previous = Checkpoint::previous_of(&second[0]).unwrap().unwrap();
+    previous.verify(&integrity.verifier_key()).unwrap();
+    assert_eq!(Checkpoint::from_event(&first[2]).unwrap().unwrap(), previous);
+    assert_eq!((previous.boot, previous.seq, Some(previous.hash)), (first[1].boot.unwrap(), 2, first[1].hash));
+    assert_ne!(first[0].boot, second[0].boot);
+}
+
+#[tokio::test]
+async fn without_traffic_a_heartbeat_checkpoint_is_signed_every_interval() {
+    let sink = MemorySink::new();
+    let integrity = Integrity::from_seed(&[3; 32]).checkpoint_interval(Duration::from_millis(300));
+    let (_layer, handle) = AuditLayer::builder(sink.clone())
+        .flush_interval(Duration::from_millis(20))
+        .integrity(integrity.clone())
+        .build()
+        .unwrap();
+    let checkpoints = |sink: &MemorySink| sink.events().iter().filter(|e| e.kind == kind::AUDIT_CHECKPOINT).count();
+    eventually(LIMIT, || checkpoints(&sink) >= 2).await;
+    let report = handle.shutdown(LIMIT).await;
+    let events = sink.events();
+    let seqs = assert_chained(&events, &integrity);
+    // Every event after the boot event is a checkpoint: the heartbeats, then the shutdown.
+    assert_eq!(seqs, (2..=events.len() as u64).collect::<Vec<_>>());
+    assert_eq!(report.stats.checkpoints, seqs.len() as u64);
+    assert_eq!(report.stats.written, 0);
+}
+
+#[tokio::test]
+async fn checkpoints_reach_the_checkpoint_sink_and_a_failing_one_is_counted() {
+    let anchor = MemorySink::new();
+    let integrity = Integrity::from_seed(&[4; 32]).checkpoint_every(2).checkpoint_sink(anchor.clone());
+    let sink = MemorySink::new();
+    let (_layer, handle) = AuditLayer::builder(sink.clone()).integrity(integrity).build().unwrap();
+    assert!(handle.record(AuditEvent::new("test.event")));
+    eventually(LIMIT, || sink.events().iter().any(|e| e.kind == kind::AUDIT_CHECKPOINT)).await;
+    let report = handle.shutdown(LIMIT).await;
+    let in_trail: Vec<AuditEvent> = sink.events().into_iter().filter(|e| Checkpoint::from_event(e).is_some()).collect();
+    eventually(LIMIT, || anchor.events().len() == in_trail.len()).await;
+    assert_eq!(anchor.events(), in_trail);
+    assert_eq!((report.stats.checkpoints, report.stats.anchor_failed), (2, 0));
+
+    let integrity = Integrity::from_seed(&[4; 32]).checkpoint_sink(common::FailingSink);
+    let (_layer, handle) = AuditLayer::builder(MemorySink::new()).integrity(integrity).build().unwrap();
+    handle.shutdown(LIMIT).await;
+    eventually(LIMIT, || handle.stats().anchor_failed == 1).await;
+}
+
+#[test]
+fn settings_that_cannot_hold_are_refused() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let _guard = runtime.enter();
+    let cases = [
+        (Integrity::from_seed(&[1; 32]).checkpoint_every(0), "integrity: checkpoint_every must be at least 1"),
+        (
+            Integrity::from_seed(&[1; 32]).checkpoint_interval(Duration::ZERO),
+            "integrity: checkpoint_interval must not be zero",
+        ),
+        (
+            Integrity::from_seed(&[1; 32]).key_name("a b"),
+            "integrity: key_name must be non-empty, without spaces, '+' or control characters",
+        ),
+    ];
+    for (integrity, message) in cases {
+        let err = AuditLayer::builder(MemorySink::new()).integrity(integrity).build().unwrap_err();
+        assert_eq!(err.to_string(), message);
+    }
+    let err = Integrity::from_pem("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n").unwrap_err();
+    assert!(
+        err.to_string().starts_with("cannot read the integrity signing key (want an Ed25519 key in PKCS#8 PEM)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_pkcs8_pem_key_from_openssl_loads() {
+    // `openssl genpkey -algorithm ed25519` output (a throwaway key for this test).
+    let pem = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIMHmeIJvNE3Dk8C7hu/yz7cfUS/OB3IpDW2hkrXopThy\n-----END PRIVATE KEY-----\n";
+    let integrity = Integrity::from_pem(pem).unwrap();
+    assert!(integrity.verifier_key().to_string().starts_with("tower-audit+"));
+}

@@ -33,7 +33,7 @@ async fn json_lines_sink_appends_one_object_per_line_even_for_hostile_text() {
     assert_eq!(kinds, [kind::AUDIT_BOOT, "auth.login", "auth.login", "auth.logout", kind::AUDIT_SHUTDOWN]);
     for line in &lines {
         let object: serde_json::Value = serde_json::from_str(line).unwrap();
-        assert_eq!(object["version"], 2, "{line}");
+        assert_eq!(object["version"], tower_audit::SCHEMA_VERSION, "{line}");
         assert_eq!(object["instance"], handle.instance(), "{line}");
         assert_eq!(object["boot"], handle.boot().to_string(), "{line}");
     }
@@ -61,7 +61,7 @@ async fn json_lines_written_before_version_2_still_read() {
     let events: Vec<AuditEvent> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let identity: Vec<_> =
         events.iter().map(|e| (e.kind.as_ref(), e.version, e.instance.as_deref(), e.boot, e.seq)).collect();
-    let new = |kind, seq| (kind, 2, Some(handle.instance()), Some(handle.boot()), seq);
+    let new = |kind, seq| (kind, tower_audit::SCHEMA_VERSION, Some(handle.instance()), Some(handle.boot()), seq);
     assert_eq!(
         identity,
         [

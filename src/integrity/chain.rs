@@ -2,6 +2,7 @@
 //! and signs a checkpoint into each `audit.checkpoint` and `audit.shutdown` event as it links it. Copies of the
 //! signed events go to the checkpoint sink, from a task of its own.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -13,6 +14,7 @@ use super::{Integrity, hash_with};
 use crate::event::{AuditEvent, Hash, kind};
 use crate::pipeline::Shared;
 use crate::sink::DynSink;
+use crate::spill::log::write_file_atomically;
 use crate::stats::add;
 
 /// Checkpoints waiting for the checkpoint sink; past this, the oldest wait is not worth keeping a newer one
@@ -32,11 +34,25 @@ pub(crate) struct Chain {
     buf: Vec<u8>,
     anchor: Option<mpsc::Sender<AuditEvent>>,
     shared: Arc<Shared>,
+    /// With a spill: the directory where the last checkpoint is kept for the next boot.
+    keep: Option<PathBuf>,
 }
+
+/// The file in a spill directory that holds the last checkpoint signed there (a signed note).
+pub(crate) const CHECKPOINT_FILE: &str = "checkpoint.note";
 
 impl Chain {
     /// A chain for a new boot; spawns the checkpoint sink's task if there is one.
-    pub(crate) fn start(integrity: Integrity, shared: Arc<Shared>) -> Self {
+    /// With a spill directory (`keep`), the previous boot's last checkpoint is read from it (unless one was
+    /// given), and each new checkpoint is kept there.
+    pub(crate) fn start(mut integrity: Integrity, shared: Arc<Shared>, keep: Option<PathBuf>) -> Self {
+        if integrity.previous.is_none()
+            && let Some(dir) = &keep
+        {
+            integrity.previous = std::fs::read_to_string(dir.join(CHECKPOINT_FILE))
+                .ok()
+                .and_then(|note| Checkpoint::from_note(&note).ok());
+        }
         let anchor = integrity.sink.clone().map(|sink| {
             let (tx, rx) = mpsc::channel(ANCHOR_QUEUE);
             tokio::spawn(anchor(rx, sink, Arc::clone(&shared)));
@@ -51,6 +67,7 @@ impl Chain {
             buf: Vec::with_capacity(1024),
             anchor,
             shared,
+            keep,
         }
     }
 
@@ -68,6 +85,11 @@ impl Chain {
     /// Links a stamped event; signs it first if it is a checkpoint (`audit.checkpoint`, `audit.shutdown`).
     pub(crate) fn link(&mut self, event: &mut AuditEvent) {
         let checkpoint = matches!(&*event.kind, kind::AUDIT_CHECKPOINT | kind::AUDIT_SHUTDOWN);
+        if &*event.kind == kind::AUDIT_BOOT
+            && let Some(previous) = self.integrity.previous.take()
+        {
+            previous.to_boot_event(event);
+        }
         if checkpoint {
             let signed = Checkpoint::sign(
                 event.instance.as_deref().unwrap_or_default(),
@@ -79,6 +101,11 @@ impl Chain {
                 &self.integrity.key,
             );
             signed.to_event(event);
+            if let Some(dir) = &self.keep
+                && let Err(error) = write_file_atomically(dir, CHECKPOINT_FILE, signed.to_note().as_bytes())
+            {
+                tracing::warn!(%error, "cannot keep the last checkpoint in the spill directory");
+            }
             (self.since, self.last) = (0, Instant::now());
             add(&self.shared.counters.checkpoints, 1);
         } else {

@@ -78,6 +78,7 @@ pub struct Integrity {
     pub(crate) every: u64,
     pub(crate) interval: Duration,
     pub(crate) sink: Option<Arc<dyn DynSink>>,
+    pub(crate) previous: Option<Checkpoint>,
 }
 
 impl Integrity {
@@ -89,6 +90,7 @@ impl Integrity {
             every: DEFAULT_CHECKPOINT_EVERY,
             interval: DEFAULT_CHECKPOINT_INTERVAL,
             sink: None,
+            previous: None,
         }
     }
 
@@ -132,6 +134,15 @@ impl Integrity {
         self
     }
 
+    /// The last checkpoint of the boot before this one (e.g. the last line of the checkpoint sink's file), for the
+    /// new boot's `audit.boot` event to reference, so that deleting that boot whole is noticed. With a
+    /// [`Spill`](crate::Spill), the pipeline keeps its last checkpoint in the spill directory and finds it by
+    /// itself; one given here wins.
+    pub fn previous_checkpoint(mut self, checkpoint: Checkpoint) -> Self {
+        self.previous = Some(checkpoint);
+        self
+    }
+
     /// The public half, as a verifier needs it: `<name>+<key id>+<base64 key>`.
     pub fn verifier_key(&self) -> VerifierKey {
         VerifierKey::new(&self.key_name, self.key.verifying_key())
@@ -165,6 +176,7 @@ impl fmt::Debug for Integrity {
             .field("every", &self.every)
             .field("interval", &self.interval)
             .field("sink", &self.sink.is_some())
+            .field("previous", &self.previous.as_ref().map(|c| (c.boot, c.seq)))
             .finish()
     }
 }

@@ -39,6 +39,8 @@ pub(crate) const SEQ: &str = "checkpoint.seq";
 pub(crate) const HASH: &str = "checkpoint.hash";
 pub(crate) const KEY: &str = "checkpoint.key";
 pub(crate) const SIGNATURE: &str = "checkpoint.signature";
+/// The prefix of the attributes by which an `audit.boot` event references the previous boot's last checkpoint.
+const PREVIOUS: &str = "previous_checkpoint.";
 
 pub(crate) fn is_key_name(name: &str) -> bool {
     !name.is_empty() && !name.chars().any(|c| c.is_whitespace() || c.is_control() || c == '+')
@@ -255,6 +257,32 @@ impl Checkpoint {
         Some(parse())
     }
 
+    /// The previous boot's last checkpoint that an `audit.boot` event references (attributes
+    /// `previous_checkpoint.*`), when the pipeline knew it at start: from the spill directory, or given to
+    /// [`Integrity::previous_checkpoint`](super::Integrity::previous_checkpoint). A verifier checks it against
+    /// that boot's trail, so a boot deleted whole is noticed by the boot after it.
+    pub fn previous_of(event: &AuditEvent) -> Option<Result<Self, CheckpointError>> {
+        let get = |name: &str| event.attributes.get(&format!("{PREVIOUS}{name}"));
+        let note = get("note")?;
+        Some(BASE64.decode(note).ok().and_then(|raw| String::from_utf8(raw).ok()).map_or_else(
+            || {
+                Err(CheckpointError::Malformed(format!(
+                    "event seq {}: previous_checkpoint.note is not base64",
+                    event.seq
+                )))
+            },
+            |text| Checkpoint::from_note(&text),
+        ))
+    }
+
+    /// Writes this checkpoint into an `audit.boot` event as the previous boot's (see [`previous_of`](Self::previous_of)).
+    pub(crate) fn to_boot_event(&self, event: &mut AuditEvent) {
+        let attributes = &mut event.attributes;
+        attributes.insert(format!("{PREVIOUS}boot"), self.boot.to_string());
+        attributes.insert(format!("{PREVIOUS}seq"), self.seq.to_string());
+        attributes.insert(format!("{PREVIOUS}note"), BASE64.encode(self.to_note()));
+    }
+
     /// Writes this checkpoint into the attributes of the event that carries it.
     pub(crate) fn to_event(&self, event: &mut AuditEvent) {
         let attributes = &mut event.attributes;
@@ -308,6 +336,11 @@ mod tests {
         (event.instance, event.boot) = (Some("web-1".into()), Some(Uuid::from_u128(5)));
         checkpoint.to_event(&mut event);
         assert_eq!(Checkpoint::from_event(&event).unwrap().unwrap(), checkpoint);
+        let mut boot = AuditEvent::new("audit.boot");
+        assert!(Checkpoint::previous_of(&boot).is_none());
+        checkpoint.to_boot_event(&mut boot);
+        assert_eq!(Checkpoint::previous_of(&boot).unwrap().unwrap(), checkpoint);
+        assert_eq!(boot.attributes["previous_checkpoint.seq"], "42");
     }
 
     #[test]
