@@ -70,6 +70,7 @@
 //! | `tonic` | no | reads Tonic's `TcpConnectInfo` (the client address of gRPC calls) |
 //! | `postgres` | no | `PostgresSink`: one multi-row insert per batch on a dedicated pool (sqlx) |
 //! | `sqlite` | no | `SqliteSink`: one transaction per batch into an embedded, bundled SQLite (sqlx) |
+//! | `nats` | no | `NatsSink`: each event published to a NATS JetStream stream, deduplicated by event id (async-nats) |
 //! | `metrics` | no | publishes every counter of [`Stats`] and the queue depth through the [`metrics`](https://docs.rs/metrics) facade every flush interval (names and labels in the README's Metrics section) |
 //!
 //! # Defaults, and why
@@ -137,6 +138,8 @@ pub use self::layer::{AuditLayer, AuditLayerBuilder};
 pub use self::policy::{Delivery, Policy, RequestHead, Rule};
 pub use self::service::AuditService;
 pub use self::siem::{ECS_VERSION, Encoding, OCSF_VERSION, encode_ecs, encode_ocsf};
+#[cfg(feature = "nats")]
+pub use self::sink::NatsSink;
 #[cfg(feature = "postgres")]
 pub use self::sink::PostgresSink;
 #[cfg(feature = "sqlite")]
