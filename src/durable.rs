@@ -56,10 +56,11 @@ impl Watermark {
     /// Settles every ticket after the last settled one up to `upto`, durable or not. Called by the worker
     /// once per batch, in ticket order.
     pub(crate) fn settle(&self, upto: u64, durable: bool) {
-        let from = self.settled.load(Acquire) + 1;
-        if upto < from {
-            return;
+        let settled = self.settled.load(Acquire);
+        if upto <= settled {
+            return; // also when closed already (settled is u64::MAX): `settled + 1` would overflow
         }
+        let from = settled + 1;
         if !durable {
             let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
             match failed.ranges.back_mut() {

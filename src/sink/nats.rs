@@ -27,8 +27,10 @@ const MAX_TOKEN_LEN: usize = 64;
 /// ack that timed out) is retried by the worker with the same ids, and the server drops every message whose id it
 /// already stored within the stream's **duplicate window** (its ack says `duplicate`). So as long as a retry
 /// comes within that window (2 minutes by default, [`duplicate_window`](Self::duplicate_window)), each event is in
-/// the stream once. [`stored`](Self::stored) counts the messages the stream stored, [`duplicates`](Self::duplicates)
-/// the acks that said `duplicate`: across retries `stored` counts each event once.
+/// the stream once. [`stored`](Self::stored) counts the acks that stored a message, [`duplicates`](Self::duplicates)
+/// the acks that said `duplicate`; no event is counted in both. A message stored whose ack was lost (a cut
+/// connection) is counted once, as a duplicate, when its batch is retried: so `stored` ≤ messages in the stream
+/// ≤ `stored + duplicates`.
 ///
 /// # Subjects
 ///
