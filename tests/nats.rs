@@ -87,7 +87,8 @@ impl Drop for StreamScratch {
     fn drop(&mut self) {
         let name = self.name.clone();
         let deleted = std::thread::spawn(move || -> Result<(), String> {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
             runtime.block_on(async {
                 let client = async_nats::connect(nats_url()).await.map_err(|e| e.to_string())?;
                 jetstream::new(client).delete_stream(&name).await.map_err(|e| e.to_string())?;
@@ -242,7 +243,10 @@ async fn hostile_events_round_trip_through_the_stream_into_postgres() {
         let back: AuditEvent = serde_json::from_slice(&message.payload).unwrap();
         assert_eq!((back.id, back.seq, &back.kind, &back.actor), (e.id, e.seq, &e.kind, &e.actor));
         assert_eq!(message.subject.as_str(), sink.subject(e));
-        assert_eq!(message.headers.get("Nats-Msg-Id").map(|v| v.as_str()), Some(e.id.hyphenated().to_string().as_str()));
+        assert_eq!(
+            message.headers.get("Nats-Msg-Id").map(|v| v.as_str()),
+            Some(e.id.hyphenated().to_string().as_str())
+        );
     }
     // Subjects exactly as documented: one token each for instance and kind, nothing but [A-Za-z0-9_-].
     let subjects: Vec<String> = expected.iter().map(|e| sink.subject(e)).collect();
@@ -254,7 +258,11 @@ async fn hostile_events_round_trip_through_the_stream_into_postgres() {
     for s in &subjects {
         let tokens: Vec<&str> = s.strip_prefix(&format!("{p}.")).unwrap().split('.').collect();
         assert_eq!(tokens.len(), 2, "{s}");
-        assert!(tokens.iter().all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')));
+        assert!(
+            tokens
+                .iter()
+                .all(|t| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'))
+        );
     }
 
     // The same batch again: every ack says duplicate, nothing is stored twice.
@@ -405,7 +413,12 @@ async fn a_connection_cut_mid_run_leaves_every_event_once_in_the_stream_and_in_p
     let (_layer, handle) = AuditLayer::builder(tee.clone())
         .batch_size(100)
         .sink_timeout(Duration::from_secs(5))
-        .retry(Retry::default().max_retries(1_000).base_delay(Duration::from_millis(20)).max_delay(Duration::from_millis(100)))
+        .retry(
+            Retry::default()
+                .max_retries(1_000)
+                .base_delay(Duration::from_millis(20))
+                .max_delay(Duration::from_millis(100)),
+        )
         .build()
         .unwrap();
     for i in 0..EVENTS {
@@ -442,7 +455,10 @@ async fn a_connection_cut_mid_run_leaves_every_event_once_in_the_stream_and_in_p
         let (admin, table, watched) = (admin.clone(), pg.table(), consumer_client.clone());
         async move {
             let count = async || -> i64 {
-                sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {table}"))).fetch_one(&admin).await.unwrap()
+                sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+                    .fetch_one(&admin)
+                    .await
+                    .unwrap()
             };
             let deadline = std::time::Instant::now() + LIMIT;
             while count().await < 1_000 {
@@ -523,7 +539,8 @@ async fn three_instances_publishing_at_once_each_event_once_and_each_instance_co
         let own = client_of(&nats_url()).await.unwrap(); // one connection per instance, as separate processes
         let sink = scratch.sink(&own).await;
         let tee = TeeSink { primary: sink, copy: MemorySink::new() };
-        let (_layer, handle) = AuditLayer::builder(tee.clone()).instance(format!("api-{n}")).batch_size(128).build().unwrap();
+        let (_layer, handle) =
+            AuditLayer::builder(tee.clone()).instance(format!("api-{n}")).batch_size(128).build().unwrap();
         runs.push(tokio::spawn(async move {
             for i in 0..EACH {
                 handle.record(AuditEvent::new("fleet.event").attribute("i", i.to_string()));

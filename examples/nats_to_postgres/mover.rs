@@ -71,7 +71,11 @@ pub(crate) struct Mover {
 
 impl Mover {
     /// Opens (or creates) the durable consumer on the stream.
-    pub(crate) async fn new(jetstream: &jetstream::Context, sink: PostgresSink, settings: Settings) -> Result<Self, Error> {
+    pub(crate) async fn new(
+        jetstream: &jetstream::Context,
+        sink: PostgresSink,
+        settings: Settings,
+    ) -> Result<Self, Error> {
         let stream = jetstream.get_stream(&settings.stream).await?;
         let config = pull::Config {
             durable_name: Some(settings.durable.clone()),
@@ -89,13 +93,8 @@ impl Mover {
     /// one statement, then acknowledges them. Returns what it did; `rows` is 0 when nothing was waiting.
     pub(crate) async fn move_batch(&mut self) -> Result<Moved, Error> {
         let messages = if self.unsettled.is_empty() {
-            let mut fetched = self
-                .consumer
-                .fetch()
-                .max_messages(self.settings.batch)
-                .expires(self.settings.wait)
-                .messages()
-                .await?;
+            let mut fetched =
+                self.consumer.fetch().max_messages(self.settings.batch).expires(self.settings.wait).messages().await?;
             let mut messages = Vec::with_capacity(self.settings.batch);
             while let Some(message) = fetched.next().await {
                 match message {
@@ -105,7 +104,7 @@ impl Mover {
                         tracing::warn!(error = %e, received = messages.len(), "fetch cut short");
                         break;
                     }
-                    Err(e) => return Err(e.into()),
+                    Err(e) => return Err(e),
                 }
             }
             messages

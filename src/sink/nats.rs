@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::context::{AccountErrorKind, GetStreamErrorKind, PublishErrorKind, RequestErrorKind};
 use async_nats::jetstream::ErrorCode;
+use async_nats::jetstream::context::{AccountErrorKind, GetStreamErrorKind, PublishErrorKind, RequestErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{Config as StreamConfig, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, Context};
