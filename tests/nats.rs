@@ -302,6 +302,10 @@ async fn a_missing_stream_a_misconfigured_one_and_a_server_without_jetstream_say
     let scratch = StreamScratch::new("errors");
     let sink = NatsSink::new(client.clone(), &scratch.name).unwrap().subject_prefix(&scratch.prefix).unwrap();
 
+    // The server has JetStream: connecting says so.
+    sink.check_jetstream().await.unwrap();
+    NatsSink::connect(&nats_url(), &scratch.name).await.unwrap();
+
     // No stream yet: checking it, and publishing to a subject no stream captures.
     let err = sink.check_stream().await.unwrap_err();
     assert!(

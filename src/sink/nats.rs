@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_nats::jetstream::ErrorCode;
-use async_nats::jetstream::context::{AccountErrorKind, GetStreamErrorKind, PublishErrorKind, RequestErrorKind};
+use async_nats::jetstream::context::{GetStreamErrorKind, PublishErrorKind, RequestErrorKind};
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{Config as StreamConfig, RetentionPolicy, StorageType};
 use async_nats::jetstream::{self, Context};
@@ -192,17 +192,25 @@ impl NatsSink {
     ///
     /// [`SinkError::NoJetStream`] when it does not; [`SinkError::Backend`] when the server does not answer.
     pub async fn check_jetstream(&self) -> Result<(), SinkError> {
-        match self.jetstream.query_account().await {
-            Ok(_) => Ok(()),
-            Err(e) => match e.kind() {
-                AccountErrorKind::JetStreamUnavailable => {
-                    Err(SinkError::NoJetStream { detail: "no JetStream API answered".to_owned() })
+        // The account info, read as plain JSON: its shape changes between server versions.
+        let info: Result<serde_json::Value, _> = self.jetstream.request("INFO", &()).await;
+        match info {
+            Ok(info) => match info.get("error") {
+                None => Ok(()),
+                Some(error) => {
+                    let code = error.get("err_code").and_then(serde_json::Value::as_u64).unwrap_or_default();
+                    let detail = error.get("description").and_then(serde_json::Value::as_str).unwrap_or("").to_owned();
+                    if is_jetstream_off(ErrorCode(code)) || detail.contains("not enabled") {
+                        Err(SinkError::NoJetStream { detail })
+                    } else {
+                        Err(SinkError::backend(format!("NATS JetStream account info: error {code}: {detail}")))
+                    }
                 }
-                AccountErrorKind::JetStream(error) if is_jetstream_off(error.error_code()) => {
-                    Err(SinkError::NoJetStream { detail: error.to_string() })
-                }
-                _ => Err(SinkError::backend(format!("NATS JetStream account info: {e}"))),
             },
+            Err(e) if e.kind() == RequestErrorKind::NoResponders => {
+                Err(SinkError::NoJetStream { detail: "no JetStream API answered".to_owned() })
+            }
+            Err(e) => Err(SinkError::backend(format!("NATS JetStream account info: {e}"))),
         }
     }
 
