@@ -149,6 +149,6 @@ pub use self::spill::{DEFAULT_SEGMENT_BYTES, DEFAULT_SPILL_MAX_BYTES, DEFAULT_SY
 pub use self::stats::Stats;
 
 /// The README's code compiles (it uses every feature).
-#[cfg(all(doctest, feature = "postgres", feature = "sqlite"))]
+#[cfg(all(doctest, feature = "postgres", feature = "sqlite", feature = "nats"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
