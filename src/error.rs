@@ -64,6 +64,19 @@ pub enum ConfigError {
         /// The longest text field allowed ([`max_field_len`](crate::AuditLayerBuilder::max_field_len)).
         max_field_len: usize,
     },
+    /// A NATS stream name or subject prefix cannot be used as it is.
+    #[cfg(feature = "nats")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+    #[error(
+        "{what} {name:?} is not valid in NATS: use non-empty tokens without spaces, control characters, `*` or `>` \
+         (and for a stream name no `.`, `/` or `\\`)"
+    )]
+    InvalidNatsName {
+        /// What the name is for (`stream name`, `subject prefix`).
+        what: &'static str,
+        /// The name as given.
+        name: String,
+    },
     /// A trusted proxy is neither an IP address nor a CIDR network.
     #[error("trusted proxy `{0}` is neither an IP address nor a CIDR network (e.g. 10.0.0.0/8)")]
     InvalidProxy(String),
@@ -151,6 +164,41 @@ pub enum SinkError {
     /// Any other backend failure.
     #[error("audit sink failed: {0}")]
     Backend(BoxError),
+    /// The NATS server answered, but JetStream is not enabled on it (or not for this account).
+    #[cfg(feature = "nats")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+    #[error(
+        "the NATS server has no JetStream for this account ({detail}): start nats-server with `-js` (or \
+         `jetstream {{}}` in its configuration) and give the account JetStream limits"
+    )]
+    NoJetStream {
+        /// What the server said.
+        detail: String,
+    },
+    /// No JetStream stream has the configured name, or none captures the subject an event was published to.
+    #[cfg(feature = "nats")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+    #[error(
+        "no JetStream stream `{stream}` captures subject `{subject}`: create it with `NatsSink::ensure_stream()` \
+         (or `nats stream add {stream} --subjects '{subject}'`)"
+    )]
+    StreamNotFound {
+        /// The stream the sink was configured with.
+        stream: String,
+        /// The subject that no stream captured (or the sink's subject filter when checking the stream).
+        subject: String,
+    },
+    /// The stream exists but is not configured as the sink needs (subjects, storage, duplicate window), or an
+    /// event was stored in another stream.
+    #[cfg(feature = "nats")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+    #[error("JetStream stream `{stream}` {problem}")]
+    StreamMismatch {
+        /// The stream.
+        stream: String,
+        /// What does not match, and what to change.
+        problem: String,
+    },
 }
 
 impl SinkError {

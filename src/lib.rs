@@ -70,6 +70,7 @@
 //! | `tonic` | no | reads Tonic's `TcpConnectInfo` (the client address of gRPC calls) |
 //! | `postgres` | no | `PostgresSink`: one multi-row insert per batch on a dedicated pool (sqlx) |
 //! | `sqlite` | no | `SqliteSink`: one transaction per batch into an embedded, bundled SQLite (sqlx) |
+//! | `nats` | no | `NatsSink`: each event published to a NATS JetStream stream, deduplicated by event id (async-nats) |
 //! | `metrics` | no | publishes every counter of [`Stats`] and the queue depth through the [`metrics`](https://docs.rs/metrics) facade every flush interval (names and labels in the README's Metrics section) |
 //!
 //! # Defaults, and why
@@ -138,6 +139,8 @@ pub use self::layer::{AuditLayer, AuditLayerBuilder};
 pub use self::policy::{Delivery, Policy, RequestHead, Rule};
 pub use self::service::AuditService;
 pub use self::siem::{ECS_VERSION, Encoding, OCSF_VERSION, encode_ecs, encode_ocsf};
+#[cfg(feature = "nats")]
+pub use self::sink::NatsSink;
 #[cfg(feature = "postgres")]
 pub use self::sink::PostgresSink;
 #[cfg(feature = "sqlite")]
@@ -147,6 +150,6 @@ pub use self::spill::{DEFAULT_SEGMENT_BYTES, DEFAULT_SPILL_MAX_BYTES, DEFAULT_SY
 pub use self::stats::Stats;
 
 /// The README's code compiles (it uses every feature).
-#[cfg(all(doctest, feature = "postgres", feature = "sqlite"))]
+#[cfg(all(doctest, feature = "postgres", feature = "sqlite", feature = "nats"))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;

@@ -14,8 +14,9 @@
 //! | `--database-url URL` | `DATABASE_URL` | `sqlite://DIR/auth_server.db?mode=rwc` (created on first start) |
 //! | `--db-pool-size N` | `DB_POOL_SIZE` | `5` |
 //! | `--audit layer\|inline\|off` | `AUDIT` | `layer` |
-//! | `--audit-sink sqlite\|jsonl\|postgres\|stalled` | `AUDIT_SINK` | `sqlite`; `stalled` never returns (benchmarks) |
-//! | `--audit-url URL_OR_PATH` | `AUDIT_URL` | per sink: `sqlite://DIR/auth_server_audit.db`, `DIR/auth_server_audit.jsonl`, the user store's URL |
+//! | `--audit-sink sqlite\|jsonl\|postgres\|nats\|stalled` | `AUDIT_SINK` | `sqlite`; `nats` needs `--features …,nats`; `stalled` never returns (benchmarks) |
+//! | `--audit-url URL_OR_PATH` | `AUDIT_URL` | per sink: `sqlite://DIR/auth_server_audit.db`, `DIR/auth_server_audit.jsonl`, the user store's URL, `nats://127.0.0.1:4222` |
+//! | `--audit-stream NAME` | `AUDIT_STREAM` | `AUDIT` (with `nats`; made on `audit.>` if missing) |
 //! | `--spill-dir DIR` | `SPILL_DIR` | off; e.g. `data/spill`: audit batches wait on disk through a sink outage or a crash |
 //! | `--spill-sync every-batch\|interval` | `SPILL_SYNC` | `interval` (fdatasync every 200 ms; `every-batch` before each sink call) |
 //! | `--durable auth\|auth-intent\|all\|none` | `DURABLE` | `auth`: register, login, refresh and logout answer only once their event is durable; `auth-intent` also makes an intent durable before their handler runs |
@@ -73,6 +74,11 @@ struct Cli {
     /// <DATA_DIR>/auth_server_audit.jsonl, or the user store's URL for postgres]
     #[arg(long, env = "AUDIT_URL")]
     audit_url: Option<String>,
+    /// The JetStream stream with --audit-sink nats (made on `audit.>` if missing; --audit-url defaults to
+    /// nats://127.0.0.1:4222)
+    #[cfg(feature = "nats")]
+    #[arg(long, env = "AUDIT_STREAM", default_value = "AUDIT")]
+    audit_stream: String,
     /// A disk spill for the audit pipeline, in this directory (off when not given): events wait on disk
     /// through a sink outage and survive a crash; a restart replays them
     #[arg(long, env = "SPILL_DIR")]
@@ -108,6 +114,9 @@ enum SinkKind {
     Jsonl,
     /// A Postgres table, on a pool of its own.
     Postgres,
+    /// A NATS JetStream stream (built with the `nats` feature).
+    #[cfg(feature = "nats")]
+    Nats,
     /// Never returns: stands in for a dead audit database (benchmarks only).
     Stalled,
 }
@@ -130,6 +139,11 @@ impl Cli {
                         "--audit-sink postgres needs --audit-url (AUDIT_URL) or --database-url (DATABASE_URL)",
                     )
                     .exit(),
+            },
+            #[cfg(feature = "nats")]
+            SinkKind::Nats => AuditSinkKind::Nats {
+                url: self.audit_url.clone().unwrap_or_else(|| "nats://127.0.0.1:4222".to_owned()),
+                stream: self.audit_stream.clone(),
             },
             SinkKind::Stalled => AuditSinkKind::Stalled,
         };

@@ -38,6 +38,8 @@ use crate::event::AuditEvent;
 
 mod json_lines;
 mod memory;
+#[cfg(feature = "nats")]
+mod nats;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
@@ -48,6 +50,8 @@ mod tracing;
 
 pub use self::json_lines::JsonLinesSink;
 pub use self::memory::MemorySink;
+#[cfg(feature = "nats")]
+pub use self::nats::NatsSink;
 #[cfg(feature = "postgres")]
 pub use self::postgres::PostgresSink;
 #[cfg(feature = "sqlite")]

@@ -37,6 +37,15 @@ pub enum AuditSinkKind {
     Sqlite(String),
     JsonLines(PathBuf),
     Postgres(String),
+    /// A NATS JetStream stream (`NatsSink`), made on `audit.>` if it does not exist: several servers can feed
+    /// one stream, and `examples/nats_to_postgres` moves it into one Postgres table.
+    #[cfg(feature = "nats")]
+    Nats {
+        /// `nats://host:4222`.
+        url: String,
+        /// The stream's name.
+        stream: String,
+    },
     /// A sink that never returns: stands in for a dead audit database (`benches/load.sh` uses it to show that
     /// a stalled audit store costs requests nothing). Never use it for real.
     Stalled,
@@ -120,6 +129,12 @@ pub async fn audit_pipeline(
         AuditSinkKind::Postgres(url) => {
             let sink = PostgresSink::connect(url).await?;
             sink.ensure_schema().await?;
+            AuditLayer::builder(sink)
+        }
+        #[cfg(feature = "nats")]
+        AuditSinkKind::Nats { url, stream } => {
+            let sink = tower_audit::NatsSink::connect(url, stream).await?;
+            sink.ensure_stream().await?;
             AuditLayer::builder(sink)
         }
         AuditSinkKind::JsonLines(path) => AuditLayer::builder(JsonLinesSink::open(path)?),
