@@ -22,6 +22,7 @@
 //! | `--durable auth\|auth-intent\|all\|none` | `DURABLE` | `auth`: register, login, refresh and logout answer only once their event is durable; `auth-intent` also makes an intent durable before their handler runs |
 //! | `--durable-timeout-ms MS` | `DURABLE_TIMEOUT_MS` | `2000`: then a durable route answers 503 with `Retry-After` |
 //! | `--audit-batch-size N` | `AUDIT_BATCH_SIZE` | `512` (`1` turns group commit off) |
+//! | `--signing-key PEM_FILE\|generate` | `SIGNING_KEY` | off; signs the trail's checkpoints (Ed25519), also written to `DIR/audit_checkpoints.jsonl` |
 //! | — | `JWT_SECRET` | generated at start |
 //! | — | `RUST_LOG` | `info` |
 //!
@@ -61,6 +62,11 @@ struct Cli {
     /// The user store: `sqlite://…` or `postgres://…` [default: sqlite://<DATA_DIR>/auth_server.db?mode=rwc]
     #[arg(long, env = "DATABASE_URL")]
     database_url: Option<String>,
+    /// Sign the audit trail's checkpoints with this Ed25519 key (a PKCS#8 PEM file), or `generate` a throwaway
+    /// one into <DATA_DIR>/audit_signing_key.pem; checkpoints also go to <DATA_DIR>/audit_checkpoints.jsonl
+    /// [default: off]
+    #[arg(long, env = "SIGNING_KEY")]
+    signing_key: Option<String>,
     /// Connections in the user store's pool.
     #[arg(long, env = "DB_POOL_SIZE", default_value_t = 5)]
     db_pool_size: u32,
@@ -165,6 +171,8 @@ impl Cli {
                 durable: self.durable,
                 durable_timeout: Duration::from_millis(self.durable_timeout_ms),
                 batch_size: self.audit_batch_size,
+                // Set in `main` once the data directory exists (`--signing-key generate` writes into it).
+                integrity: None,
             },
             jwt_secret: std::env::var("JWT_SECRET").ok(),
             ..Config::default()
@@ -176,7 +184,7 @@ impl Cli {
 async fn main() -> Result<(), app::BoxError> {
     init_tracing();
     let cli = Cli::parse();
-    let (addr, data_dir) = (cli.addr.clone(), cli.data_dir.clone());
+    let (addr, data_dir, cli_signing_key) = (cli.addr.clone(), cli.data_dir.clone(), cli.signing_key.clone());
     // The recorder goes in before the audit pipeline is built, so it gets the metrics' descriptions too.
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
@@ -186,6 +194,10 @@ async fn main() -> Result<(), app::BoxError> {
     let listener = bind(&addr).await;
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| format!("cannot create the data directory {}: {e}", data_dir.display()))?;
+    let mut config = config;
+    if let Some(key) = &cli_signing_key {
+        config.audit_options.integrity = Some(app::integrity(key, &data_dir)?);
+    }
     let mode = config.audit;
     let server = Server::start(config).await?;
     println!("auth server listening on http://{} (audit: {mode:?}; metrics at /metrics)", listener.local_addr()?);

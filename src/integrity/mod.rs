@@ -22,6 +22,9 @@ use crate::event::{AuditEvent, Hash};
 use crate::sink::{AuditSink, DynSink};
 
 pub use self::note::{Checkpoint, CheckpointError, VerifierKey};
+/// The Ed25519 implementation the keys come from ([`ed25519-dalek`](https://docs.rs/ed25519-dalek)), with its
+/// PKCS#8 support, for making or encoding keys.
+pub use ed25519_dalek as ed25519;
 
 /// Checkpoints are signed every this many events by default…
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 4096;

@@ -1,7 +1,7 @@
 //! Audit wiring: which mode (the layer, the inline anti-pattern, none), which sink, and the handlers' access to
 //! the request's audit context.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use axum::extract::{FromRequestParts, Request, State};
@@ -9,6 +9,7 @@ use axum::http::Method;
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use tower_audit::integrity::Integrity;
 use tower_audit::{
     AuditContext, AuditEvent, AuditHandle, AuditLayer, Delivery, JsonLinesSink, Policy, PostgresSink, Rule, Spill,
     SqliteSink,
@@ -97,6 +98,8 @@ pub fn audit_policy(durable: DurableRoutes, timeout: Duration) -> Policy {
 #[derive(Debug, Clone)]
 pub struct AuditOptions {
     pub spill: Option<Spill>,
+    /// Signs the trail's checkpoints (`--signing-key`); off by default.
+    pub integrity: Option<Integrity>,
     pub durable: DurableRoutes,
     pub durable_timeout: Duration,
     pub batch_size: usize,
@@ -106,6 +109,7 @@ impl Default for AuditOptions {
     fn default() -> Self {
         Self {
             spill: None,
+            integrity: None,
             durable: DurableRoutes::Auth,
             durable_timeout: Duration::from_secs(2),
             batch_size: tower_audit::DEFAULT_BATCH_SIZE,
@@ -148,7 +152,48 @@ pub async fn audit_pipeline(
         Some(spill) => builder.spill(spill),
         None => builder.fallback(tower_audit::TracingSink::new()),
     };
+    let builder = match options.integrity {
+        Some(integrity) => builder.integrity(integrity),
+        None => builder,
+    };
     Ok(builder.build()?)
+}
+
+/// The trail's integrity from `--signing-key`: an Ed25519 key in a PKCS#8 PEM file (`openssl genpkey -algorithm
+/// ed25519`), or `generate` for a throwaway one written to `<data dir>/audit_signing_key.pem`. Checkpoints also go
+/// to `<data dir>/audit_checkpoints.jsonl`, the copy a verifier trusts (keep it where the trail's writers cannot
+/// edit it).
+pub fn integrity(signing_key: &str, data_dir: &Path) -> Result<Integrity, BoxError> {
+    let integrity = if signing_key == "generate" {
+        use tower_audit::integrity::ed25519::SigningKey;
+        use tower_audit::integrity::ed25519::pkcs8::{EncodePrivateKey, spki::der::pem::LineEnding};
+        let mut seed = [0u8; 32];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut seed)?;
+        let key = SigningKey::from_bytes(&seed);
+        let path = data_dir.join("audit_signing_key.pem");
+        let pem = key.to_pkcs8_pem(LineEnding::LF).map_err(|e| format!("cannot encode the key: {e}"))?;
+        write_private(&path, pem.as_bytes())?;
+        println!("generated a throwaway signing key: {}", path.display());
+        Integrity::new(key)
+    } else {
+        let pem = std::fs::read_to_string(signing_key)
+            .map_err(|e| format!("cannot read --signing-key {signing_key}: {e}"))?;
+        Integrity::from_pem(&pem)?
+    };
+    let checkpoints = data_dir.join("audit_checkpoints.jsonl");
+    let integrity = integrity.key_name("auth_server").checkpoint_sink(JsonLinesSink::open(&checkpoints)?);
+    println!("audit checkpoints signed by {} (also in {})", integrity.verifier_key(), checkpoints.display());
+    Ok(integrity)
+}
+
+/// Writes a secret readable by its owner only.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(bytes)
 }
 
 /// The request's audit context, when the layer is on (a no-op otherwise).

@@ -25,7 +25,7 @@ use sqlx::AnyPool;
 use tower_audit::{AuditHandle, AuditLayer};
 
 #[allow(unused_imports)] // `audit_policy`: the tests build pipelines of their own with it.
-pub use audit::{AuditMode, AuditOptions, AuditSinkKind, DurableRoutes, audit_pipeline, audit_policy};
+pub use audit::{AuditMode, AuditOptions, AuditSinkKind, DurableRoutes, audit_pipeline, audit_policy, integrity};
 #[allow(unused_imports)] // the tests decode tokens with it; `main.rs` does not
 pub use tokens::Claims;
 
