@@ -154,9 +154,22 @@ impl Hash {
     pub const ZERO: Hash = Hash([0; 32]);
 }
 
+impl Hash {
+    /// The 64 lowercase hex digits, without allocating (the worker writes two per event).
+    fn hex(&self) -> [u8; 64] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 64];
+        for (i, b) in self.0.iter().enumerate() {
+            out[2 * i] = DIGITS[usize::from(b >> 4)];
+            out[2 * i + 1] = DIGITS[usize::from(b & 0x0f)];
+        }
+        out
+    }
+}
+
 impl fmt::Display for Hash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+        f.write_str(std::str::from_utf8(&self.hex()).expect("hex digits are ASCII"))
     }
 }
 
@@ -190,7 +203,11 @@ impl std::str::FromStr for Hash {
 
 impl Serialize for Hash {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if s.is_human_readable() { s.collect_str(self) } else { self.0.serialize(s) }
+        if s.is_human_readable() {
+            s.serialize_str(std::str::from_utf8(&self.hex()).expect("hex digits are ASCII"))
+        } else {
+            self.0.serialize(s)
+        }
     }
 }
 

@@ -48,13 +48,14 @@ pub(crate) fn encode(event: &AuditEvent, out: &mut Vec<u8>) {
     opt(out, event.latency_us.as_ref(), |out, v| out.extend_from_slice(&v.to_be_bytes()));
     opt_str(out, event.request_id.as_deref());
     opt_str(out, event.actor.as_deref());
-    match event.client_addr {
-        Some(addr) => {
-            out.push(1);
-            str(out, &addr.to_string());
-        }
-        None => out.push(0),
-    }
+    opt(out, event.client_addr, |out, addr| {
+        // The text, written in place (no allocation), after its length once known.
+        let at = out.len();
+        out.extend_from_slice(&[0; 4]);
+        std::io::Write::write_fmt(out, format_args!("{addr}")).expect("writing into a Vec cannot fail");
+        let len = (out.len() - at - 4) as u32;
+        out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    });
     opt_str(out, event.user_agent.as_deref());
     out.extend_from_slice(&(event.attributes.len() as u32).to_be_bytes());
     // A `BTreeMap<String, _>` iterates in increasing byte order of its keys.
