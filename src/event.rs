@@ -179,7 +179,7 @@ impl fmt::Debug for Hash {
     }
 }
 
-/// Why a text is not a [`Hash`].
+/// Why a text is not a [`Hash`](struct@Hash).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("a hash is 64 hex digits")]
 pub struct ParseHashError;

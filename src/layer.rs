@@ -266,7 +266,7 @@ impl AuditLayerBuilder {
     /// (`prev_hash`, `hash`) and signs checkpoints of the chain (`audit.checkpoint` events, and the
     /// `audit.shutdown` event) with the [`Integrity`]'s Ed25519 key, into the trail and to its checkpoint sink.
     /// The hashing happens on the worker; the request path is unchanged. See the README's "Integrity" section
-    /// and [`integrity::verify`](crate::integrity::verify).
+    /// and the verifier in the [`integrity`](crate::integrity) module.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]

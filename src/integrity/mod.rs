@@ -1,7 +1,8 @@
 //! Tamper evidence, opt-in: every event the worker writes is linked into a hash chain per boot, and signed
 //! checkpoints of the chain go into the trail and, optionally, to a sink elsewhere (the off-host anchor).
 //!
-//! - [`canonical`]: the bytes an event's hash covers (specified there, versioned);
+//! - the canonical encoding: the bytes an event's hash covers (specified in the README's "Integrity" section,
+//!   versioned);
 //! - [`Checkpoint`]: what a checkpoint signs, as a [C2SP signed note](https://c2sp.org/signed-note) with an
 //!   Ed25519 key;
 //! - `chain`: the worker's stage that links events and signs checkpoints.
