@@ -4,11 +4,14 @@
 //! - [`canonical`]: the bytes an event's hash covers (specified there, versioned);
 //! - [`Checkpoint`]: what a checkpoint signs, as a [C2SP signed note](https://c2sp.org/signed-note) with an
 //!   Ed25519 key;
-//! - `chain`: the worker's stage that links events and signs checkpoints.
+//! - `chain`: the worker's stage that links events and signs checkpoints;
+//! - [`verify`]: the verifier, which reads a trail back and names every way it was tampered with.
 
 pub(crate) mod canonical;
 pub(crate) mod chain;
 mod note;
+mod read;
+mod verify;
 
 use std::fmt;
 use std::sync::Arc;
@@ -22,6 +25,12 @@ use crate::event::{AuditEvent, Hash};
 use crate::sink::{AuditSink, DynSink};
 
 pub use self::note::{Checkpoint, CheckpointError, VerifierKey};
+pub use self::read::{ReadError, read_json_lines, verify_json_lines};
+#[cfg(feature = "postgres")]
+pub use self::read::verify_postgres;
+#[cfg(feature = "sqlite")]
+pub use self::read::verify_sqlite;
+pub use self::verify::{BootReport, Finding, Rejected, Report, SeqRange, Unreadable, Verifier, verify};
 
 /// Checkpoints are signed every this many events by default…
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 4096;
