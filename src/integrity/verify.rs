@@ -25,8 +25,9 @@
 //!    and a row whose hash does not match its content and that neither links to the head nor is linked to by
 //!    the next seq.
 //! 4. **[`ReplayedFromOtherBoot`](Finding::ReplayedFromOtherBoot) `{ seq, boot }`**: a row that would be
-//!    altered or inserted, whose stored hash is that of an event of another boot in the trail and whose content,
-//!    given that boot's instance, boot and seq back, hashes to it: a copy of that event.
+//!    altered or inserted, whose stored hash (or `prev_hash`) is that of an event (or of the event before it) of
+//!    another boot in the trail, and whose content, given that boot's instance, boot and seq back, hashes to it:
+//!    a copy of that event, or the event itself moved.
 //! 5. **[`Reordered`](Finding::Reordered) `{ seqs }`**: two rows that each hash correctly only under the other's
 //!    seq (their contents were swapped, seq column kept); or rows stored out of seq order (a JSON lines file
 //!    whose lines were swapped: read in storage order, the links are out of order though every row hashes
@@ -165,6 +166,25 @@ impl Finding {
             }
             Finding::Reordered { seqs } => seqs.first().copied().unwrap_or_default(),
             Finding::Truncated { after, .. } => after + 1,
+        }
+    }
+}
+
+impl Finding {
+    /// The order of findings at one seq: the declaration order.
+    fn rank(&self) -> u8 {
+        match self {
+            Finding::Altered { .. } => 0,
+            Finding::Missing { .. } => 1,
+            Finding::Inserted { .. } => 2,
+            Finding::Reordered { .. } => 3,
+            Finding::Rewritten { .. } => 4,
+            Finding::Truncated { .. } => 5,
+            Finding::BadSignature { .. } => 6,
+            Finding::WrongKey { .. } => 7,
+            Finding::BadCheckpoint { .. } => 8,
+            Finding::ReplayedFromOtherBoot { .. } => 9,
+            Finding::Unchained { .. } => 10,
         }
     }
 }
@@ -500,7 +520,9 @@ impl Verifier {
         let wanted: HashMap<Hash, ()> = walks
             .values()
             .flat_map(|w| w.suspects.iter().chain(&w.misfits))
-            .filter_map(|s| s.hash)
+            .flat_map(|s| [s.hash, s.prev])
+            .flatten()
+            .filter(|h| *h != Hash::ZERO)
             .map(|h| (h, ()))
             .collect();
         let mut origin: HashMap<Hash, (Uuid, u64)> = HashMap::new();
@@ -691,11 +713,11 @@ fn walk(boot: &mut Boot, trusted: &[(u64, Hash)]) -> Walk {
                                 w.clean_shutdown = true;
                             }
                         }
-                        Some((s, _, _)) if s == *covered => {
+                        Some((s, Some(_), _)) if s == *covered => {
                             let from = matched.last().map_or(1, |m| m + 1);
                             w.findings.push(Finding::Rewritten { from, to: *covered });
                         }
-                        // The seq it covers is missing: already reported.
+                        // The seq it covers is missing or unchained: already reported.
                         _ => {}
                     }
                 }
@@ -751,7 +773,7 @@ fn walk(boot: &mut Boot, trusted: &[(u64, Hash)]) -> Walk {
 
 impl Walk {
     fn report(mut self, boot: Option<Uuid>, instance: Option<&str>) -> BootReport {
-        self.findings.sort_by_key(|f| (f.seq(), matches!(f, Finding::Truncated { .. })));
+        self.findings.sort_by_key(|f| (f.seq(), f.rank()));
         self.findings.dedup();
         let first_bad = self.findings.iter().filter(|f| !matches!(f, Finding::Truncated { .. })).map(Finding::seq).min();
         let verified_to = first_bad.map_or(self.signed_to, |s| self.signed_to.min(s.saturating_sub(1)));
@@ -786,16 +808,18 @@ fn name_suspects(
         hash_with(&prev.unwrap_or(Hash::ZERO), event, buf) == hash
     };
     let replayed = |s: &Suspect, buf: &mut Vec<u8>| -> Option<Uuid> {
+        // The event it copies: the one with its hash, or the one after the event its prev_hash names (when
+        // the original was moved rather than copied).
         let hash = s.hash?;
-        let &(from, seq) = origin.get(&hash)?;
-        if Some(from) == id {
-            return None;
-        }
-        let mut copy = boot.suspects.get(&s.pos)?.clone();
-        copy.boot = Some(from);
-        copy.seq = seq;
-        copy.instance = instances.get(&from).cloned().flatten();
-        rehashes(&copy, s.prev, hash, buf).then_some(from)
+        let by_hash = origin.get(&hash).copied();
+        let by_prev = s.prev.and_then(|p| origin.get(&p)).map(|&(boot, seq)| (boot, seq + 1));
+        [by_hash, by_prev].into_iter().flatten().filter(|(from, _)| Some(*from) != id).find_map(|(from, seq)| {
+            let mut copy = boot.suspects.get(&s.pos)?.clone();
+            copy.boot = Some(from);
+            copy.seq = seq;
+            copy.instance = instances.get(&from).cloned().flatten();
+            rehashes(&copy, s.prev, hash, buf).then_some(from)
+        })
     };
     let mut left = Vec::new();
     for s in std::mem::take(&mut walk.suspects) {
