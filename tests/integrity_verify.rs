@@ -203,7 +203,7 @@ fn an_edit_with_every_hash_after_it_recomputed_is_caught_by_the_next_checkpoint(
     let big: Vec<&AuditEvent> = events.iter().filter(|e| e.boot == Some(trail.big)).collect();
     let seq = trail.login_at_or_after(5000);
     // The checkpoints around it: the one before covers up to `from - 1`, the one after signs `to`.
-    let before = big.iter().filter(|e| e.kind == kind::AUDIT_CHECKPOINT && e.seq < seq).last().unwrap().seq;
+    let before = big.iter().rfind(|e| e.kind == kind::AUDIT_CHECKPOINT && e.seq < seq).unwrap().seq;
     let after = big.iter().find(|e| e.kind == kind::AUDIT_CHECKPOINT && e.seq > seq).unwrap().seq;
     let mut prev = big[seq as usize - 2].hash.unwrap();
     let mut lines = trail.lines.clone();
@@ -461,7 +461,9 @@ mod sql {
         async fn verify(&self, table: &str, key: &VerifierKey, trusted: &[Checkpoint]) -> Report {
             match self {
                 #[cfg(feature = "sqlite")]
-                Db::Sqlite(pool) => tower_audit::integrity::verify_sqlite(pool, Some(table), key, trusted).await.unwrap(),
+                Db::Sqlite(pool) => {
+                    tower_audit::integrity::verify_sqlite(pool, Some(table), key, trusted).await.unwrap()
+                }
                 #[cfg(feature = "postgres")]
                 Db::Postgres(pool, _) => {
                     tower_audit::integrity::verify_postgres(pool, Some(table), key, trusted).await.unwrap()
@@ -472,7 +474,8 @@ mod sql {
         /// Copies the trail, runs `attack` on the copy (`{t}` stands for its name), and verifies the copy.
         async fn attacked(&self, attack: &str, trusted: &[Checkpoint]) -> Report {
             let work = self.work();
-            self.exec(&format!("DROP TABLE IF EXISTS {work}; CREATE TABLE {work} AS SELECT * FROM {}", self.base())).await;
+            self.exec(&format!("DROP TABLE IF EXISTS {work}; CREATE TABLE {work} AS SELECT * FROM {}", self.base()))
+                .await;
             if !attack.is_empty() {
                 self.exec(&attack.replace("{t}", &work)).await;
             }
@@ -508,7 +511,8 @@ mod sql {
         assert_eq!(report.events(), report.boots.iter().map(|b| b.last_seq).sum::<u64>());
 
         // One field edited.
-        let report = db.attacked(&format!("UPDATE {{t}} SET actor = 'mallory' WHERE boot = {b} AND seq = 500"), &[]).await;
+        let report =
+            db.attacked(&format!("UPDATE {{t}} SET actor = 'mallory' WHERE boot = {b} AND seq = 500"), &[]).await;
         assert_eq!(findings(&report, big), [Finding::Altered { seq: 500 }]);
         assert!(findings(&report, small).is_empty());
         // A middle row deleted.
@@ -547,7 +551,8 @@ mod sql {
         // Checked with another key: every checkpoint of both boots names the real one.
         let other = Integrity::from_seed(&[7; 32]).key_name("audit.test").verifier_key();
         let report = db.verify(&db.base(), &other, &[]).await;
-        let wrong = report.findings().filter(|(_, f)| matches!(f, Finding::WrongKey { key, .. } if *key == key_label()));
+        let wrong =
+            report.findings().filter(|(_, f)| matches!(f, Finding::WrongKey { key, .. } if *key == key_label()));
         assert_eq!(wrong.count(), report.findings().count());
         assert!(report.findings().count() >= 2, "{report}");
         assert_eq!(report.rejected.len(), 0);

@@ -25,11 +25,11 @@ use crate::event::{AuditEvent, Hash};
 use crate::sink::{AuditSink, DynSink};
 
 pub use self::note::{Checkpoint, CheckpointError, VerifierKey};
-pub use self::read::{ReadError, read_json_lines, verify_json_lines};
 #[cfg(feature = "postgres")]
 pub use self::read::verify_postgres;
 #[cfg(feature = "sqlite")]
 pub use self::read::verify_sqlite;
+pub use self::read::{ReadError, read_json_lines, verify_json_lines};
 pub use self::verify::{BootReport, Finding, Rejected, Report, SeqRange, Unreadable, Verifier, verify};
 
 /// Checkpoints are signed every this many events by default…

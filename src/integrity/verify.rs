@@ -47,7 +47,7 @@
 //!    not verify, that names another key, or that cannot be read (or signs another seq than the one before
 //!    it). A trusted checkpoint that does not verify is [rejected](Report::rejected) instead.
 //! 10. **[`Unchained`](Finding::Unchained) `{ from, to }`**: rows without a hash (integrity off, or written
-//!    before it was on, or a hash removed). Nothing about them can be verified.
+//!     before it was on, or a hash removed). Nothing about them can be verified.
 //!
 //! [`BootReport::verified_to`] is the highest seq such that every event up to it is covered by a checkpoint
 //! that verifies and matches, and no finding lies at or before it. The events after the last checkpoint are
@@ -161,9 +161,7 @@ impl Finding {
             | Finding::WrongKey { seq, .. }
             | Finding::BadCheckpoint { seq, .. }
             | Finding::ReplayedFromOtherBoot { seq, .. } => *seq,
-            Finding::Missing { from, .. } | Finding::Rewritten { from, .. } | Finding::Unchained { from, .. } => {
-                *from
-            }
+            Finding::Missing { from, .. } | Finding::Rewritten { from, .. } | Finding::Unchained { from, .. } => *from,
             Finding::Reordered { seqs } => seqs.first().copied().unwrap_or_default(),
             Finding::Truncated { after, .. } => after + 1,
         }
@@ -192,7 +190,9 @@ impl Finding {
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Finding::Altered { seq } => write!(f, "altered: seq {seq} does not hash to its stored hash, or its link was edited"),
+            Finding::Altered { seq } => {
+                write!(f, "altered: seq {seq} does not hash to its stored hash, or its link was edited")
+            }
             Finding::Missing { from, to } if from == to => write!(f, "missing: seq {from} is absent"),
             Finding::Missing { from, to } => write!(f, "missing: seqs {from}..={to} are absent"),
             Finding::Inserted { seq } => write!(f, "inserted: a row at seq {seq} does not belong to the chain"),
@@ -202,10 +202,9 @@ impl fmt::Display for Finding {
                 "rewritten: a signed checkpoint disagrees with the hash at seq {to}; an event in {from}..={to} was \
                  edited and the hashes recomputed"
             ),
-            Finding::Truncated { after, expected } => write!(
-                f,
-                "truncated: the trail ends at seq {after}, a trusted checkpoint covers up to seq {expected}"
-            ),
+            Finding::Truncated { after, expected } => {
+                write!(f, "truncated: the trail ends at seq {after}, a trusted checkpoint covers up to seq {expected}")
+            }
             Finding::BadSignature { seq } => write!(f, "bad signature: the checkpoint at seq {seq} does not verify"),
             Finding::WrongKey { seq, key } => write!(f, "wrong key: the checkpoint at seq {seq} is signed by {key}"),
             Finding::BadCheckpoint { seq, reason } => write!(f, "bad checkpoint at seq {seq}: {reason}"),
@@ -343,7 +342,11 @@ impl fmt::Display for Report {
             }
         }
         for rejected in &self.rejected {
-            writeln!(f, "trusted checkpoint of boot {} at seq {} rejected: {}", rejected.boot, rejected.seq, rejected.reason)?;
+            writeln!(
+                f,
+                "trusted checkpoint of boot {} at seq {} rejected: {}",
+                rejected.boot, rejected.seq, rejected.reason
+            )?;
         }
         for unreadable in &self.unreadable {
             writeln!(f, "unreadable record at {}: {}", unreadable.at, unreadable.error)?;
@@ -421,7 +424,10 @@ enum Mark {
     /// An `audit.gap` event, with the number of numbered events it declares lost.
     Gap(u64),
     /// A checkpoint event: the head it signs, or what is wrong with it.
-    Checkpoint { shutdown: bool, signed: Result<(u64, Hash), Finding> },
+    Checkpoint {
+        shutdown: bool,
+        signed: Result<(u64, Hash), Finding>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -447,8 +453,7 @@ impl Verifier {
 
     /// Reads the next row of the trail, in storage order.
     pub fn push(&mut self, event: &AuditEvent) {
-        let own = event.hash.map(|_| hash_with(&event.prev_hash.unwrap_or(Hash::ZERO), event, &mut self.buf));
-        let own_ok = own.is_some() && own == event.hash && event.prev_hash.is_some();
+        let own_ok = self_consistent(event, &mut self.buf);
         self.push_hashed(event, own_ok);
     }
 
@@ -457,10 +462,9 @@ impl Verifier {
         let pos = self.position;
         self.position += 1;
         let mark = match &*event.kind {
-            kind::AUDIT_CHECKPOINT | kind::AUDIT_SHUTDOWN if event.hash.is_some() => Mark::Checkpoint {
-                shutdown: event.kind == kind::AUDIT_SHUTDOWN,
-                signed: self.check_checkpoint(event),
-            },
+            kind::AUDIT_CHECKPOINT | kind::AUDIT_SHUTDOWN if event.hash.is_some() => {
+                Mark::Checkpoint { shutdown: event.kind == kind::AUDIT_SHUTDOWN, signed: self.check_checkpoint(event) }
+            }
             kind::AUDIT_GAP => Mark::Gap(numbered_losses(event)),
             _ => Mark::Plain,
         };
@@ -550,6 +554,14 @@ impl Verifier {
     }
 }
 
+/// Whether `event` has a hash, and it is the hash of its own `prev_hash` and content.
+pub(crate) fn self_consistent(event: &AuditEvent, buf: &mut Vec<u8>) -> bool {
+    match (event.prev_hash, event.hash) {
+        (Some(prev), Some(hash)) => hash_with(&prev, event, buf) == hash,
+        _ => false,
+    }
+}
+
 /// The number of numbered events an `audit.gap` event declares lost.
 fn numbered_losses(event: &AuditEvent) -> u64 {
     let count = |name: &str| event.attributes.get(name).and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
@@ -600,7 +612,11 @@ fn walk(boot: &mut Boot, trusted: &[(u64, Hash)]) -> Walk {
     // Identical rows: a retried batch.
     let before = recs.len();
     recs.dedup_by(|later, earlier| {
-        later.seq == earlier.seq && later.own_ok && earlier.own_ok && later.prev == earlier.prev && later.hash == earlier.hash
+        later.seq == earlier.seq
+            && later.own_ok
+            && earlier.own_ok
+            && later.prev == earlier.prev
+            && later.hash == earlier.hash
     });
     w.duplicates = (before - recs.len()) as u64;
     w.events = recs.len() as u64;
@@ -775,7 +791,8 @@ impl Walk {
     fn report(mut self, boot: Option<Uuid>, instance: Option<&str>) -> BootReport {
         self.findings.sort_by_key(|f| (f.seq(), f.rank()));
         self.findings.dedup();
-        let first_bad = self.findings.iter().filter(|f| !matches!(f, Finding::Truncated { .. })).map(Finding::seq).min();
+        let first_bad =
+            self.findings.iter().filter(|f| !matches!(f, Finding::Truncated { .. })).map(Finding::seq).min();
         let verified_to = first_bad.map_or(self.signed_to, |s| self.signed_to.min(s.saturating_sub(1)));
         BootReport {
             boot,
@@ -839,7 +856,8 @@ fn name_suspects(
         };
         for i in 0..left.len() {
             for j in i + 1..left.len() {
-                if !swapped[i] && !swapped[j] && under(&left[i], left[j].seq, buf) && under(&left[j], left[i].seq, buf) {
+                if !swapped[i] && !swapped[j] && under(&left[i], left[j].seq, buf) && under(&left[j], left[i].seq, buf)
+                {
                     (swapped[i], swapped[j]) = (true, true);
                     walk.findings.push(Finding::Reordered { seqs: vec![left[i].seq, left[j].seq] });
                 }
