@@ -401,6 +401,21 @@ impl Outcome {
         }
     }
 
+    /// The outcome named `name` (as [`as_str`](Self::as_str) writes it).
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    pub(crate) fn from_name(name: &str) -> Option<Self> {
+        [
+            Outcome::Success,
+            Outcome::Denied,
+            Outcome::ClientError,
+            Outcome::ServerError,
+            Outcome::Error,
+            Outcome::Cancelled,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == name)
+    }
+
     /// The name used in serialised events (`"success"`, `"denied"`, …).
     pub fn as_str(self) -> &'static str {
         match self {

@@ -5,11 +5,14 @@
 //!   versioned);
 //! - [`Checkpoint`]: what a checkpoint signs, as a [C2SP signed note](https://c2sp.org/signed-note) with an
 //!   Ed25519 key;
-//! - `chain`: the worker's stage that links events and signs checkpoints.
+//! - `chain`: the worker's stage that links events and signs checkpoints;
+//! - [`verify`]: the verifier, which reads a trail back and names every way it was tampered with.
 
 pub(crate) mod canonical;
 pub(crate) mod chain;
 mod note;
+mod read;
+mod verify;
 
 use std::fmt;
 use std::sync::Arc;
@@ -26,6 +29,12 @@ pub use self::note::{Checkpoint, CheckpointError, VerifierKey};
 /// The Ed25519 implementation the keys come from ([`ed25519-dalek`](https://docs.rs/ed25519-dalek)), with its
 /// PKCS#8 support, for making or encoding keys.
 pub use ed25519_dalek as ed25519;
+#[cfg(feature = "postgres")]
+pub use self::read::verify_postgres;
+#[cfg(feature = "sqlite")]
+pub use self::read::verify_sqlite;
+pub use self::read::{ReadError, read_json_lines, verify_json_lines};
+pub use self::verify::{BootReport, Finding, Rejected, Report, SeqRange, Unreadable, Verifier, verify};
 
 /// Checkpoints are signed every this many events by default…
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 4096;

@@ -1,0 +1,369 @@
+//! Reading a trail back for the verifier: a JSON lines file, or the table of the SQLite and Postgres sinks,
+//! each row becoming the [`AuditEvent`] that was written, exactly.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::Path;
+
+use super::note::{Checkpoint, VerifierKey};
+use super::verify::{Report, Verifier};
+use crate::event::AuditEvent;
+
+/// Bytes read from a file at a time.
+const READ_BUFFER: usize = 4 << 20;
+
+/// Why a trail could not be read at all (a record that cannot be read is [reported](Report::unreadable)
+/// instead).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The file could not be opened or read.
+    #[error("cannot read the trail: {0}")]
+    Io(#[from] io::Error),
+    /// The table name is not valid.
+    #[error(transparent)]
+    Config(#[from] crate::error::ConfigError),
+    /// The database query failed.
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
+    #[cfg_attr(docsrs, doc(cfg(any(feature = "sqlite", feature = "postgres"))))]
+    #[error("cannot read the audit table: {0}")]
+    Sql(#[from] sqlx::Error),
+}
+
+/// Verifies a JSON lines file as [`JsonLinesSink`](crate::JsonLinesSink) writes it (one event per line, in the
+/// native encoding). A line that is not an event is reported [unreadable](Report::unreadable) with its line
+/// number; blank lines are skipped.
+///
+/// # Errors
+///
+/// [`ReadError::Io`] when the file cannot be opened or read.
+pub fn verify_json_lines(
+    path: impl AsRef<Path>,
+    key: &VerifierKey,
+    trusted: &[Checkpoint],
+) -> Result<Report, ReadError> {
+    let mut verifier = Verifier::new(key, trusted);
+    let threads = std::thread::available_parallelism().map_or(1, usize::from).min(MAX_THREADS);
+    let mut lines: Vec<(u64, Vec<u8>)> = Vec::new();
+    let chunk = |lines: &mut Vec<(u64, Vec<u8>)>, verifier: &mut Verifier| {
+        // Parsing and hashing, the costly part, in parallel; the verifier takes the results in file order.
+        let per = lines.len().div_ceil(threads).max(1);
+        let parsed: Vec<Vec<Parsed>> = std::thread::scope(|scope| {
+            let workers: Vec<_> = lines.chunks(per).map(|part| scope.spawn(move || parse(part))).collect();
+            workers.into_iter().map(|w| w.join().expect("parsing does not panic")).collect()
+        });
+        for parsed in parsed.into_iter().flatten() {
+            match parsed {
+                Ok((event, own_ok)) => verifier.push_hashed(&event, own_ok),
+                Err((line, e)) => verifier.unreadable(line, e),
+            }
+        }
+        lines.clear();
+    };
+    for_each_line(File::open(path)?, |line, bytes| {
+        lines.push((line, bytes.to_vec()));
+        if lines.len() == LINES_PER_CHUNK {
+            chunk(&mut lines, &mut verifier);
+        }
+    })?;
+    chunk(&mut lines, &mut verifier);
+    Ok(verifier.finish())
+}
+
+/// Threads that parse and hash at most, and lines handed to them at a time.
+const MAX_THREADS: usize = 8;
+const LINES_PER_CHUNK: usize = 16_384;
+
+/// A parsed line with whether its hash matches its content, or the line number and why it is not an event.
+type Parsed = Result<(AuditEvent, bool), (u64, serde_json::Error)>;
+
+fn parse(lines: &[(u64, Vec<u8>)]) -> Vec<Parsed> {
+    let mut buf = Vec::with_capacity(1024);
+    lines
+        .iter()
+        .map(|(line, bytes)| {
+            let event: AuditEvent = serde_json::from_slice(bytes).map_err(|e| (*line, e))?;
+            let own_ok = super::verify::self_consistent(&event, &mut buf);
+            Ok((event, own_ok))
+        })
+        .collect()
+}
+
+/// Reads every event of a JSON lines file, in file order, with the number (from 1) and error of each line that
+/// is not one.
+///
+/// # Errors
+///
+/// When the file cannot be opened or read.
+pub fn read_json_lines(path: impl AsRef<Path>) -> io::Result<Vec<Result<AuditEvent, (u64, serde_json::Error)>>> {
+    let mut out = Vec::new();
+    for_each_line(File::open(path)?, |line, bytes| out.push(serde_json::from_slice(bytes).map_err(|e| (line, e))))?;
+    Ok(out)
+}
+
+/// Calls `f` with each non-blank line of `input` and its number (from 1), read a large buffer at a time.
+fn for_each_line(mut input: impl Read, mut f: impl FnMut(u64, &[u8])) -> io::Result<()> {
+    let mut buf = vec![0u8; READ_BUFFER];
+    let (mut filled, mut line) = (0usize, 0u64);
+    let mut each = |bytes: &[u8], line: &mut u64| {
+        *line += 1;
+        if !bytes.iter().all(u8::is_ascii_whitespace) {
+            f(*line, bytes);
+        }
+    };
+    loop {
+        if filled == buf.len() {
+            // A line longer than the buffer: grow it.
+            buf.resize(buf.len() * 2, 0);
+        }
+        let n = input.read(&mut buf[filled..])?;
+        if n == 0 {
+            if filled > 0 {
+                each(&buf[..filled], &mut line);
+            }
+            return Ok(());
+        }
+        filled += n;
+        let Some(last) = buf[..filled].iter().rposition(|&b| b == b'\n') else { continue };
+        for bytes in buf[..last].split(|&b| b == b'\n') {
+            each(bytes, &mut line);
+        }
+        buf.copy_within(last + 1..filled, 0);
+        filled -= last + 1;
+    }
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql {
+    use std::borrow::Cow;
+    use std::collections::BTreeMap;
+    use std::pin::Pin;
+    use std::time::{Duration, SystemTime};
+
+    use futures_core::Stream;
+
+    use crate::event::{AuditEvent, Hash, Outcome};
+    use crate::integrity::Verifier;
+
+    /// One row as stored: the columns `src/sink/sql.rs` writes, as text and integers.
+    #[derive(Debug)]
+    pub(super) struct Stored {
+        pub(super) id: String,
+        pub(super) seq: i64,
+        /// `None` when the stored time cannot be read.
+        pub(super) time_micros: Option<i64>,
+        pub(super) kind: String,
+        pub(super) outcome: String,
+        pub(super) method: Option<String>,
+        pub(super) route: Option<String>,
+        pub(super) path: Option<String>,
+        pub(super) status: Option<i64>,
+        pub(super) grpc_status: Option<i64>,
+        pub(super) latency_us: Option<i64>,
+        pub(super) request_id: Option<String>,
+        pub(super) actor: Option<String>,
+        pub(super) client_addr: Option<String>,
+        pub(super) user_agent: Option<String>,
+        pub(super) attributes: String,
+        pub(super) version: i64,
+        pub(super) instance: Option<String>,
+        pub(super) boot: Option<String>,
+        pub(super) prev_hash: Option<String>,
+        pub(super) hash: Option<String>,
+    }
+
+    impl Stored {
+        /// The event as it was written; what cannot be read back names its column.
+        pub(super) fn into_event(self) -> Result<AuditEvent, String> {
+            let bad = |column: &str, value: &dyn std::fmt::Debug| format!("row {}: bad {column} {value:?}", self.id);
+            let hash = |column: &str, v: &Option<String>| {
+                v.as_deref().map(|h| h.parse::<Hash>().map_err(|_| bad(column, &h))).transpose()
+            };
+            let micros = self.time_micros.ok_or_else(|| bad("time", &"unreadable"))?;
+            let time = match u64::try_from(micros) {
+                Ok(after) => SystemTime::UNIX_EPOCH.checked_add(Duration::from_micros(after)),
+                Err(_) => SystemTime::UNIX_EPOCH.checked_sub(Duration::from_micros(micros.unsigned_abs())),
+            }
+            .ok_or_else(|| bad("time", &micros))?;
+            let mut event = AuditEvent::with_time(Cow::Owned(self.kind.clone()), time);
+            event.version = self.version.try_into().map_err(|_| bad("version", &self.version))?;
+            event.id = self.id.parse().map_err(|_| bad("id", &self.id))?;
+            event.instance = self.instance.as_deref().map(Into::into);
+            event.boot = self.boot.as_deref().map(|b| b.parse().map_err(|_| bad("boot", &b))).transpose()?;
+            event.seq = self.seq.try_into().map_err(|_| bad("seq", &self.seq))?;
+            event.outcome = Outcome::from_name(&self.outcome).ok_or_else(|| bad("outcome", &self.outcome))?;
+            event.method = self.method.clone().map(Cow::Owned);
+            event.route.clone_from(&self.route);
+            event.path.clone_from(&self.path);
+            event.status = int(&self.id, "status", self.status)?;
+            event.grpc_status = int(&self.id, "grpc_status", self.grpc_status)?;
+            event.latency_us = int(&self.id, "latency_us", self.latency_us)?;
+            event.request_id.clone_from(&self.request_id);
+            event.actor.clone_from(&self.actor);
+            event.client_addr =
+                self.client_addr.as_deref().map(|a| a.parse().map_err(|_| bad("client_addr", &a))).transpose()?;
+            event.user_agent.clone_from(&self.user_agent);
+            event.attributes = serde_json::from_str::<BTreeMap<String, String>>(&self.attributes)
+                .map_err(|_| bad("attributes", &self.attributes))?;
+            event.prev_hash = hash("prev_hash", &self.prev_hash)?;
+            event.hash = hash("hash", &self.hash)?;
+            Ok(event)
+        }
+    }
+
+    /// An integer column in the field's type.
+    fn int<T: TryFrom<i64>>(id: &str, column: &str, value: Option<i64>) -> Result<Option<T>, String> {
+        value.map(|v| T::try_from(v).map_err(|_| format!("row {id}: bad {column} {v}"))).transpose()
+    }
+
+    /// Feeds every row of `rows` to `verifier`, in order.
+    pub(super) async fn feed<R, E>(
+        mut rows: Pin<Box<dyn Stream<Item = Result<R, E>> + Send + '_>>,
+        verifier: &mut Verifier,
+        decode: impl Fn(&R) -> Result<Stored, E>,
+    ) -> Result<(), E> {
+        let mut position = 0u64;
+        while let Some(row) = std::future::poll_fn(|cx| rows.as_mut().poll_next(cx)).await {
+            position += 1;
+            match decode(&row?).map(Stored::into_event) {
+                Ok(Ok(event)) => verifier.push(&event),
+                Ok(Err(why)) => verifier.unreadable(position, why),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Verifies the table an [`SqliteSink`](crate::SqliteSink) writes (`audit_events`, or `table`), read in
+/// `ORDER BY boot, seq` order. A row that cannot be read back is reported [unreadable](Report::unreadable) with
+/// its position.
+///
+/// # Errors
+///
+/// [`ReadError::Config`] for an invalid table name, [`ReadError::Sql`] when the query fails.
+#[cfg(feature = "sqlite")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+pub async fn verify_sqlite(
+    pool: &sqlx::SqlitePool,
+    table: Option<&str>,
+    key: &VerifierKey,
+    trusted: &[Checkpoint],
+) -> Result<Report, ReadError> {
+    use sqlx::Row as _;
+    let table = crate::sink::sql::Table::parse(table.unwrap_or(crate::sink::sql::DEFAULT_TABLE), false)?;
+    let query = format!(
+        "SELECT id, seq, time, kind, outcome, method, route, path, status, grpc_status, latency_us, request_id, \
+                actor, client_addr, user_agent, attributes, version, instance, boot, prev_hash, hash \
+         FROM {} ORDER BY boot, seq",
+        table.qualified()
+    );
+    let mut verifier = Verifier::new(key, trusted);
+    let rows = sqlx::query(sqlx::AssertSqlSafe(query)).fetch(pool);
+    sql::feed(rows, &mut verifier, |row: &sqlx::sqlite::SqliteRow| {
+        let time: String = row.try_get(2)?;
+        Ok(sql::Stored {
+            id: row.try_get(0)?,
+            seq: row.try_get(1)?,
+            time_micros: humantime::parse_rfc3339(&time).ok().map(super::canonical::micros),
+            kind: row.try_get(3)?,
+            outcome: row.try_get(4)?,
+            method: row.try_get(5)?,
+            route: row.try_get(6)?,
+            path: row.try_get(7)?,
+            status: row.try_get(8)?,
+            grpc_status: row.try_get(9)?,
+            latency_us: row.try_get(10)?,
+            request_id: row.try_get(11)?,
+            actor: row.try_get(12)?,
+            client_addr: row.try_get(13)?,
+            user_agent: row.try_get(14)?,
+            attributes: row.try_get(15)?,
+            version: row.try_get(16)?,
+            instance: row.try_get(17)?,
+            boot: row.try_get(18)?,
+            prev_hash: row.try_get(19)?,
+            hash: row.try_get(20)?,
+        })
+    })
+    .await?;
+    Ok(verifier.finish())
+}
+
+/// Verifies the table a [`PostgresSink`](crate::PostgresSink) writes (`audit_events`, or `table`, optionally
+/// `schema.table`), read in `ORDER BY boot, seq` order: `time` in microseconds, `client_addr` through
+/// `host()`, `attributes` as JSON text. A row that cannot be read back is reported
+/// [unreadable](Report::unreadable) with its position.
+///
+/// # Errors
+///
+/// [`ReadError::Config`] for an invalid table name, [`ReadError::Sql`] when the query fails.
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub async fn verify_postgres(
+    pool: &sqlx::PgPool,
+    table: Option<&str>,
+    key: &VerifierKey,
+    trusted: &[Checkpoint],
+) -> Result<Report, ReadError> {
+    use sqlx::Row as _;
+    let table = crate::sink::sql::Table::parse(table.unwrap_or(crate::sink::sql::DEFAULT_TABLE), true)?;
+    let query = format!(
+        "SELECT id::text, seq, (EXTRACT(EPOCH FROM time) * 1000000)::int8, kind, outcome, method, route, path, \
+                status::int8, grpc_status::int8, latency_us, request_id, actor, host(client_addr), user_agent, \
+                attributes::text, version::int8, instance, boot::text, prev_hash, hash \
+         FROM {} ORDER BY boot, seq",
+        table.qualified()
+    );
+    let mut verifier = Verifier::new(key, trusted);
+    let rows = sqlx::query(sqlx::AssertSqlSafe(query)).fetch(pool);
+    sql::feed(rows, &mut verifier, |row: &sqlx::postgres::PgRow| {
+        Ok(sql::Stored {
+            id: row.try_get(0)?,
+            seq: row.try_get(1)?,
+            time_micros: Some(row.try_get(2)?),
+            kind: row.try_get(3)?,
+            outcome: row.try_get(4)?,
+            method: row.try_get(5)?,
+            route: row.try_get(6)?,
+            path: row.try_get(7)?,
+            status: row.try_get(8)?,
+            grpc_status: row.try_get(9)?,
+            latency_us: row.try_get(10)?,
+            request_id: row.try_get(11)?,
+            actor: row.try_get(12)?,
+            client_addr: row.try_get(13)?,
+            user_agent: row.try_get(14)?,
+            attributes: row.try_get(15)?,
+            version: row.try_get(16)?,
+            instance: row.try_get(17)?,
+            boot: row.try_get(18)?,
+            prev_hash: row.try_get(19)?,
+            hash: row.try_get(20)?,
+        })
+    })
+    .await?;
+    Ok(verifier.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_split_across_reads_numbered_and_blank_ones_skipped() {
+        // A reader handing out 3 bytes at a time splits every line across reads.
+        struct Trickle<'a>(&'a [u8]);
+        impl Read for Trickle<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                let n = self.0.len().min(3).min(buf.len());
+                buf[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let mut seen = Vec::new();
+        for_each_line(Trickle(b"first\n\n  \nsecond line\nlast"), |n, l| seen.push((n, l.to_vec()))).unwrap();
+        assert_eq!(seen, [(1, b"first".to_vec()), (4, b"second line".to_vec()), (5, b"last".to_vec())]);
+    }
+}
