@@ -156,6 +156,10 @@ impl Worker {
                 {
                     return self.shut_down(batch, state).await;
                 }
+                // Also between full batches: under load that never drains the queue, checkpoints keep their pace.
+                if self.checkpoint_if_due(&mut state).await {
+                    return self.shut_down(batch, state).await;
+                }
                 if !took.full {
                     break;
                 }
@@ -164,16 +168,12 @@ impl Worker {
                     return self.shut_down(batch, state).await;
                 }
             }
-            if self.checkpoint_if_due(&mut state).await {
-                return self.shut_down(batch, state).await;
-            }
             self.warn_about_losses(&mut state);
         }
     }
 
-    /// With integrity on, writes an `audit.checkpoint` event when one is due (checked whenever the worker has
-    /// drained the queue, and at every tick: a heartbeat without traffic). `true` when the shutdown deadline
-    /// passed during the write.
+    /// With integrity on, writes an `audit.checkpoint` event when one is due (checked after every batch, and at
+    /// every tick: a heartbeat without traffic). `true` when the shutdown deadline passed during the write.
     async fn checkpoint_if_due(&mut self, state: &mut State) -> bool {
         if !self.chain.as_ref().is_some_and(Chain::due) {
             return false;
@@ -388,6 +388,10 @@ impl Worker {
         };
         // The spill's directory is free for another pipeline once the report says the shutdown is over.
         self.output = Output::Closed;
+        if let Some(chain) = self.chain.take() {
+            // The checkpoint sink gets the shutdown's checkpoint before the report says the shutdown is over.
+            chain.finish(self.deadline.get()).await;
+        }
         self.queue.settle_rest();
         state.last_warn = None;
         self.warn_about_losses(&mut state);

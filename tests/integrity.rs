@@ -37,7 +37,7 @@ async fn every_event_is_chained_and_checkpoints_sign_the_head_every_n_events_and
     let sink = MemorySink::new();
     let integrity = Integrity::from_seed(&[1; 32]).checkpoint_every(5).checkpoint_interval(Duration::from_secs(3600));
     let (_layer, handle) = AuditLayer::builder(sink.clone()).integrity(integrity.clone()).build().unwrap();
-    // Three rounds of 4 events, each round drained before the next: a checkpoint follows the round in which
+    // Three rounds of 4 events, each round written before the next: a checkpoint follows the batch after which
     // 5 or more events have been linked since the last one (the boot event counts).
     for round in 0..3 {
         for i in 0..4 {
@@ -116,14 +116,14 @@ async fn checkpoints_reach_the_checkpoint_sink_and_a_failing_one_is_counted() {
     eventually(LIMIT, || sink.events().iter().any(|e| e.kind == kind::AUDIT_CHECKPOINT)).await;
     let report = handle.shutdown(LIMIT).await;
     let in_trail: Vec<AuditEvent> = sink.events().into_iter().filter(|e| Checkpoint::from_event(e).is_some()).collect();
-    eventually(LIMIT, || anchor.events().len() == in_trail.len()).await;
+    // Shutdown returns once the checkpoint sink has the shutdown's checkpoint too.
     assert_eq!(anchor.events(), in_trail);
     assert_eq!((report.stats.checkpoints, report.stats.anchor_failed), (2, 0));
 
     let integrity = Integrity::from_seed(&[4; 32]).checkpoint_sink(common::FailingSink);
     let (_layer, handle) = AuditLayer::builder(MemorySink::new()).integrity(integrity).build().unwrap();
-    handle.shutdown(LIMIT).await;
-    eventually(LIMIT, || handle.stats().anchor_failed == 1).await;
+    let report = handle.shutdown(LIMIT).await;
+    assert_eq!((report.stats.checkpoints, report.stats.anchor_failed), (1, 1));
 }
 
 #[test]
@@ -158,4 +158,28 @@ fn a_pkcs8_pem_key_from_openssl_loads() {
     let pem = "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIMHmeIJvNE3Dk8C7hu/yz7cfUS/OB3IpDW2hkrXopThy\n-----END PRIVATE KEY-----\n";
     let integrity = Integrity::from_pem(pem).unwrap();
     assert!(integrity.verifier_key().to_string().starts_with("tower-audit+"));
+}
+
+/// Under load that never lets the worker drain the queue, checkpoints keep their pace: the worker checks after
+/// every batch, not only once the queue is empty.
+#[tokio::test]
+async fn checkpoints_keep_their_pace_between_full_batches() {
+    let sink = MemorySink::new();
+    let integrity = Integrity::from_seed(&[5; 32]).checkpoint_every(10).checkpoint_interval(Duration::from_secs(3600));
+    let (_layer, handle) = AuditLayer::builder(sink.clone())
+        .batch_size(4)
+        .flush_interval(Duration::from_secs(3600))
+        .integrity(integrity.clone())
+        .build()
+        .unwrap();
+    // Queued before the worker runs (this runtime has one thread): ten full batches back to back.
+    for i in 0..40 {
+        assert!(handle.record(AuditEvent::new("test.event").attribute("i", i.to_string())));
+    }
+    eventually(LIMIT, || sink.events().iter().filter(|e| e.kind == "test.event").count() == 40).await;
+    let report = handle.shutdown(LIMIT).await;
+    // The boot event is seq 1; batches of 4 follow; a checkpoint follows the batch that brings the events linked
+    // since the last one to 10 or more (13, then 12 and 12), and the shutdown event is the last checkpoint.
+    assert_eq!(assert_chained(&sink.events(), &integrity), [14, 27, 40, 45]);
+    assert_eq!(report.stats.checkpoints, 4);
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::note::Checkpoint;
@@ -32,7 +33,7 @@ pub(crate) struct Chain {
     since: u64,
     last: Instant,
     buf: Vec<u8>,
-    anchor: Option<mpsc::Sender<AuditEvent>>,
+    anchor: Option<(mpsc::Sender<AuditEvent>, JoinHandle<()>)>,
     shared: Arc<Shared>,
     /// With a spill: the directory where the last checkpoint is kept for the next boot.
     keep: Option<PathBuf>,
@@ -55,8 +56,7 @@ impl Chain {
         }
         let anchor = integrity.sink.clone().map(|sink| {
             let (tx, rx) = mpsc::channel(ANCHOR_QUEUE);
-            tokio::spawn(anchor(rx, sink, Arc::clone(&shared)));
-            tx
+            (tx, tokio::spawn(anchor(rx, sink, Arc::clone(&shared))))
         });
         Chain {
             integrity,
@@ -115,12 +115,29 @@ impl Chain {
         let hash = hash_with(&self.head, event, &mut self.buf);
         event.hash = Some(hash);
         (self.head, self.head_seq) = (hash, event.seq);
-        if checkpoint && let Some(anchor) = &self.anchor {
+        if checkpoint && let Some((anchor, _)) = &self.anchor {
             // A full queue means the sink is far behind: this newer checkpoint waits its turn by replacing
             // nothing; it is counted as not anchored.
             if anchor.try_send(event.clone()).is_err() {
                 add(&self.shared.counters.anchor_failed, 1);
             }
+        }
+    }
+}
+
+impl Chain {
+    /// At shutdown: lets the checkpoint sink take what it was given, the shutdown's checkpoint included, until
+    /// `deadline` (or [`ANCHOR_TIMEOUT`] without one). What it has not taken by then is counted in
+    /// `anchor_failed`.
+    pub(crate) async fn finish(mut self, deadline: Option<Instant>) {
+        let Some((tx, task)) = self.anchor.take() else { return };
+        drop(tx);
+        let until = deadline.unwrap_or_else(|| Instant::now() + ANCHOR_TIMEOUT);
+        let abort = task.abort_handle();
+        if tokio::time::timeout_at(until, task).await.is_err() {
+            abort.abort();
+            tracing::error!("checkpoint sink still writing at the shutdown deadline; the rest is not anchored");
+            add(&self.shared.counters.anchor_failed, 1);
         }
     }
 }

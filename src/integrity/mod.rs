@@ -26,15 +26,15 @@ use crate::event::{AuditEvent, Hash};
 use crate::sink::{AuditSink, DynSink};
 
 pub use self::note::{Checkpoint, CheckpointError, VerifierKey};
-/// The Ed25519 implementation the keys come from ([`ed25519-dalek`](https://docs.rs/ed25519-dalek)), with its
-/// PKCS#8 support, for making or encoding keys.
-pub use ed25519_dalek as ed25519;
 #[cfg(feature = "postgres")]
 pub use self::read::verify_postgres;
 #[cfg(feature = "sqlite")]
 pub use self::read::verify_sqlite;
 pub use self::read::{ReadError, read_json_lines, verify_json_lines};
 pub use self::verify::{BootReport, Finding, Rejected, Report, SeqRange, Unreadable, Verifier, verify};
+/// The Ed25519 implementation the keys come from ([`ed25519-dalek`](https://docs.rs/ed25519-dalek)), with its
+/// PKCS#8 support, for making or encoding keys.
+pub use ed25519_dalek as ed25519;
 
 /// Checkpoints are signed every this many events by default…
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 4096;
