@@ -14,22 +14,7 @@ use std::time::{Duration, Instant};
 use common::NullSink;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use tower_audit::integrity::{Integrity, event_hash};
-use tower_audit::{AuditEvent, AuditLayer, AuditSink, Hash, JsonLinesSink, Outcome, SinkError};
-
-/// A typical request event: the fields the layer fills for an authenticated HTTP request.
-fn request_event() -> AuditEvent {
-    let mut event = AuditEvent::new("http.request").actor("alice@example.com").outcome(Outcome::Success);
-    event.method = Some("GET".into());
-    event.route = Some("/api/items/{id}".into());
-    event.path = Some("/api/items/42?page=2".into());
-    event.status = Some(200);
-    event.latency_us = Some(1234);
-    event.request_id = Some("01J9ZK3V4W5X6Y7Z8A9B0C1D2E".into());
-    event.client_addr = Some("203.0.113.9".parse().unwrap());
-    event.user_agent = Some("Mozilla/5.0 (X11; Linux x86_64) Firefox/133.0".into());
-    event.attributes.insert("tenant".into(), "acme".into());
-    event
-}
+use tower_audit::{AuditEvent, AuditLayer, AuditSink, Hash, JsonLinesSink, SinkError};
 
 /// Writes to a JSON-lines file and counts what it wrote.
 struct CountedJsonLines {
@@ -61,7 +46,7 @@ fn move_events(rt: &tokio::runtime::Runtime, events: u64, json: bool, integrity:
         let builder = if integrity { builder.integrity(Integrity::from_seed(&[7; 32])) } else { builder };
         builder.build().unwrap()
     };
-    let template = request_event();
+    let template = common::request_event();
     let start = Instant::now();
     for _ in 0..events {
         while !handle.record(template.clone()) {
@@ -86,7 +71,7 @@ fn integrity(c: &mut Criterion) {
             });
         }
     }
-    let event = request_event();
+    let event = common::request_event();
     group.bench_function("event_hash", |b| b.iter(|| event_hash(&Hash::ZERO, &event)));
     group.finish();
 }

@@ -16,11 +16,13 @@
 #[allow(dead_code)]
 mod mover;
 
+mod common;
+
 use std::time::Instant;
 
 use async_nats::jetstream::{self, message::PublishMessage};
 use sqlx::postgres::PgPoolOptions;
-use tower_audit::{AuditEvent, AuditSink, NatsSink, Outcome, PostgresSink};
+use tower_audit::{AuditEvent, AuditSink, NatsSink, PostgresSink};
 
 const BATCH: usize = 512;
 const BATCHES: usize = 200;
@@ -29,20 +31,11 @@ const ROUNDS: usize = 3;
 fn batch(seq0: usize) -> Vec<AuditEvent> {
     (0..BATCH)
         .map(|i| {
-            let mut e = AuditEvent::new("http.request").actor("alice@example.com").attribute("tenant", "acme");
+            let mut e = common::request_event();
             e.id = uuid::Uuid::now_v7();
             e.seq = (seq0 + i) as u64 + 1;
             e.instance = Some("bench-1".into());
             e.boot = Some(uuid::Uuid::now_v7());
-            e.outcome = Outcome::Success;
-            e.method = Some("GET".into());
-            e.route = Some("/api/auth/me".into());
-            e.path = Some("/api/auth/me".into());
-            e.status = Some(200);
-            e.latency_us = Some(412);
-            e.request_id = Some("0191b8a4-7c4e-7a1b-9d2e-3f4a5b6c7d8e".into());
-            e.client_addr = Some("203.0.113.9".parse().unwrap());
-            e.user_agent = Some("Mozilla/5.0 (X11; Linux x86_64)".into());
             e
         })
         .collect()

@@ -5,29 +5,22 @@
 //!
 //! `cargo bench --bench sinks --features sqlite,postgres`
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use tower_audit::{AuditEvent, AuditSink, JsonLinesSink, Outcome, PostgresSink, SqliteSink};
+use tower_audit::{AuditEvent, AuditSink, JsonLinesSink, PostgresSink, SqliteSink};
 
 const BATCHES: [usize; 4] = [1, 64, 512, 4096];
 
 fn batch(n: usize) -> Vec<AuditEvent> {
     (0..n)
         .map(|i| {
-            let mut e = AuditEvent::new("http.request").actor("alice@example.com").attribute("tenant", "acme");
+            let mut e = common::request_event();
             // Time-ordered, as the worker makes them: index inserts land at the right edge of the B-tree.
             e.id = uuid::Uuid::now_v7();
             e.seq = i as u64;
-            e.outcome = Outcome::Success;
-            e.method = Some("GET".into());
-            e.route = Some("/api/auth/me".into());
-            e.path = Some("/api/auth/me".into());
-            e.status = Some(200);
-            e.latency_us = Some(412);
-            e.request_id = Some("0191b8a4-7c4e-7a1b-9d2e-3f4a5b6c7d8e".into());
-            e.client_addr = Some("203.0.113.9".parse().unwrap());
-            e.user_agent = Some("Mozilla/5.0 (X11; Linux x86_64)".into());
             e
         })
         .collect()
