@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
@@ -33,10 +34,17 @@ pub(crate) struct Chain {
     since: u64,
     last: Instant,
     buf: Vec<u8>,
-    anchor: Option<(mpsc::Sender<AuditEvent>, JoinHandle<()>)>,
+    anchor: Option<Anchor>,
     shared: Arc<Shared>,
     /// With a spill: the directory where the last checkpoint is kept for the next boot.
     keep: Option<PathBuf>,
+}
+
+/// The checkpoint sink's task, what feeds it, and how many checkpoints it was given and has not finished with.
+struct Anchor {
+    tx: mpsc::Sender<AuditEvent>,
+    task: JoinHandle<()>,
+    pending: Arc<AtomicU64>,
 }
 
 /// The file in a spill directory that holds the last checkpoint signed there (a signed note).
@@ -56,7 +64,9 @@ impl Chain {
         }
         let anchor = integrity.sink.clone().map(|sink| {
             let (tx, rx) = mpsc::channel(ANCHOR_QUEUE);
-            (tx, tokio::spawn(anchor(rx, sink, Arc::clone(&shared))))
+            let pending = Arc::new(AtomicU64::new(0));
+            let task = tokio::spawn(anchor(rx, sink, Arc::clone(&shared), Arc::clone(&pending)));
+            Anchor { tx, task, pending }
         });
         Chain {
             integrity,
@@ -115,10 +125,12 @@ impl Chain {
         let hash = hash_with(&self.head, event, &mut self.buf);
         event.hash = Some(hash);
         (self.head, self.head_seq) = (hash, event.seq);
-        if checkpoint && let Some((anchor, _)) = &self.anchor {
-            // A full queue means the sink is far behind: this newer checkpoint waits its turn by replacing
-            // nothing; it is counted as not anchored.
-            if anchor.try_send(event.clone()).is_err() {
+        if checkpoint && let Some(anchor) = &self.anchor {
+            // A full queue means the sink is far behind: this checkpoint is counted as not anchored (a later one
+            // covers what it covers).
+            anchor.pending.fetch_add(1, Relaxed);
+            if anchor.tx.try_send(event.clone()).is_err() {
+                anchor.pending.fetch_sub(1, Relaxed);
                 add(&self.shared.counters.anchor_failed, 1);
             }
         }
@@ -130,20 +142,26 @@ impl Chain {
     /// `deadline` (or [`ANCHOR_TIMEOUT`] without one). What it has not taken by then is counted in
     /// `anchor_failed`.
     pub(crate) async fn finish(mut self, deadline: Option<Instant>) {
-        let Some((tx, task)) = self.anchor.take() else { return };
+        let Some(Anchor { tx, task, pending }) = self.anchor.take() else { return };
         drop(tx);
         let until = deadline.unwrap_or_else(|| Instant::now() + ANCHOR_TIMEOUT);
         let abort = task.abort_handle();
         if tokio::time::timeout_at(until, task).await.is_err() {
             abort.abort();
-            tracing::error!("checkpoint sink still writing at the shutdown deadline; the rest is not anchored");
-            add(&self.shared.counters.anchor_failed, 1);
+            let left = pending.swap(0, Relaxed);
+            tracing::error!(left, "checkpoint sink still writing at the shutdown deadline; those are not anchored");
+            add(&self.shared.counters.anchor_failed, left);
         }
     }
 }
 
 /// Writes each checkpoint to the checkpoint sink, a few tries each, bounded in time; counts what failed.
-async fn anchor(mut rx: mpsc::Receiver<AuditEvent>, sink: Arc<dyn DynSink>, shared: Arc<Shared>) {
+async fn anchor(
+    mut rx: mpsc::Receiver<AuditEvent>,
+    sink: Arc<dyn DynSink>,
+    shared: Arc<Shared>,
+    pending: Arc<AtomicU64>,
+) {
     while let Some(event) = rx.recv().await {
         let mut written = false;
         for _ in 0..ANCHOR_TRIES {
@@ -160,6 +178,7 @@ async fn anchor(mut rx: mpsc::Receiver<AuditEvent>, sink: Arc<dyn DynSink>, shar
             tracing::error!(seq = event.seq, "checkpoint not anchored: the checkpoint sink failed every try");
             add(&shared.counters.anchor_failed, 1);
         }
+        pending.fetch_sub(1, Relaxed);
     }
     let _ = sink.flush().await;
 }

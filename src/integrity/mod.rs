@@ -141,7 +141,8 @@ impl Integrity {
     /// Also hands every checkpoint (an `audit.checkpoint` or `audit.shutdown` event) to `sink`: a file, another
     /// database, a service elsewhere. A trail's newest rows can only be proven deleted against a checkpoint
     /// kept where whoever can edit the trail cannot. Written from a task of its own, so a slow anchor never
-    /// holds up the trail; a failed write is logged and counted in [`Stats::checkpoints_failed`](crate::Stats).
+    /// holds up the trail; a failed write is logged and counted in [`Stats::anchor_failed`](crate::Stats::anchor_failed), as is
+    /// a checkpoint still unwritten at the shutdown deadline.
     pub fn checkpoint_sink(mut self, sink: impl AuditSink) -> Self {
         self.sink = Some(Arc::new(sink));
         self

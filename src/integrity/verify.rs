@@ -468,6 +468,13 @@ impl Verifier {
             kind::AUDIT_GAP => Mark::Gap(numbered_losses(event)),
             _ => Mark::Plain,
         };
+        if event.kind == kind::AUDIT_BOOT
+            && let Some(Ok(previous)) = Checkpoint::previous_of(event)
+        {
+            // The previous boot's last checkpoint, as this boot's first event names it: checked like one kept out
+            // of band, so a previous boot deleted whole (or cut short) is found.
+            self.trusted.push(previous);
+        }
         let boot = self.boots.entry(event.boot).or_default();
         if boot.instance.is_none() {
             boot.instance.clone_from(&event.instance);
