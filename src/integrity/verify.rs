@@ -1,59 +1,4 @@
-//! The verifier: reads a trail back (any order, any number of boots) and says, per boot, up to which seq it is
-//! proven intact, and names each way it is not.
-//!
-//! # What is checked, and how each attack is named
-//!
-//! Events are grouped by `boot` and ordered by `seq`. Within a boot, the verifier walks the seqs from 1 and
-//! keeps the hash of the event before (the *head*, all zeros before seq 1). For every event it checks that its
-//! stored `hash` is `SHA-256(domain ‖ prev_hash ‖ canonical encoding)` of its own stored `prev_hash` and
-//! content (*self-consistent*), and that its `prev_hash` is the head (*linked*). Signed checkpoints in the trail
-//! (`audit.checkpoint`, the boot's final `audit.shutdown`) and the trusted checkpoints given from out of band
-//! must verify with the key, and sign the hash the trail holds at the seq they cover.
-//!
-//! The rules, in the order they are applied:
-//!
-//! 1. **Duplicates**: a row identical to one already read (same seq, `prev_hash` and `hash`, self-consistent)
-//!    is dropped and counted in [`BootReport::duplicates`]: a sink retrying a batch may write it twice.
-//! 2. **[`Missing`](Finding::Missing) `{ from, to }`**: no row holds these seqs. After a missing range the
-//!    walk resumes at the next row that is self-consistent. A range is not a finding but a *declared loss*
-//!    ([`BootReport::lost`]) when an `audit.gap` event after it, before the next gap event, reports at least
-//!    that many events lost after they were numbered (its `lost` count less the reasons that drop an event
-//!    before the worker numbers it: `queue_full`, `queue_bytes`, `wait_timeout`, `closed`).
-//! 3. **[`Inserted`](Finding::Inserted) `{ seq }`**: a row that does not belong. Of several rows with one seq,
-//!    the one that is self-consistent and linked (and, failing that, the one the next seq links to) is the
-//!    boot's; every other is inserted. So is a row with seq 0, a row after the boot's verified `audit.shutdown`,
-//!    and a row whose hash does not match its content and that neither links to the head nor is linked to by
-//!    the next seq.
-//! 4. **[`ReplayedFromOtherBoot`](Finding::ReplayedFromOtherBoot) `{ seq, boot }`**: a row that would be
-//!    altered or inserted, whose stored hash (or `prev_hash`) is that of an event (or of the event before it) of
-//!    another boot in the trail, and whose content, given that boot's instance, boot and seq back, hashes to it:
-//!    a copy of that event, or the event itself moved.
-//! 5. **[`Reordered`](Finding::Reordered) `{ seqs }`**: two rows that each hash correctly only under the other's
-//!    seq (their contents were swapped, seq column kept); or rows stored out of seq order (a JSON lines file
-//!    whose lines were swapped: read in storage order, the links are out of order though every row hashes
-//!    correctly). `seqs` names the rows out of place.
-//! 6. **[`Altered`](Finding::Altered) `{ seq }`**: a row whose stored hash does not match its content (a field,
-//!    or the hash, was edited), in its place in the chain (it links to the head, or the next seq links to it);
-//!    or a row that is self-consistent but that the next seq does not link to (edited, and its hash recomputed:
-//!    the break shows at the link after it); or a row whose `prev_hash` alone was edited.
-//! 7. **[`Rewritten`](Finding::Rewritten) `{ from, to }`**: the chain is consistent, but a verified checkpoint
-//!    (in the trail or trusted) signs another hash at `to` than the trail holds: some event in `from..=to`
-//!    was edited and every hash after it recomputed. `from` is one past the last checkpoint that matched.
-//! 8. **[`Truncated`](Finding::Truncated) `{ after, expected }`**: a trusted checkpoint covers up to `expected`,
-//!    but the boot's rows end at `after` (0 when no row of the boot is left). Only a trusted checkpoint, kept
-//!    where whoever can edit the trail cannot, can show that the newest rows were deleted.
-//! 9. **[`BadSignature`](Finding::BadSignature) `{ seq }`**, **[`WrongKey`](Finding::WrongKey) `{ seq, key }`**,
-//!    **[`BadCheckpoint`](Finding::BadCheckpoint) `{ seq, reason }`**: a checkpoint event whose signature does
-//!    not verify, that names another key, or that cannot be read (or signs another seq than the one before
-//!    it). A trusted checkpoint that does not verify is [rejected](Report::rejected) instead.
-//! 10. **[`Unchained`](Finding::Unchained) `{ from, to }`**: rows without a hash (integrity off, or written
-//!     before it was on, or a hash removed). Nothing about them can be verified.
-//!
-//! [`BootReport::verified_to`] is the highest seq such that every event up to it is covered by a checkpoint
-//! that verifies and matches, and no finding lies at or before it. The events after the last checkpoint are
-//! chained but unsigned: whoever can write the trail can rewrite them undetectably until the next checkpoint, or
-//! delete them undetectably but for a trusted checkpoint. After a finding, the walk resumes at the next row that
-//! is self-consistent, so one edit is named once.
+//! The verifier: reads a trail back and names every way it was tampered with (the rules are on [`verify`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -73,7 +18,7 @@ const MAX_SWAP_CANDIDATES: usize = 256;
 /// the seqs.
 const UNNUMBERED_LOSSES: [&str; 4] = ["queue_full", "queue_bytes", "wait_timeout", "closed"];
 
-/// One way a boot's trail is not intact. See the [module docs](self) for the exact rule behind each.
+/// One way a boot's trail is not intact. See [`verify`](verify()) for the exact rule behind each.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "finding", rename_all = "snake_case")]
 #[non_exhaustive]
@@ -365,7 +310,64 @@ impl fmt::Display for Report {
     }
 }
 
-/// Verifies a trail: see the [module docs](self) for the rules.
+/// The verifier: reads a trail back (any order, any number of boots) and says, per boot, up to which seq it is
+/// proven intact, and names each way it is not.
+///
+/// # What is checked, and how each attack is named
+///
+/// Events are grouped by `boot` and ordered by `seq`. Within a boot, the verifier walks the seqs from 1 and
+/// keeps the hash of the event before (the *head*, all zeros before seq 1). For every event it checks that its
+/// stored `hash` is `SHA-256(domain ‖ prev_hash ‖ canonical encoding)` of its own stored `prev_hash` and
+/// content (*self-consistent*), and that its `prev_hash` is the head (*linked*). Signed checkpoints in the trail
+/// (`audit.checkpoint`, the boot's final `audit.shutdown`) and the trusted checkpoints given from out of band
+/// must verify with the key, and sign the hash the trail holds at the seq they cover.
+///
+/// The rules, in the order they are applied:
+///
+/// 1. **Duplicates**: a row identical to one already read (same seq, `prev_hash` and `hash`, self-consistent)
+///    is dropped and counted in [`BootReport::duplicates`]: a sink retrying a batch may write it twice.
+/// 2. **[`Missing`](Finding::Missing) `{ from, to }`**: no row holds these seqs. After a missing range the
+///    walk resumes at the next row that is self-consistent. A range is not a finding but a *declared loss*
+///    ([`BootReport::lost`]) when an `audit.gap` event after it, before the next gap event, reports at least
+///    that many events lost after they were numbered (its `lost` count less the reasons that drop an event
+///    before the worker numbers it: `queue_full`, `queue_bytes`, `wait_timeout`, `closed`).
+/// 3. **[`Inserted`](Finding::Inserted) `{ seq }`**: a row that does not belong. Of several rows with one seq,
+///    the one that is self-consistent and linked (and, failing that, the one the next seq links to) is the
+///    boot's; every other is inserted. So is a row with seq 0, a row after the boot's verified `audit.shutdown`,
+///    and a row whose hash does not match its content and that neither links to the head nor is linked to by
+///    the next seq.
+/// 4. **[`ReplayedFromOtherBoot`](Finding::ReplayedFromOtherBoot) `{ seq, boot }`**: a row that would be
+///    altered or inserted, whose stored hash (or `prev_hash`) is that of an event (or of the event before it) of
+///    another boot in the trail, and whose content, given that boot's instance, boot and seq back, hashes to it:
+///    a copy of that event, or the event itself moved.
+/// 5. **[`Reordered`](Finding::Reordered) `{ seqs }`**: two rows that each hash correctly only under the other's
+///    seq (their contents were swapped, seq column kept); or rows stored out of seq order (a JSON lines file
+///    whose lines were swapped: read in storage order, the links are out of order though every row hashes
+///    correctly). `seqs` names the rows out of place.
+/// 6. **[`Altered`](Finding::Altered) `{ seq }`**: a row whose stored hash does not match its content (a field,
+///    or the hash, was edited), in its place in the chain (it links to the head, or the next seq links to it);
+///    or a row that is self-consistent but that the next seq does not link to (edited, and its hash recomputed:
+///    the break shows at the link after it); or a row whose `prev_hash` alone was edited.
+/// 7. **[`Rewritten`](Finding::Rewritten) `{ from, to }`**: the chain is consistent, but a verified checkpoint
+///    (in the trail or trusted) signs another hash at `to` than the trail holds: some event in `from..=to`
+///    was edited and every hash after it recomputed. `from` is one past the last checkpoint that matched.
+/// 8. **[`Truncated`](Finding::Truncated) `{ after, expected }`**: a trusted checkpoint covers up to `expected`,
+///    but the boot's rows end at `after` (0 when no row of the boot is left). Only a trusted checkpoint, kept
+///    where whoever can edit the trail cannot, can show that the newest rows were deleted.
+/// 9. **[`BadSignature`](Finding::BadSignature) `{ seq }`**, **[`WrongKey`](Finding::WrongKey) `{ seq, key }`**,
+///    **[`BadCheckpoint`](Finding::BadCheckpoint) `{ seq, reason }`**: a checkpoint event whose signature does
+///    not verify, that names another key, or that cannot be read (or signs another seq than the one before
+///    it). A trusted checkpoint that does not verify is [rejected](Report::rejected) instead.
+/// 10. **[`Unchained`](Finding::Unchained) `{ from, to }`**: rows without a hash (integrity off, or written
+///     before it was on, or a hash removed). Nothing about them can be verified.
+///
+/// [`BootReport::verified_to`] is the highest seq such that every event up to it is covered by a checkpoint
+/// that verifies and matches, and no finding lies at or before it. The events after the last checkpoint are
+/// chained but unsigned: whoever can write the trail can rewrite them undetectably until the next checkpoint, or
+/// delete them undetectably but for a trusted checkpoint. After a finding, the walk resumes at the next row that
+/// is self-consistent, so one edit is named once.
+///
+/// Verifies a trail, by the rules above.
 ///
 /// `events` in the order they are stored (a file's lines, a table's rows); `trusted`, checkpoints kept out of
 /// band (a checkpoint sink), which alone can show the newest rows deleted.
