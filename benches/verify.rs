@@ -74,12 +74,12 @@ fn verify(c: &mut Criterion) {
     group.bench_function("ceiling_read_and_parse", |b| {
         b.iter(|| {
             let text = std::fs::read(&path).unwrap();
-            let parsed = text
-                .split(|b| *b == b'\n')
-                .filter(|line| !line.is_empty())
-                .map(|line| serde_json::from_slice::<AuditEvent>(line).unwrap())
-                .count();
-            assert_eq!(parsed as u64, events);
+            let mut parsed = 0u64;
+            for line in text.split(|b| *b == b'\n').filter(|line| !line.is_empty()) {
+                let event: AuditEvent = serde_json::from_slice(line).unwrap();
+                parsed += u64::from(event.seq > 0);
+            }
+            assert_eq!(parsed, events);
         })
     });
     group.finish();
