@@ -173,6 +173,40 @@ mod sql {
     }
 
     impl Stored {
+        /// Reads the columns of the verifiers' query (time excepted: each database stores it its own way, so the
+        /// caller reads it as `time_micros`).
+        pub(super) fn from_row<R>(row: &R, time_micros: Option<i64>) -> Result<Self, sqlx::Error>
+        where
+            R: sqlx::Row,
+            usize: sqlx::ColumnIndex<R>,
+            for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+            for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        {
+            Ok(Stored {
+                id: row.try_get(0)?,
+                seq: row.try_get(1)?,
+                time_micros,
+                kind: row.try_get(3)?,
+                outcome: row.try_get(4)?,
+                method: row.try_get(5)?,
+                route: row.try_get(6)?,
+                path: row.try_get(7)?,
+                status: row.try_get(8)?,
+                grpc_status: row.try_get(9)?,
+                latency_us: row.try_get(10)?,
+                request_id: row.try_get(11)?,
+                actor: row.try_get(12)?,
+                client_addr: row.try_get(13)?,
+                user_agent: row.try_get(14)?,
+                attributes: row.try_get(15)?,
+                version: row.try_get(16)?,
+                instance: row.try_get(17)?,
+                boot: row.try_get(18)?,
+                prev_hash: row.try_get(19)?,
+                hash: row.try_get(20)?,
+            })
+        }
+
         /// The event as it was written; what cannot be read back names its column.
         pub(super) fn into_event(self) -> Result<AuditEvent, String> {
             let bad = |column: &str, value: &dyn std::fmt::Debug| format!("row {}: bad {column} {value:?}", self.id);
@@ -262,29 +296,7 @@ pub async fn verify_sqlite(
     let rows = sqlx::query(sqlx::AssertSqlSafe(query)).fetch(pool);
     sql::feed(rows, &mut verifier, |row: &sqlx::sqlite::SqliteRow| {
         let time: String = row.try_get(2)?;
-        Ok(sql::Stored {
-            id: row.try_get(0)?,
-            seq: row.try_get(1)?,
-            time_micros: humantime::parse_rfc3339(&time).ok().map(super::canonical::micros),
-            kind: row.try_get(3)?,
-            outcome: row.try_get(4)?,
-            method: row.try_get(5)?,
-            route: row.try_get(6)?,
-            path: row.try_get(7)?,
-            status: row.try_get(8)?,
-            grpc_status: row.try_get(9)?,
-            latency_us: row.try_get(10)?,
-            request_id: row.try_get(11)?,
-            actor: row.try_get(12)?,
-            client_addr: row.try_get(13)?,
-            user_agent: row.try_get(14)?,
-            attributes: row.try_get(15)?,
-            version: row.try_get(16)?,
-            instance: row.try_get(17)?,
-            boot: row.try_get(18)?,
-            prev_hash: row.try_get(19)?,
-            hash: row.try_get(20)?,
-        })
+        sql::Stored::from_row(row, humantime::parse_rfc3339(&time).ok().map(super::canonical::micros))
     })
     .await?;
     Ok(verifier.finish())
@@ -317,32 +329,8 @@ pub async fn verify_postgres(
     );
     let mut verifier = Verifier::new(key, trusted);
     let rows = sqlx::query(sqlx::AssertSqlSafe(query)).fetch(pool);
-    sql::feed(rows, &mut verifier, |row: &sqlx::postgres::PgRow| {
-        Ok(sql::Stored {
-            id: row.try_get(0)?,
-            seq: row.try_get(1)?,
-            time_micros: Some(row.try_get(2)?),
-            kind: row.try_get(3)?,
-            outcome: row.try_get(4)?,
-            method: row.try_get(5)?,
-            route: row.try_get(6)?,
-            path: row.try_get(7)?,
-            status: row.try_get(8)?,
-            grpc_status: row.try_get(9)?,
-            latency_us: row.try_get(10)?,
-            request_id: row.try_get(11)?,
-            actor: row.try_get(12)?,
-            client_addr: row.try_get(13)?,
-            user_agent: row.try_get(14)?,
-            attributes: row.try_get(15)?,
-            version: row.try_get(16)?,
-            instance: row.try_get(17)?,
-            boot: row.try_get(18)?,
-            prev_hash: row.try_get(19)?,
-            hash: row.try_get(20)?,
-        })
-    })
-    .await?;
+    sql::feed(rows, &mut verifier, |row: &sqlx::postgres::PgRow| sql::Stored::from_row(row, Some(row.try_get(2)?)))
+        .await?;
     Ok(verifier.finish())
 }
 
