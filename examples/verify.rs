@@ -2,8 +2,11 @@
 //!
 //! ```text
 //! cargo run --example verify --features sqlite,postgres -- --key <verifier key> \
-//!     [--checkpoint FILE]... (--jsonl FILE | --sqlite URL | --postgres URL) [--table T] [--json]
+//!     [--checkpoint FILE]... (--jsonl FILE | --sqlite URL | --postgres URL)... [--table T] [--json]
 //! ```
+//!
+//! Several trails are verified as one: a pipeline with a fallback sink chains across both, so give the primary's
+//! table and the fallback's file together (`--postgres URL --jsonl audit-fallback.jsonl`).
 //!
 //! `--checkpoint` names a file kept out of band: a signed note (`Checkpoint::to_note`) or the JSON lines of a
 //! checkpoint sink (every checkpoint in it is used). Prints a summary per boot (or the report as JSON), and
@@ -14,10 +17,10 @@ use std::process::ExitCode;
 
 use clap::{ArgGroup, Parser};
 use tower_audit::AuditEvent;
-use tower_audit::integrity::{Checkpoint, Report, VerifierKey};
+use tower_audit::integrity::{Checkpoint, Report, Verifier, VerifierKey};
 
 #[derive(Debug, Parser)]
-#[command(about = "Verify a tower-audit trail", group(ArgGroup::new("trail").required(true)))]
+#[command(about = "Verify a tower-audit trail", group(ArgGroup::new("trail").required(true).multiple(true)))]
 struct Args {
     /// The verifier key: `<name>+<key id>+<base64 key>` (`Integrity::verifier_key`).
     #[arg(long, env = "TOWER_AUDIT_VERIFIER_KEY")]
@@ -25,15 +28,15 @@ struct Args {
     /// A trusted checkpoint file: a signed note, or JSON lines of checkpoint events. Repeatable.
     #[arg(long)]
     checkpoint: Vec<PathBuf>,
-    /// A JSON lines file written by `JsonLinesSink`.
+    /// A JSON lines file written by `JsonLinesSink`. Repeatable.
     #[arg(long, group = "trail")]
-    jsonl: Option<PathBuf>,
-    /// An SQLite database written by `SqliteSink` (`sqlite://audit.db`).
+    jsonl: Vec<PathBuf>,
+    /// An SQLite database written by `SqliteSink` (`sqlite://audit.db`). Repeatable.
     #[arg(long, group = "trail")]
-    sqlite: Option<String>,
-    /// A Postgres database written by `PostgresSink` (`postgres://user@host/db`).
+    sqlite: Vec<String>,
+    /// A Postgres database written by `PostgresSink` (`postgres://user@host/db`). Repeatable.
     #[arg(long, group = "trail")]
-    postgres: Option<String>,
+    postgres: Vec<String>,
     /// The table, for `--sqlite` and `--postgres` (default `audit_events`).
     #[arg(long)]
     table: Option<String>,
@@ -64,23 +67,20 @@ async fn run(args: &Args) -> Result<Report, String> {
         trusted.extend(read_checkpoints(path)?);
     }
     let table = args.table.as_deref();
-    if let Some(path) = &args.jsonl {
-        return tower_audit::integrity::verify_json_lines(path, &args.key, &trusted).map_err(|e| e.to_string());
-    }
-    if let Some(url) = &args.sqlite {
+    let mut verifier = Verifier::new(&args.key, &trusted);
+    for url in &args.sqlite {
         let options = url.parse::<sqlx::sqlite::SqliteConnectOptions>().map_err(|e| e.to_string())?.read_only(true);
         let pool = sqlx::SqlitePool::connect_with(options).await.map_err(|e| e.to_string())?;
-        return tower_audit::integrity::verify_sqlite(&pool, table, &args.key, &trusted)
-            .await
-            .map_err(|e| e.to_string());
+        verifier.push_sqlite(&pool, table).await.map_err(|e| format!("{url}: {e}"))?;
     }
-    if let Some(url) = &args.postgres {
+    for url in &args.postgres {
         let pool = sqlx::PgPool::connect(url).await.map_err(|e| e.to_string())?;
-        return tower_audit::integrity::verify_postgres(&pool, table, &args.key, &trusted)
-            .await
-            .map_err(|e| e.to_string());
+        verifier.push_postgres(&pool, table).await.map_err(|e| e.to_string())?;
     }
-    unreachable!("clap requires one trail")
+    for path in &args.jsonl {
+        verifier.push_json_lines(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(verifier.finish())
 }
 
 #[tokio::main(flavor = "current_thread")]

@@ -4,6 +4,8 @@
 //! never cumulative. Its counts are marked as reported only once the gap event itself is written, so a gap
 //! event that fails is carried into the next one. The primary trail also counts the events that went to the
 //! fallback sink instead (they are missing from it); the fallback trail does not (they are its contents).
+//! Both count the pipeline's own events (boot, gap, checkpoint, shutdown) missing from them the same way
+//! (`pipeline_lost`, `pipeline_in_fallback`): with integrity on, every seq absent from a trail is declared.
 
 use std::time::SystemTime;
 
@@ -23,6 +25,18 @@ pub(crate) struct Losses {
     spill_full: u64,
     corrupt: u64,
     in_fallback: u64,
+    /// The pipeline's own events (boot, gap, checkpoint, shutdown) numbered and then written to no trail.
+    pipeline_lost: u64,
+    /// The pipeline's own events the primary failed and the fallback took.
+    pipeline_in_fallback: u64,
+}
+
+/// The pipeline's own events missing from the trails, as the worker counts them (they are not in [`Stats`],
+/// which counts what the application offered).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct PipelineLosses {
+    pub(crate) lost: u64,
+    pub(crate) in_fallback: u64,
 }
 
 impl Losses {
@@ -38,7 +52,16 @@ impl Losses {
             spill_full: stats.spill_full,
             corrupt: stats.corrupt,
             in_fallback: stats.fallback_written,
+            pipeline_lost: 0,
+            pipeline_in_fallback: 0,
         }
+    }
+
+    /// With the pipeline's own events missing added.
+    pub(crate) fn with_pipeline(mut self, pipeline: PipelineLosses) -> Self {
+        self.pipeline_lost = pipeline.lost;
+        self.pipeline_in_fallback = pipeline.in_fallback;
+        self
     }
 
     pub(crate) fn since(self, earlier: Losses) -> Self {
@@ -53,6 +76,8 @@ impl Losses {
             spill_full: self.spill_full - earlier.spill_full,
             corrupt: self.corrupt - earlier.corrupt,
             in_fallback: self.in_fallback - earlier.in_fallback,
+            pipeline_lost: self.pipeline_lost - earlier.pipeline_lost,
+            pipeline_in_fallback: self.pipeline_in_fallback - earlier.pipeline_in_fallback,
         }
     }
 
@@ -67,9 +92,11 @@ impl Losses {
             + self.spill_full
             + self.corrupt
             + self.in_fallback
+            + self.pipeline_lost
+            + self.pipeline_in_fallback
     }
 
-    pub(crate) fn by_reason(self) -> [(&'static str, u64); 10] {
+    pub(crate) fn by_reason(self) -> [(&'static str, u64); 12] {
         [
             ("queue_full", self.queue_full),
             ("queue_bytes", self.queue_bytes),
@@ -81,6 +108,8 @@ impl Losses {
             ("spill_full", self.spill_full),
             ("corrupt", self.corrupt),
             ("in_fallback", self.in_fallback),
+            ("pipeline_lost", self.pipeline_lost),
+            ("pipeline_in_fallback", self.pipeline_in_fallback),
         ]
     }
 }
@@ -115,23 +144,35 @@ impl Ledger {
     fn view(&self, mut now: Losses) -> Losses {
         if self.trail == Trail::Fallback {
             now.in_fallback = 0;
+            now.pipeline_in_fallback = 0;
         }
         now
     }
 
     /// Whether events are missing from this trail that it has not been told about. Refused requests never
-    /// make a gap event due by themselves (nothing is missing); they ride along in the next one.
+    /// make a gap event due by themselves (nothing is missing); they ride along in the next one. Nor do the
+    /// pipeline's own events in the fallback: while the primary is down, the primary's gap events go there, and
+    /// each would make the next one due, a gap event per tick without traffic.
     pub(crate) fn is_due(&self, now: Losses) -> bool {
-        self.unreported(now) > 0
+        let new = self.view(now).since(self.reported);
+        new.missing() > new.pipeline_in_fallback
     }
 
-    /// What the trail has not been told, as a count of missing events.
+    /// What the trail has not been told, as a count of missing events the application offered (the
+    /// pipeline's own are left out).
     pub(crate) fn unreported(&self, now: Losses) -> u64 {
-        self.view(now).since(self.reported).missing()
+        let new = self.view(now).since(self.reported);
+        new.missing() - new.pipeline_lost - new.pipeline_in_fallback
     }
 
-    /// The gap event for what this trail has not been told about, if anything.
+    /// The gap event for what this trail has not been told about, if one [is due](Self::is_due).
     pub(crate) fn due(&self, now: Losses) -> Option<Due> {
+        self.is_due(now).then(|| self.last(now)).flatten()
+    }
+
+    /// The gap event for what this trail has not been told about, if anything: at shutdown, the last chance to
+    /// declare even the pipeline's own events in the fallback.
+    pub(crate) fn last(&self, now: Losses) -> Option<Due> {
         let upto = self.view(now);
         let new = upto.since(self.reported);
         (new.missing() > 0).then(|| Due { upto, event: gap_event(new, self.trail) })

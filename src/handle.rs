@@ -55,7 +55,9 @@ pub struct ShutdownReport {
     /// that no `audit.gap` event in the primary trail reports: because the last one could not be written (the
     /// primary sink was down), the deadline came first, or the loss came after the last gap event was written
     /// (events `dropped_closed` while the pipeline shut down, or `abandoned` at the deadline). Zero means the
-    /// primary trail accounts for every loss itself.
+    /// primary trail accounts for every loss itself. It counts the application's events; the pipeline's own
+    /// (boot, gap, checkpoint, shutdown) missing from the trail are declared by gap events as `pipeline_lost`
+    /// and `pipeline_in_fallback`, and not counted here.
     pub unreported: u64,
 }
 

@@ -587,6 +587,7 @@ impl AuditLayerBuilder {
                 Chain::start(integrity, Arc::clone(&shared), keep)
             }),
             boot: Some(boot_event),
+            pipeline: Default::default(),
         };
         runtime.spawn(worker.run());
         #[cfg(feature = "metrics")]

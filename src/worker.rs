@@ -13,8 +13,8 @@ use tokio::time::Instant;
 
 use crate::call::{Deadline, after};
 use crate::delivery::{Sinks, Written};
-use crate::event::AuditEvent;
-use crate::gap::{Due, Ledger, Losses, Trail};
+use crate::event::{AuditEvent, kind};
+use crate::gap::{Due, Ledger, Losses, PipelineLosses, Trail};
 use crate::handle::ShutdownReport;
 use crate::intake::Entry;
 use crate::integrity::chain::Chain;
@@ -47,6 +47,8 @@ pub(crate) struct Worker {
     pub(crate) chain: Option<Chain>,
     /// The `audit.boot` event, written first.
     pub(crate) boot: Option<AuditEvent>,
+    /// The worker's own events that did not reach the primary trail (the gap events declare them).
+    pub(crate) pipeline: PipelineLosses,
 }
 
 /// Where stamped batches go.
@@ -182,7 +184,7 @@ impl Worker {
     }
 
     fn losses(&self) -> Losses {
-        Losses::of(&self.shared.stats())
+        Losses::of(&self.shared.stats()).with_pipeline(self.pipeline)
     }
 
     /// How many events to take: one fewer than a batch when a gap event is due, so it fits in front.
@@ -223,9 +225,8 @@ impl Worker {
         }
     }
 
-    /// Writes `[gap] + [lifecycle event] + events`: to the primary sink, or failing that the events (and the
-    /// lifecycle event) to the fallback (after its own gap event, if one is due); or, with a spill, appends
-    /// them to it. Counts what became of them. Returns `true` when the shutdown deadline passed first; the
+    /// Writes `[gap] + [lifecycle event] + events`: to the primary sink, or failing that all of it, as numbered,
+    /// to the fallback, then the fallback's own gap event if one is due; or, with a spill, appends them to it. Counts what became of them. Returns `true` when the shutdown deadline passed first; the
     /// events are then unsettled.
     async fn write(
         &mut self,
@@ -266,6 +267,7 @@ impl Worker {
                     Err(error) => (vec![false; events.len()], Some(error)),
                 };
                 add(&counters.spilled, appended.iter().filter(|a| **a).count() as u64);
+                self.pipeline.lost += appended[..meta].iter().filter(|a| !**a).count() as u64;
                 let users = appended[meta..].iter().filter(|a| **a).count() as u64;
                 if let Some(error) = &error {
                     tracing::error!(%error, events = n - users, "cannot append to the audit spill; events lost");
@@ -292,11 +294,8 @@ impl Worker {
             Output::Direct(sinks) => sinks,
             Output::Closed => unreachable!("nothing is written after shutdown"),
         };
-        let written = sinks.primary(events, &self.deadline, counters).await;
-        if reported.is_some() {
-            events.remove(0);
-        }
-        match written {
+        let meta = origins.len() as u64;
+        match sinks.primary(events, &self.deadline, counters).await {
             Written::Yes => {
                 state.users_durable = true;
                 add(&counters.written, n);
@@ -307,9 +306,30 @@ impl Worker {
                 }
             }
             Written::Deadline => return true,
-            Written::Failed if sinks.fallback.is_none() => add(&counters.lost, n),
             Written::Failed => {
-                if let Some(mut due) = state.fallback.due(Losses::of(&self.shared.stats())) {
+                // The batch goes to the fallback as numbered, the primary's gap event and the lifecycle event
+                // included: they hold seqs of the chain, and the primary's next gap event declares them.
+                let fell_back = sinks.fallback(events, &self.deadline, counters).await;
+                match fell_back {
+                    Written::Yes => {
+                        state.users_durable = true;
+                        add(&counters.fallback_written, n);
+                        self.pipeline.in_fallback += meta;
+                    }
+                    Written::Failed => {
+                        add(&counters.lost, n);
+                        self.pipeline.lost += meta;
+                    }
+                    Written::Deadline => return true,
+                }
+                // Then the fallback's own gap event: numbered after the batch, so written after it (and only when
+                // the fallback took the batch: one that just failed is not called again at once; nor after the
+                // shutdown event, which ends the boot's chain).
+                if fell_back == Written::Yes
+                    && !events.last().is_some_and(|e| e.kind == kind::AUDIT_SHUTDOWN)
+                    && let Some(mut due) =
+                        state.fallback.due(Losses::of(&self.shared.stats()).with_pipeline(self.pipeline))
+                {
                     self.stamper.stamp(&mut due.event);
                     if let Some(chain) = &mut self.chain {
                         chain.link(&mut due.event);
@@ -318,18 +338,9 @@ impl Worker {
                         Written::Yes => {
                             add(&counters.gap_events, 1);
                             state.fallback.written(due.upto);
+                            self.pipeline.in_fallback += 1;
                         }
-                        Written::Failed => {}
-                        Written::Deadline => return true,
-                    }
-                }
-                if !events.is_empty() {
-                    match sinks.fallback(events, &self.deadline, counters).await {
-                        Written::Yes => {
-                            state.users_durable = true;
-                            add(&counters.fallback_written, n);
-                        }
-                        Written::Failed => add(&counters.lost, n),
+                        Written::Failed => self.pipeline.lost += 1,
                         Written::Deadline => return true,
                     }
                 }
@@ -399,7 +410,7 @@ impl Worker {
         let report = ShutdownReport {
             stats,
             drained: stats.abandoned == 0 && stats.left_in_spill == 0 && flushed,
-            unreported: state.primary.unreported(Losses::of(&stats)),
+            unreported: state.primary.unreported(Losses::of(&stats).with_pipeline(self.pipeline)),
         };
         tracing::info!(%stats, drained = report.drained, unreported = report.unreported, "audit pipeline shut down");
         self.report.send_replace(Some(report));
@@ -407,7 +418,7 @@ impl Worker {
 
     /// The last batch (the gap event due, and `audit.shutdown`), then a flush. Whether all of it succeeded.
     async fn end_direct(&mut self, state: &mut State) -> bool {
-        let due = state.primary.due(self.losses());
+        let due = state.primary.last(self.losses());
         let last = shutdown_event(&self.shared.stats());
         if self.write_last(due, last, state).await {
             return false;
@@ -440,7 +451,7 @@ impl Worker {
         let left = spill.spool.progress.in_spill.load(std::sync::atomic::Ordering::SeqCst);
         stats.left_in_spill += left;
         stats.queued = stats.queued.saturating_sub(left);
-        let due = state.primary.due(Losses::of(&stats));
+        let due = state.primary.last(Losses::of(&stats).with_pipeline(self.pipeline));
         self.write_last(due, shutdown_event(&stats), state).await;
         let Output::Spill(spill) = &mut self.output else { unreachable!("end_spill with a spill") };
         if let Err(error) = spill.spool.sync().await {

@@ -185,7 +185,12 @@ async fn nothing_is_attempted_after_the_deadline_not_even_the_fallback() {
     assert_eq!(s.fallback_written + s.abandoned, 100, "{s:?}");
     // The boot event, then the events and gap events; no shutdown event, as the deadline came first.
     let in_fallback = without_bookends(fallback.written.events());
-    assert_eq!(in_fallback.len() as u64, s.fallback_written + s.gap_events);
+    let count = |f: &dyn Fn(&AuditEvent) -> bool| in_fallback.iter().filter(|e| f(e)).count() as u64;
+    assert_eq!(count(&|e| e.kind == "x"), s.fallback_written);
+    // The primary wrote nothing: every gap event counted is the fallback's own; the primary's went with their
+    // batches.
+    assert_eq!(count(&|e| e.kind == kind::AUDIT_GAP && e.attributes["trail"] == "fallback"), s.gap_events);
+    assert_eq!(count(&|e| e.kind == "x" || e.kind == kind::AUDIT_GAP), in_fallback.len() as u64);
     assert_eq!(fallback.written.events().last().unwrap().kind, "x");
     let starts: Vec<Instant> =
         primary.starts.lock().unwrap().iter().chain(fallback.starts.lock().unwrap().iter()).copied().collect();
@@ -418,22 +423,22 @@ async fn a_gap_event_that_fails_is_carried_into_the_next_and_the_fallback_gets_i
         handle.record(AuditEvent::new("x").attribute("i", i.to_string()));
     }
     let report = handle.shutdown(LIMIT).await;
-    // The first batch (its gap event and three events) failed: the fallback trail got its own gap event (the
-    // 6 dropped; nothing about its own contents), then the three.
+    // The first batch (the primary's gap event and three events) failed: the fallback took it as numbered, then
+    // its own gap event (the 6 dropped; nothing about its own contents), numbered and written after it.
     let attrs = |e: &AuditEvent| e.attributes.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
     let fb = fallback.events();
-    assert_eq!(fb.len(), 4);
-    assert_eq!(fb[0].kind, kind::AUDIT_GAP);
-    assert_eq!(attrs(&fb[0]), "lost=6 queue_full=6 trail=fallback");
-    assert!(fb[1..].iter().all(|e| e.kind == "x"));
-    // The primary's first gap event failed: the next one carries its counts, plus what happened since.
+    assert_eq!(kinds(&fb), [kind::AUDIT_GAP, "x", "x", "x", kind::AUDIT_GAP]);
+    assert_eq!(attrs(&fb[0]), "lost=6 queue_full=6 trail=primary");
+    assert_eq!(attrs(&fb[4]), "lost=6 queue_full=6 trail=fallback");
+    // The primary's first gap event failed: the next one carries its counts, plus what happened since, the
+    // pipeline's two events in the fallback included.
     let trail = primary.written.events();
     assert_eq!(kinds(&trail), [kind::AUDIT_BOOT, kind::AUDIT_GAP, "x", kind::AUDIT_SHUTDOWN]);
-    assert_eq!(attrs(&trail[1]), "in_fallback=3 lost=9 queue_full=6 trail=primary");
+    assert_eq!(attrs(&trail[1]), "in_fallback=3 lost=11 pipeline_in_fallback=2 queue_full=6 trail=primary");
     assert_eq!(report.unreported, 0);
-    let seqs: Vec<u64> = trail.iter().chain(fb.iter()).map(|e| e.seq).collect();
-    let unique: std::collections::BTreeSet<u64> = seqs.iter().copied().collect();
-    assert_eq!(unique.len(), seqs.len(), "every written seq once: {seqs:?}");
+    // Each trail in seq order, and together every seq once: nothing numbered went missing.
+    let seqs = |events: &[AuditEvent]| events.iter().map(|e| e.seq).collect::<Vec<u64>>();
+    assert_eq!((seqs(&trail), seqs(&fb)), (vec![1, 7, 8, 9], vec![2, 3, 4, 5, 6]));
     assert_identity(&report.stats);
 }
 
@@ -463,7 +468,7 @@ async fn with_the_primary_down_the_fallback_trail_gets_non_cumulative_gaps_and_t
     let gaps: Vec<u64> = fallback
         .events()
         .iter()
-        .filter(|e| e.kind == kind::AUDIT_GAP)
+        .filter(|e| e.kind == kind::AUDIT_GAP && e.attributes["trail"] == "fallback")
         .map(|e| e.attributes["lost"].parse().unwrap())
         .collect();
     assert_eq!(gaps, dropped, "one gap per round, each saying what that round lost, never cumulative");

@@ -183,3 +183,143 @@ async fn checkpoints_keep_their_pace_between_full_batches() {
     assert_eq!(assert_chained(&sink.events(), &integrity), [14, 27, 40, 45]);
     assert_eq!(report.stats.checkpoints, 4);
 }
+
+/// A primary sink that fails every batch holding an event marked `fail`, and writes the others to a file.
+struct Flaky(tower_audit::JsonLinesSink);
+
+impl tower_audit::AuditSink for Flaky {
+    async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), tower_audit::SinkError> {
+        if batch.iter().any(|e| e.attributes.contains_key("fail")) {
+            return Err(tower_audit::SinkError::backend("a marked batch"));
+        }
+        self.0.write_batch(batch).await
+    }
+
+    async fn flush(&self) -> Result<(), tower_audit::SinkError> {
+        self.0.flush().await
+    }
+}
+
+/// Records `rounds` rounds of 4 events (those of the rounds in `failing` marked to fail at the primary),
+/// each round settled before the next, then shuts down. Returns the shutdown report.
+async fn run_rounds(
+    builder: tower_audit::AuditLayerBuilder,
+    rounds: u64,
+    failing: &[u64],
+) -> tower_audit::ShutdownReport {
+    let (_layer, handle) = builder.build().unwrap();
+    for round in 0..rounds {
+        for i in 0..4 {
+            let mut event = AuditEvent::new("test.event").attribute("i", format!("{round}.{i}"));
+            if failing.contains(&round) {
+                event = event.attribute("fail", "yes");
+            }
+            assert!(handle.record(event));
+        }
+        let settled = |s: tower_audit::Stats| s.written + s.fallback_written + s.lost;
+        eventually(LIMIT, || settled(handle.stats()) == 4 * (round + 1)).await;
+    }
+    handle.shutdown(LIMIT).await
+}
+
+fn seq_ranges(events: &[AuditEvent]) -> Vec<(u64, u64)> {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for seq in events.iter().map(|e| e.seq) {
+        match ranges.last_mut() {
+            Some(last) if last.1 + 1 == seq => last.1 = seq,
+            _ => ranges.push((seq, seq)),
+        }
+    }
+    ranges
+}
+
+/// With a fallback sink the chain spans both trails: the primary's table (here a file) and the fallback's file
+/// verify as one trail with nothing missing, each in storage order; the primary's alone verifies too, every seq
+/// it lacks declared by its gap events (the events, and the pipeline's own events, in the fallback).
+#[tokio::test]
+async fn with_a_fallback_both_trails_verify_as_one_and_the_primary_declares_what_it_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (primary, fallback) = (dir.path().join("primary.jsonl"), dir.path().join("fallback.jsonl"));
+    let integrity = Integrity::from_seed(&[6; 32]).checkpoint_interval(Duration::from_secs(3600));
+    let key = integrity.verifier_key();
+    let builder = AuditLayer::builder(Flaky(tower_audit::JsonLinesSink::open(&primary).unwrap()))
+        .batch_size(4)
+        .flush_interval(Duration::from_millis(10))
+        .retry(tower_audit::Retry::none())
+        .fallback(tower_audit::JsonLinesSink::open(&fallback).unwrap())
+        .integrity(integrity);
+    let report = run_rounds(builder, 5, &[1, 3]).await;
+    assert_eq!((report.stats.written, report.stats.fallback_written, report.stats.lost), (12, 8, 0));
+    assert_eq!(report.unreported, 0);
+
+    let read = |path| tower_audit::integrity::read_json_lines(path).unwrap().into_iter().map(Result::unwrap);
+    let in_primary: Vec<AuditEvent> = read(&primary).collect();
+    let in_fallback: Vec<AuditEvent> = read(&fallback).collect();
+    // The fallback holds the two failed rounds, each after the primary's gap event that led its batch (if any)
+    // and in seq order; nothing numbered is missing from both.
+    assert_eq!(in_fallback.iter().filter(|e| e.kind == "test.event").count(), 8);
+    assert!(in_fallback.is_sorted_by_key(|e| e.seq) && in_primary.is_sorted_by_key(|e| e.seq));
+    let mut all: Vec<u64> = in_primary.iter().chain(&in_fallback).map(|e| e.seq).collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=all.len() as u64).collect::<Vec<_>>());
+
+    let mut verifier = tower_audit::integrity::Verifier::new(&key, &[]);
+    verifier.push_json_lines(&primary).unwrap();
+    verifier.push_json_lines(&fallback).unwrap();
+    let both = verifier.finish();
+    assert!(both.ok(), "{both}");
+    let boot = &both.boots[0];
+    assert_eq!((both.boots.len(), boot.events, boot.lost.len()), (1, all.len() as u64, 0));
+    assert!(boot.clean_shutdown);
+
+    let alone = tower_audit::integrity::verify_json_lines(&primary, &key, &[]).unwrap();
+    assert!(alone.ok(), "{alone}");
+    let declared: Vec<(u64, u64)> = alone.boots[0].lost.iter().map(|r| (r.from, r.to)).collect();
+    assert_eq!(declared, seq_ranges(&in_fallback));
+
+    // Storage order is still checked within each source: two lines of the fallback file swapped are caught.
+    let text = std::fs::read_to_string(&fallback).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines.swap(1, 2);
+    std::fs::write(&fallback, lines.join("\n") + "\n").unwrap();
+    let mut verifier = tower_audit::integrity::Verifier::new(&key, &[]);
+    verifier.push_json_lines(&primary).unwrap();
+    verifier.push_json_lines(&fallback).unwrap();
+    let swapped = verifier.finish();
+    let findings: Vec<_> = swapped.findings().map(|(_, f)| f.clone()).collect();
+    assert_eq!(
+        findings,
+        [tower_audit::integrity::Finding::Reordered { seqs: vec![in_fallback[1].seq, in_fallback[2].seq] }]
+    );
+}
+
+/// Without a fallback, a gap event the primary failed is lost with its batch; the next gap event declares it
+/// (`pipeline_lost`) with the events, so the trail verifies with every missing seq declared.
+#[tokio::test]
+async fn a_gap_event_lost_with_its_batch_is_declared_by_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let primary = dir.path().join("primary.jsonl");
+    let integrity = Integrity::from_seed(&[7; 32]).checkpoint_interval(Duration::from_secs(3600));
+    let key = integrity.verifier_key();
+    let builder = AuditLayer::builder(Flaky(tower_audit::JsonLinesSink::open(&primary).unwrap()))
+        .batch_size(8)
+        .flush_interval(Duration::from_millis(10))
+        .retry(tower_audit::Retry::none())
+        .integrity(integrity);
+    // Round 1 fails; round 2's batch, led by the gap event declaring round 1, fails too; round 3 is written.
+    let report = run_rounds(builder, 4, &[1, 2]).await;
+    assert_eq!((report.stats.written, report.stats.lost), (8, 8));
+    assert_eq!(report.unreported, 0);
+    let events: Vec<AuditEvent> =
+        tower_audit::integrity::read_json_lines(&primary).unwrap().into_iter().map(Result::unwrap).collect();
+    let gaps: Vec<&AuditEvent> = events.iter().filter(|e| e.kind == kind::AUDIT_GAP).collect();
+    assert_eq!(gaps.len(), 1);
+    let attrs: Vec<String> = gaps[0].attributes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    assert_eq!(attrs.join(" "), "lost=9 pipeline_lost=1 sink_failed=8 trail=primary");
+
+    let report = tower_audit::integrity::verify_json_lines(&primary, &key, &[]).unwrap();
+    assert!(report.ok(), "{report}");
+    let declared: Vec<(u64, u64)> = report.boots[0].lost.iter().map(|r| (r.from, r.to)).collect();
+    // Boot 1, round 0 at 2..=5, round 1 at 6..=9, round 2 with its gap event at 10..=14.
+    assert_eq!(declared, [(6, 14)]);
+}

@@ -179,8 +179,11 @@ async fn with_the_primary_down_the_bookends_go_to_the_fallback() {
     let s = report.stats;
     assert_eq!((s.written, s.fallback_written, s.lost, s.batches), (0, 1, 0, 0), "{s:?}");
     let trail = fallback.events();
-    assert_eq!(kinds(&trail), [kind::AUDIT_BOOT, "a", kind::AUDIT_SHUTDOWN]);
-    assert_eq!(trail[2].attributes["fallback_written"], "1");
+    // The primary's last gap event (the event, and the boot event, in the fallback) failed too, and went along.
+    assert_eq!(kinds(&trail), [kind::AUDIT_BOOT, "a", kind::AUDIT_GAP, kind::AUDIT_SHUTDOWN]);
+    assert_eq!(trail[2].attributes["trail"], "primary");
+    assert_eq!(trail[2].attributes["pipeline_in_fallback"], "1");
+    assert_eq!(trail[3].attributes["fallback_written"], "1");
     assert_eq!(report.unreported, 1, "the primary trail never learnt of it");
 }
 

@@ -19,6 +19,7 @@ use common::{answer, get, read_body};
 use http::Request;
 use http_body_util::Full;
 use tower::{Layer, ServiceExt, service_fn};
+use tower_audit::integrity::{Finding, Integrity, Verifier};
 use tower_audit::{AuditEvent, AuditLayer, AuditSink, Overflow, Retry, SinkError, Stats, kind};
 
 /// A sink that does something random on every call. It keeps a batch only when it returns `Ok`, so "written"
@@ -123,9 +124,17 @@ async fn schedule(seed: u64) {
     if let Some(fallback) = &fallback {
         builder = builder.fallback(fallback.clone());
     }
+    // Every other schedule with the hash chain on (not drawn from `rng`: the schedules stay as they were).
+    let integrity = (seed % 2 == 1).then(|| Integrity::from_seed(&[seed as u8; 32]));
+    if let Some(integrity) = &integrity {
+        builder = builder.integrity(integrity.clone());
+    }
     let (layer, handle) = builder.build().unwrap();
-    let config =
-        format!("seed {seed}: capacity {capacity}, batch {batch_size}, {overflow:?}, fallback {}", fallback.is_some());
+    let config = format!(
+        "seed {seed}: capacity {capacity}, batch {batch_size}, {overflow:?}, fallback {}, integrity {}",
+        fallback.is_some(),
+        integrity.is_some()
+    );
 
     let attempts = Arc::new(AtomicU64::new(0));
     let mut producers = tokio::task::JoinSet::new();
@@ -194,8 +203,12 @@ async fn schedule(seed: u64) {
     let events = |trail: &[AuditEvent]| trail.iter().filter(|e| !e.is_pipeline_event()).count() as u64;
     assert_eq!(events(&kept), r.written, "{config}");
     assert_eq!(events(&kept_fallback), r.fallback_written, "{config}");
-    let gaps = |trail: &[AuditEvent]| trail.iter().filter(|e| e.kind == kind::AUDIT_GAP).cloned().collect::<Vec<_>>();
-    let (primary_gaps, fallback_gaps) = (gaps(&kept), gaps(&kept_fallback));
+    // A gap event says which trail it describes; the primary's can be in the fallback, with the batch it led.
+    let gaps = |trail: &[AuditEvent], of: &str| {
+        trail.iter().filter(|e| e.kind == kind::AUDIT_GAP && e.attributes["trail"] == of).cloned().collect::<Vec<_>>()
+    };
+    let (primary_gaps, fallback_gaps) = (gaps(&kept, "primary"), gaps(&kept_fallback, "fallback"));
+    assert_eq!(gaps(&kept, "fallback").len(), 0, "{config}");
     assert_eq!((primary_gaps.len() + fallback_gaps.len()) as u64, r.gap_events, "{config}");
 
     // Every written sequence number once, across both trails; every event in one trail at most.
@@ -205,23 +218,22 @@ async fn schedule(seed: u64) {
     assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), ids.len(), "{config}: an event written twice");
 
     // The boot event, if a trail holds it, is there once, first, as seq 1. The shutdown event, if a trail holds
-    // it, is there once, last, with the highest seq (but for a gap event of the fallback's: one written in front
-    // of the last batch is stamped when the primary failed that batch, after it), only when nothing was
-    // abandoned, with the counters that were settled by then and can no longer change.
+    // it, is there once, last, with the highest seq, only when nothing was abandoned, with the counters that were
+    // settled by then and can no longer change. Each trail is in seq order.
     let all = || kept.iter().chain(&kept_fallback);
     let of_kind = |kind: &str| all().filter(|e| e.kind == kind).cloned().collect::<Vec<_>>();
     let boots = of_kind(kind::AUDIT_BOOT);
     assert!(boots.len() <= 1 && boots.iter().all(|e| e.seq == 1), "{config}: {boots:?}");
     assert!(boots.iter().all(|e| e.boot == Some(handle.boot())), "{config}: {boots:?}");
-    // (In the fallback trail, the gap event the fallback gets for the boot batch goes in front of it.)
-    let first = [kept.first(), kept_fallback.iter().find(|e| e.kind != kind::AUDIT_GAP)];
+    assert!(kept.is_sorted_by_key(|e| e.seq) && kept_fallback.is_sorted_by_key(|e| e.seq), "{config}");
+    let first = [kept.first(), kept_fallback.first()];
     assert!(boots.iter().all(|boot| first.contains(&Some(boot))), "{config}: the boot event is not first");
     let shutdowns = of_kind(kind::AUDIT_SHUTDOWN);
     assert!(shutdowns.len() <= 1, "{config}: {shutdowns:?}");
     if let Some(end) = shutdowns.first() {
         let last = [kept.last(), kept_fallback.last()];
         assert!(last.contains(&Some(end)), "{config}: the shutdown event is not last in its trail");
-        let latest = all().filter(|e| e.kind != kind::AUDIT_GAP || kept.contains(e)).map(|e| e.seq).max();
+        let latest = all().map(|e| e.seq).max();
         assert_eq!(Some(end.seq), latest, "{config}: an event stamped after the shutdown event");
         let counter = |name: &str| end.attributes[name].parse::<u64>().unwrap();
         assert_eq!(
@@ -240,7 +252,13 @@ async fn schedule(seed: u64) {
 
     // Gap events are not cumulative: what the primary trail was told, plus what it could not be told, is
     // exactly what is missing from it.
-    let told = |gaps: &[AuditEvent]| gaps.iter().map(|e| e.attributes["lost"].parse::<u64>().unwrap()).sum::<u64>();
+    // Of the application's events: the pipeline's own missing are counted apart.
+    let count = |e: &AuditEvent, reason: &str| e.attributes.get(reason).map_or(0, |n| n.parse::<u64>().unwrap());
+    let told = |gaps: &[AuditEvent]| {
+        gaps.iter()
+            .map(|e| count(e, "lost") - count(e, "pipeline_lost") - count(e, "pipeline_in_fallback"))
+            .sum::<u64>()
+    };
     let missing_from_primary = r.dropped() + r.lost + r.abandoned + r.fallback_written;
     assert_eq!(told(&primary_gaps) + report.unreported, missing_from_primary, "{config}: {report:?}");
     assert!(told(&fallback_gaps) <= r.dropped() + r.lost + r.abandoned, "{config}");
@@ -249,6 +267,33 @@ async fn schedule(seed: u64) {
     assert!(primary.largest_batch.load(SeqCst) <= batch_size, "{config}");
     if let Some(fallback) = &fallback {
         assert!(fallback.largest_batch.load(SeqCst) <= batch_size, "{config}");
+    }
+
+    // With the chain on, both trails verify as one, and the primary's alone: every seq missing is declared by a
+    // gap event after it, but for what went missing after the last gap event written (the boot ended before the
+    // trail could be told: a gap event that fails is carried into the next).
+    if let Some(integrity) = &integrity {
+        let key = integrity.verifier_key();
+        let show = |t: &[AuditEvent]| t.iter().map(|e| format!("{}:{}", e.seq, e.kind)).collect::<Vec<_>>();
+        let check = |report: tower_audit::integrity::Report, gaps_in: &[&[AuditEvent]], what: &str| {
+            let last_gap = gaps_in.iter().flat_map(|t| t.iter()).filter(|e| e.kind == kind::AUDIT_GAP).map(|e| e.seq);
+            let last_gap = last_gap.max().unwrap_or(0);
+            for (_, finding) in report.findings() {
+                let after_the_last_gap = matches!(finding, Finding::Missing { from, .. } if *from > last_gap);
+                assert!(
+                    after_the_last_gap,
+                    "{config}: {what}: {report}\n{:?}\n{:?}\n{r:?}",
+                    show(&kept),
+                    show(&kept_fallback)
+                );
+            }
+        };
+        let mut verifier = Verifier::new(&key, &[]);
+        kept.iter().for_each(|e| verifier.push(e));
+        verifier.next_source();
+        kept_fallback.iter().for_each(|e| verifier.push(e));
+        check(verifier.finish(), &[&kept, &kept_fallback], "both trails");
+        check(tower_audit::integrity::verify(kept.iter().cloned(), &key, &[]), &[&kept], "the primary's trail");
     }
 }
 

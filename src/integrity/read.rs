@@ -43,31 +43,46 @@ pub fn verify_json_lines(
     trusted: &[Checkpoint],
 ) -> Result<Report, ReadError> {
     let mut verifier = Verifier::new(key, trusted);
-    let threads = std::thread::available_parallelism().map_or(1, usize::from).min(MAX_THREADS);
-    let mut lines: Vec<(u64, Vec<u8>)> = Vec::new();
-    let chunk = |lines: &mut Vec<(u64, Vec<u8>)>, verifier: &mut Verifier| {
-        // Parsing and hashing, the costly part, in parallel; the verifier takes the results in file order.
-        let per = lines.len().div_ceil(threads).max(1);
-        let parsed: Vec<Vec<Parsed>> = std::thread::scope(|scope| {
-            let workers: Vec<_> = lines.chunks(per).map(|part| scope.spawn(move || parse(part))).collect();
-            workers.into_iter().map(|w| w.join().expect("parsing does not panic")).collect()
-        });
-        for parsed in parsed.into_iter().flatten() {
-            match parsed {
-                Ok((event, own_ok)) => verifier.push_hashed(&event, own_ok),
-                Err((line, e)) => verifier.unreadable(line, e),
-            }
-        }
-        lines.clear();
-    };
-    for_each_line(File::open(path)?, |line, bytes| {
-        lines.push((line, bytes.to_vec()));
-        if lines.len() == LINES_PER_CHUNK {
-            chunk(&mut lines, &mut verifier);
-        }
-    })?;
-    chunk(&mut lines, &mut verifier);
+    verifier.push_json_lines(path)?;
     Ok(verifier.finish())
+}
+
+impl Verifier {
+    /// Reads a JSON lines file into the verifier as one [source](Verifier::next_source), as
+    /// [`verify_json_lines`] does: to verify it with other trails of the same pipeline (a fallback file beside
+    /// the primary's table).
+    ///
+    /// # Errors
+    ///
+    /// [`ReadError::Io`] when the file cannot be opened or read.
+    pub fn push_json_lines(&mut self, path: impl AsRef<Path>) -> Result<(), ReadError> {
+        self.next_source();
+        let threads = std::thread::available_parallelism().map_or(1, usize::from).min(MAX_THREADS);
+        let mut lines: Vec<(u64, Vec<u8>)> = Vec::new();
+        let chunk = |lines: &mut Vec<(u64, Vec<u8>)>, verifier: &mut Verifier| {
+            // Parsing and hashing, the costly part, in parallel; the verifier takes the results in file order.
+            let per = lines.len().div_ceil(threads).max(1);
+            let parsed: Vec<Vec<Parsed>> = std::thread::scope(|scope| {
+                let workers: Vec<_> = lines.chunks(per).map(|part| scope.spawn(move || parse(part))).collect();
+                workers.into_iter().map(|w| w.join().expect("parsing does not panic")).collect()
+            });
+            for parsed in parsed.into_iter().flatten() {
+                match parsed {
+                    Ok((event, own_ok)) => verifier.push_hashed(&event, own_ok),
+                    Err((line, e)) => verifier.unreadable(line, e),
+                }
+            }
+            lines.clear();
+        };
+        for_each_line(File::open(path)?, |line, bytes| {
+            lines.push((line, bytes.to_vec()));
+            if lines.len() == LINES_PER_CHUNK {
+                chunk(&mut lines, self);
+            }
+        })?;
+        chunk(&mut lines, self);
+        Ok(())
+    }
 }
 
 /// Threads that parse and hash at most, and lines handed to them at a time.
@@ -284,21 +299,8 @@ pub async fn verify_sqlite(
     key: &VerifierKey,
     trusted: &[Checkpoint],
 ) -> Result<Report, ReadError> {
-    use sqlx::Row as _;
-    let table = crate::sink::sql::Table::parse(table.unwrap_or(crate::sink::sql::DEFAULT_TABLE), false)?;
-    let query = format!(
-        "SELECT id, seq, time, kind, outcome, method, route, path, status, grpc_status, latency_us, request_id, \
-                actor, client_addr, user_agent, attributes, version, instance, boot, prev_hash, hash \
-         FROM {} ORDER BY boot, seq",
-        table.qualified()
-    );
     let mut verifier = Verifier::new(key, trusted);
-    let rows = sqlx::query(sqlx::AssertSqlSafe(query)).fetch(pool);
-    sql::feed(rows, &mut verifier, |row: &sqlx::sqlite::SqliteRow| {
-        let time: String = row.try_get(2)?;
-        sql::Stored::from_row(row, humantime::parse_rfc3339(&time).ok().map(super::canonical::micros))
-    })
-    .await?;
+    verifier.push_sqlite(pool, table).await?;
     Ok(verifier.finish())
 }
 
@@ -318,20 +320,63 @@ pub async fn verify_postgres(
     key: &VerifierKey,
     trusted: &[Checkpoint],
 ) -> Result<Report, ReadError> {
-    use sqlx::Row as _;
-    let table = crate::sink::sql::Table::parse(table.unwrap_or(crate::sink::sql::DEFAULT_TABLE), true)?;
-    let query = format!(
-        "SELECT id::text, seq, (EXTRACT(EPOCH FROM time) * 1000000)::int8, kind, outcome, method, route, path, \
-                status::int8, grpc_status::int8, latency_us, request_id, actor, host(client_addr), user_agent, \
-                attributes::text, version::int8, instance, boot::text, prev_hash, hash \
-         FROM {} ORDER BY boot, seq",
-        table.qualified()
-    );
     let mut verifier = Verifier::new(key, trusted);
-    let rows = sqlx::query(sqlx::AssertSqlSafe(query)).fetch(pool);
-    sql::feed(rows, &mut verifier, |row: &sqlx::postgres::PgRow| sql::Stored::from_row(row, Some(row.try_get(2)?)))
-        .await?;
+    verifier.push_postgres(pool, table).await?;
     Ok(verifier.finish())
+}
+
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+impl Verifier {
+    /// Reads an SQLite sink's table into the verifier as one [source](Verifier::next_source), as
+    /// [`verify_sqlite`] does.
+    ///
+    /// # Errors
+    ///
+    /// [`ReadError::Config`] for an invalid table name, [`ReadError::Sql`] when the query fails.
+    #[cfg(feature = "sqlite")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sqlite")))]
+    pub async fn push_sqlite(&mut self, pool: &sqlx::SqlitePool, table: Option<&str>) -> Result<(), ReadError> {
+        use sqlx::Row as _;
+        let table = crate::sink::sql::Table::parse(table.unwrap_or(crate::sink::sql::DEFAULT_TABLE), false)?;
+        let query = format!(
+            "SELECT id, seq, time, kind, outcome, method, route, path, status, grpc_status, latency_us, request_id, \
+                    actor, client_addr, user_agent, attributes, version, instance, boot, prev_hash, hash \
+             FROM {} ORDER BY boot, seq",
+            table.qualified()
+        );
+        self.next_source();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(query)).fetch(pool);
+        sql::feed(rows, self, |row: &sqlx::sqlite::SqliteRow| {
+            let time: String = row.try_get(2)?;
+            sql::Stored::from_row(row, humantime::parse_rfc3339(&time).ok().map(super::canonical::micros))
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Reads a Postgres sink's table into the verifier as one [source](Verifier::next_source), as
+    /// [`verify_postgres`] does.
+    ///
+    /// # Errors
+    ///
+    /// [`ReadError::Config`] for an invalid table name, [`ReadError::Sql`] when the query fails.
+    #[cfg(feature = "postgres")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+    pub async fn push_postgres(&mut self, pool: &sqlx::PgPool, table: Option<&str>) -> Result<(), ReadError> {
+        use sqlx::Row as _;
+        let table = crate::sink::sql::Table::parse(table.unwrap_or(crate::sink::sql::DEFAULT_TABLE), true)?;
+        let query = format!(
+            "SELECT id::text, seq, (EXTRACT(EPOCH FROM time) * 1000000)::int8, kind, outcome, method, route, path, \
+                    status::int8, grpc_status::int8, latency_us, request_id, actor, host(client_addr), user_agent, \
+                    attributes::text, version::int8, instance, boot::text, prev_hash, hash \
+             FROM {} ORDER BY boot, seq",
+            table.qualified()
+        );
+        self.next_source();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(query)).fetch(pool);
+        sql::feed(rows, self, |row: &sqlx::postgres::PgRow| sql::Stored::from_row(row, Some(row.try_get(2)?))).await?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -405,6 +405,8 @@ pub struct Verifier {
     boots: HashMap<Option<Uuid>, Boot>,
     unreadable: Vec<Unreadable>,
     position: u64,
+    /// The position of the first row of each source after the first.
+    sources: Vec<u64>,
     buf: Vec<u8>,
 }
 
@@ -449,6 +451,7 @@ impl Verifier {
             boots: HashMap::new(),
             unreadable: Vec::new(),
             position: 0,
+            sources: Vec::new(),
             buf: Vec::with_capacity(1024),
         }
     }
@@ -485,6 +488,26 @@ impl Verifier {
             boot.suspects.insert(pos, event.clone());
         }
         boot.recs.push(Rec { seq: event.seq, pos, prev: event.prev_hash, hash: event.hash, own_ok, mark });
+    }
+
+    /// The rows pushed from now on come from another storage: the fallback sink's file after the primary's
+    /// table, say, when the pipeline had both (its chain spans them, so they are verified as one trail). Rows
+    /// are checked for storage order only against rows of the same source.
+    ///
+    /// ```
+    /// use tower_audit::integrity::{Integrity, Verifier};
+    ///
+    /// let key = Integrity::from_seed(&[7; 32]).verifier_key();
+    /// let mut verifier = Verifier::new(&key, &[]);
+    /// // verifier.push(..) for each row of the primary trail, then:
+    /// verifier.next_source();
+    /// // verifier.push(..) for each row of the fallback trail.
+    /// assert!(verifier.finish().ok());
+    /// ```
+    pub fn next_source(&mut self) {
+        if self.position > 0 && self.sources.last() != Some(&self.position) {
+            self.sources.push(self.position);
+        }
     }
 
     /// Records a row that could not be read, at `at` (a line number, a row position).
@@ -526,7 +549,7 @@ impl Verifier {
         }
         let mut walks: BTreeMap<Option<Uuid>, Walk> = BTreeMap::new();
         for (id, boot) in &mut self.boots {
-            let walk = walk(boot, trusted.get(&id.unwrap_or_default()).map_or(&[][..], Vec::as_slice));
+            let walk = walk(boot, trusted.get(&id.unwrap_or_default()).map_or(&[][..], Vec::as_slice), &self.sources);
             walks.insert(*id, walk);
         }
         // Naming the rows that do not belong needs every boot: a replayed row is found by its hash elsewhere.
@@ -612,7 +635,7 @@ enum Head {
     Unknown,
 }
 
-fn walk(boot: &mut Boot, trusted: &[(u64, Hash)]) -> Walk {
+fn walk(boot: &mut Boot, trusted: &[(u64, Hash)], sources: &[u64]) -> Walk {
     let mut w = Walk::default();
     let recs = &mut boot.recs;
     if !recs.is_sorted_by_key(|r| r.seq) {
@@ -777,23 +800,36 @@ fn walk(boot: &mut Boot, trusted: &[(u64, Hash)]) -> Walk {
         w.findings.push(Finding::Truncated { after: w.last_seq, expected });
     }
 
-    // Rows stored out of seq order (lines swapped in a file).
-    if !chosen.is_sorted_by_key(|c| c.2) {
-        let mut sorted: Vec<u64> = chosen.iter().map(|c| c.2).collect();
-        sorted.sort_unstable();
-        let mut max = 0;
-        let mut out = Vec::new();
-        for (i, &(seq, _, pos)) in chosen.iter().enumerate() {
-            max = max.max(pos);
-            if pos != sorted[i] {
-                out.push(seq);
-            }
-            if max == sorted[i] && !out.is_empty() {
-                w.findings.push(Finding::Reordered { seqs: std::mem::take(&mut out) });
-            }
+    // Rows stored out of seq order (lines swapped in a file), within each source.
+    if sources.is_empty() {
+        reordered(chosen.iter().map(|c| (c.0, c.2)), &mut w.findings);
+    } else {
+        let source = |pos: u64| sources.partition_point(|&start| start <= pos);
+        for s in 0..=sources.len() {
+            reordered(chosen.iter().filter(|c| source(c.2) == s).map(|c| (c.0, c.2)), &mut w.findings);
         }
     }
     w
+}
+
+/// Names the rows of one source, given in seq order as `(seq, position)`, that are not in storage order.
+fn reordered(rows: impl Iterator<Item = (u64, u64)> + Clone, findings: &mut Vec<Finding>) {
+    if rows.clone().is_sorted_by_key(|r| r.1) {
+        return;
+    }
+    let mut sorted: Vec<u64> = rows.clone().map(|r| r.1).collect();
+    sorted.sort_unstable();
+    let mut max = 0;
+    let mut out = Vec::new();
+    for (i, (seq, pos)) in rows.enumerate() {
+        max = max.max(pos);
+        if pos != sorted[i] {
+            out.push(seq);
+        }
+        if max == sorted[i] && !out.is_empty() {
+            findings.push(Finding::Reordered { seqs: std::mem::take(&mut out) });
+        }
+    }
 }
 
 impl Walk {
