@@ -326,7 +326,7 @@ impl Worker {
                 // the fallback took the batch: one that just failed is not called again at once; nor after the
                 // shutdown event, which ends the boot's chain).
                 if fell_back == Written::Yes
-                    && !events.last().is_some_and(|e| e.kind == kind::AUDIT_SHUTDOWN)
+                    && events.last().is_none_or(|e| e.kind != kind::AUDIT_SHUTDOWN)
                     && let Some(mut due) =
                         state.fallback.due(Losses::of(&self.shared.stats()).with_pipeline(self.pipeline))
                 {
