@@ -85,7 +85,7 @@ pub struct AuditEvent {
     /// [`AuditLayerBuilder::instance`](crate::AuditLayerBuilder::instance), or by default the host name and a
     /// random suffix, the same for every pipeline of the process. `None` until stamped, and in a record written
     /// before schema version 2.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text::opt_arc")]
     pub instance: Option<Arc<str>>,
     /// The pipeline run that recorded the event (a UUIDv7 made when the layer was built, see
     /// [`AuditHandle::boot`](crate::AuditHandle::boot)), assigned by the worker. `None` until stamped, and in a
@@ -99,10 +99,12 @@ pub struct AuditEvent {
     #[serde(with = "rfc3339")]
     pub time: SystemTime,
     /// What happened: [`kind::HTTP_REQUEST`], [`kind::GRPC_CALL`], [`kind::AUDIT_GAP`] or a custom name.
+    #[serde(deserialize_with = "text::cow")]
     pub kind: Cow<'static, str>,
     /// How it ended.
     pub outcome: Outcome,
     /// HTTP method.
+    #[serde(default, deserialize_with = "text::opt_cow")]
     pub method: Option<Cow<'static, str>>,
     /// Matched route template (`/users/{id}`) when the router provides one, or the gRPC method.
     pub route: Option<String>,
@@ -192,10 +194,31 @@ impl std::str::FromStr for Hash {
         if digits.len() != 64 {
             return Err(ParseHashError);
         }
+        // Each digit's value, or 0xff for a byte that is not one: no branch per digit (the verifier reads two
+        // hashes per event).
+        const VALUE: [u8; 256] = {
+            let mut value = [0xff; 256];
+            let mut d = 0;
+            while d < 256 {
+                value[d] = match d as u8 {
+                    c @ b'0'..=b'9' => c - b'0',
+                    c @ b'a'..=b'f' => c - b'a' + 10,
+                    c @ b'A'..=b'F' => c - b'A' + 10,
+                    _ => 0xff,
+                };
+                d += 1;
+            }
+            value
+        };
         let mut out = [0u8; 32];
-        for (i, pair) in digits.chunks_exact(2).enumerate() {
-            let nibble = |d: u8| (d as char).to_digit(16).ok_or(ParseHashError);
-            out[i] = (nibble(pair[0])? << 4 | nibble(pair[1])?) as u8;
+        let mut invalid = 0u8;
+        for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+            let (high, low) = (VALUE[usize::from(pair[0])], VALUE[usize::from(pair[1])]);
+            invalid |= high | low;
+            *byte = high << 4 | low;
+        }
+        if invalid > 0x0f {
+            return Err(ParseHashError);
         }
         Ok(Hash(out))
     }
@@ -214,8 +237,18 @@ impl Serialize for Hash {
 impl<'de> Deserialize<'de> for Hash {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         if d.is_human_readable() {
-            let text = <Cow<'de, str>>::deserialize(d)?;
-            text.parse().map_err(serde::de::Error::custom)
+            // A visitor rather than `Cow<str>`, which serde always makes owned: no allocation per hash.
+            struct Hex;
+            impl serde::de::Visitor<'_> for Hex {
+                type Value = Hash;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("64 hexadecimal digits")
+                }
+                fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Hash, E> {
+                    text.parse().map_err(E::custom)
+                }
+            }
+            d.deserialize_str(Hex)
         } else {
             <[u8; 32]>::deserialize(d).map(Hash)
         }
@@ -429,24 +462,162 @@ impl Outcome {
     }
 }
 
+/// Reading text fields with fewer allocations (a trail is read back an event at a time by the verifier): the
+/// kinds and methods the pipeline writes are borrowed from constants, an instance name is copied once.
+mod text {
+    use std::borrow::Cow;
+    use std::fmt;
+    use std::marker::PhantomData;
+    use std::sync::Arc;
+
+    use serde::Deserializer;
+    use serde::de::{Error, Visitor};
+
+    use super::kind;
+
+    /// Names the pipeline writes over and over.
+    const KNOWN: &[&str] = &[
+        kind::HTTP_REQUEST,
+        kind::GRPC_CALL,
+        kind::AUDIT_GAP,
+        kind::AUDIT_BOOT,
+        kind::AUDIT_SHUTDOWN,
+        kind::AUDIT_CHECKPOINT,
+        kind::AUDIT_RESPONSE_WITHHELD,
+        kind::HTTP_INTENT,
+        kind::GRPC_INTENT,
+        "GET",
+        "POST",
+        "PUT",
+        "PATCH",
+        "DELETE",
+        "HEAD",
+        "OPTIONS",
+    ];
+
+    /// A text made by `make` from a borrowed `&str`, or `None` for `null`.
+    struct Text<T>(fn(&str) -> T, PhantomData<T>);
+
+    impl<'de, T> Visitor<'de> for Text<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: Error>(self, text: &str) -> Result<T, E> {
+            Ok((self.0)(text))
+        }
+    }
+
+    struct Opt<T>(fn(&str) -> T, PhantomData<T>);
+
+    impl<'de, T> Visitor<'de> for Opt<T> {
+        type Value = Option<T>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a string or null")
+        }
+        fn visit_none<E: Error>(self) -> Result<Option<T>, E> {
+            Ok(None)
+        }
+        fn visit_unit<E: Error>(self) -> Result<Option<T>, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<T>, D::Error> {
+            d.deserialize_str(Text(self.0, PhantomData)).map(Some)
+        }
+    }
+
+    fn known_or_owned(text: &str) -> Cow<'static, str> {
+        match KNOWN.iter().find(|known| **known == text) {
+            Some(known) => Cow::Borrowed(known),
+            None => Cow::Owned(text.to_owned()),
+        }
+    }
+
+    pub(super) fn cow<'de, D: Deserializer<'de>>(d: D) -> Result<Cow<'static, str>, D::Error> {
+        d.deserialize_str(Text(known_or_owned, PhantomData))
+    }
+
+    pub(super) fn opt_cow<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Cow<'static, str>>, D::Error> {
+        d.deserialize_option(Opt(known_or_owned, PhantomData))
+    }
+
+    pub(super) fn opt_arc<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<str>>, D::Error> {
+        d.deserialize_option(Opt(|text| Arc::from(text), PhantomData))
+    }
+}
+
 mod rfc3339 {
     use std::time::SystemTime;
 
-    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+    use serde::{Deserializer, Serializer, de::Error};
 
     pub(super) fn serialize<S: Serializer>(time: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(&humantime::format_rfc3339_micros(*time))
     }
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        humantime::parse_rfc3339(&text).map_err(D::Error::custom)
+        // A visitor rather than `Cow<str>`, which serde always makes owned: no allocation per event.
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = SystemTime;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an RFC 3339 time")
+            }
+            fn visit_str<E: Error>(self, text: &str) -> Result<SystemTime, E> {
+                humantime::parse_rfc3339(text).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Text)
     }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn text_fields_read_back_borrowed_when_known_and_null_as_none() {
+        let mut event = every_field();
+        event.instance = Some("host-1".into());
+        event.kind = Cow::Borrowed(kind::HTTP_REQUEST);
+        event.method = Some(Cow::Borrowed("PATCH"));
+        let back: AuditEvent = serde_json::from_str(&serde_json::to_string(&event).unwrap()).unwrap();
+        assert_eq!(back, event);
+        assert!(matches!(back.kind, Cow::Borrowed(kind::HTTP_REQUEST)));
+        assert!(matches!(back.method, Some(Cow::Borrowed("PATCH"))));
+        event.kind = Cow::Owned("custom.kind".into());
+        event.method = Some(Cow::Owned("PROPFIND".into()));
+        event.instance = None;
+        let back: AuditEvent = serde_json::from_str(&serde_json::to_string(&event).unwrap()).unwrap();
+        assert_eq!(back, event);
+        // Absent or null: `None`, as before.
+        let mut json = serde_json::to_value(&event).unwrap();
+        json["method"] = serde_json::Value::Null;
+        json.as_object_mut().unwrap().remove("instance");
+        let back: AuditEvent = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!((back.method, back.instance), (None, None));
+        json.as_object_mut().unwrap().remove("method");
+        assert_eq!(serde_json::from_value::<AuditEvent>(json).unwrap().method, None);
+    }
+
+    #[test]
+    fn hashes_parse_from_hex_and_reject_anything_else() {
+        let hash = Hash(std::array::from_fn(|i| (i as u8).wrapping_mul(37)));
+        let text = hash.to_string();
+        assert_eq!(text.parse::<Hash>(), Ok(hash));
+        assert_eq!(text.to_uppercase().parse::<Hash>(), Ok(hash));
+        // Every byte that is not a hex digit, at the first and the last place.
+        for bad in (0..=255u8).filter(|b| !b.is_ascii_hexdigit()) {
+            for at in [0, 63] {
+                let mut digits = text.clone().into_bytes();
+                digits[at] = bad;
+                let digits = String::from_utf8_lossy(&digits).into_owned();
+                assert_eq!(digits.parse::<Hash>(), Err(ParseHashError), "byte {bad:#x} at {at}");
+            }
+        }
+        assert_eq!(text[..62].parse::<Hash>(), Err(ParseHashError));
+        assert_eq!(format!("{text}0").parse::<Hash>(), Err(ParseHashError));
+    }
 
     /// An event with every field set (and text that needs escaping), for round-trip tests.
     pub(crate) fn every_field() -> AuditEvent {

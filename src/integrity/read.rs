@@ -4,13 +4,11 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
+use std::sync::mpsc;
 
 use super::note::{Checkpoint, VerifierKey};
-use super::verify::{Report, Verifier};
+use super::verify::{Known, Report, Row, Verifier};
 use crate::event::AuditEvent;
-
-/// Bytes read from a file at a time.
-const READ_BUFFER: usize = 4 << 20;
 
 /// Why a trail could not be read at all (a record that cannot be read is [reported](Report::unreadable)
 /// instead).
@@ -58,50 +56,71 @@ impl Verifier {
     pub fn push_json_lines(&mut self, path: impl AsRef<Path>) -> Result<(), ReadError> {
         self.next_source();
         let threads = std::thread::available_parallelism().map_or(1, usize::from).min(MAX_THREADS);
-        let mut lines: Vec<(u64, Vec<u8>)> = Vec::new();
-        let chunk = |lines: &mut Vec<(u64, Vec<u8>)>, verifier: &mut Verifier| {
-            // Parsing and hashing, the costly part, in parallel; the verifier takes the results in file order.
-            let per = lines.len().div_ceil(threads).max(1);
-            let parsed: Vec<Vec<Parsed>> = std::thread::scope(|scope| {
-                let workers: Vec<_> = lines.chunks(per).map(|part| scope.spawn(move || parse(part))).collect();
-                workers.into_iter().map(|w| w.join().expect("parsing does not panic")).collect()
+        let file = File::open(path)?;
+        // A pipeline: one thread reads blocks of whole lines and deals them out in turn to `threads` threads that
+        // parse and hash them; this one takes their rows back in the same turn (file order) into the verifier,
+        // and hands each block back to be read into again.
+        std::thread::scope(|scope| {
+            let (give_back, spare) = mpsc::channel::<Vec<u8>>();
+            let (mut to_parsers, mut parsed) = (Vec::new(), Vec::new());
+            for _ in 0..threads {
+                let (tx, blocks) = mpsc::sync_channel::<Vec<u8>>(1);
+                let (done, rx) = mpsc::sync_channel(1);
+                scope.spawn(move || {
+                    for block in blocks {
+                        let (rows, lines) = parse(&block);
+                        if done.send((block, rows, lines)).is_err() {
+                            return;
+                        }
+                    }
+                });
+                to_parsers.push(tx);
+                parsed.push(rx);
+            }
+            let reader = scope.spawn(move || {
+                let mut turn = 0;
+                read_blocks(file, BLOCK, || spare.try_recv().ok(), |block| {
+                    turn += 1;
+                    to_parsers[turn % threads].send(block).is_ok()
+                })
             });
-            for parsed in parsed.into_iter().flatten() {
-                match parsed {
-                    Ok((event, own_ok)) => verifier.push_hashed(&event, own_ok),
-                    Err((line, e)) => verifier.unreadable(line, e),
+            let mut line = 0u64;
+            for turn in 1.. {
+                // Ends after the last block: its parser's channel closes once the reader is done.
+                let Ok((block, rows, lines)) = parsed[turn % threads].recv() else { break };
+                for row in rows {
+                    match row {
+                        Row::Unreadable(at, error) => self.unreadable(line + at, error),
+                        row => self.push_row(row),
+                    }
                 }
+                line += lines;
+                let _ = give_back.send(block);
             }
-            lines.clear();
-        };
-        for_each_line(File::open(path)?, |line, bytes| {
-            lines.push((line, bytes.to_vec()));
-            if lines.len() == LINES_PER_CHUNK {
-                chunk(&mut lines, self);
-            }
-        })?;
-        chunk(&mut lines, self);
-        Ok(())
+            Ok(reader.join().expect("reading does not panic")?)
+        })
     }
 }
 
-/// Threads that parse and hash at most, and lines handed to them at a time.
+/// Threads that parse and hash at most, and the bytes of lines handed to them at a time.
 const MAX_THREADS: usize = 8;
-const LINES_PER_CHUNK: usize = 16_384;
+const BLOCK: usize = 2 << 20;
 
-/// A parsed line with whether its hash matches its content, or the line number and why it is not an event.
-type Parsed = Result<(AuditEvent, bool), (u64, serde_json::Error)>;
-
-fn parse(lines: &[(u64, Vec<u8>)]) -> Vec<Parsed> {
+/// Parses and hashes every line of `part`, and counts its lines (blank ones included).
+fn parse(part: &[u8]) -> (Vec<Row>, u64) {
     let mut buf = Vec::with_capacity(1024);
-    lines
-        .iter()
-        .map(|(line, bytes)| {
-            let event: AuditEvent = serde_json::from_slice(bytes).map_err(|e| (*line, e))?;
-            let own_ok = super::verify::self_consistent(&event, &mut buf);
-            Ok((event, own_ok))
-        })
-        .collect()
+    let mut rows = Vec::with_capacity(part.len() / 256);
+    let mut known = Known::default();
+    let lines = for_each_line_of(part, 0, |line, bytes| {
+        rows.push(match serde_json::from_slice::<AuditEvent>(bytes) {
+            Ok(event) => {
+                let own_ok = super::verify::self_consistent(&event, &mut buf);
+                Row::of(event, own_ok, &mut known)
+            }
+            Err(e) => Row::Unreadable(line, e.to_string()),
+        });
+    });
+    (rows, lines)
 }
 
 /// Reads every event of a JSON lines file, in file order, with the number (from 1) and error of each line that
@@ -112,39 +131,77 @@ fn parse(lines: &[(u64, Vec<u8>)]) -> Vec<Parsed> {
 /// When the file cannot be opened or read.
 pub fn read_json_lines(path: impl AsRef<Path>) -> io::Result<Vec<Result<AuditEvent, (u64, serde_json::Error)>>> {
     let mut out = Vec::new();
-    for_each_line(File::open(path)?, |line, bytes| out.push(serde_json::from_slice(bytes).map_err(|e| (line, e))))?;
+    let mut line = 0;
+    read_blocks(File::open(path)?, BLOCK, || None, |block| {
+        line = for_each_line_of(&block, line, |line, bytes| {
+            out.push(serde_json::from_slice(bytes).map_err(|e| (line, e)));
+        });
+        true
+    })?;
     Ok(out)
 }
 
-/// Calls `f` with each non-blank line of `input` and its number (from 1), read a large buffer at a time.
-fn for_each_line(mut input: impl Read, mut f: impl FnMut(u64, &[u8])) -> io::Result<()> {
-    let mut buf = vec![0u8; READ_BUFFER];
-    let (mut filled, mut line) = (0usize, 0u64);
-    let mut each = |bytes: &[u8], line: &mut u64| {
-        *line += 1;
-        if !bytes.iter().all(u8::is_ascii_whitespace) {
-            f(*line, bytes);
+/// Calls `f` with each non-blank line of `block` and its number (counted on from `line`); returns the number of
+/// the last line.
+fn for_each_line_of(block: &[u8], mut line: u64, mut f: impl FnMut(u64, &[u8])) -> u64 {
+    let block = block.strip_suffix(b"\n").unwrap_or(block);
+    if block.is_empty() {
+        return line;
+    }
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', block).chain(std::iter::once(block.len())) {
+        let bytes = &block[start..end];
+        start = end + 1;
+        line += 1;
+        // An event starts with `{`: only other lines are looked at whole.
+        if bytes.first() == Some(&b'{') || !bytes.iter().all(u8::is_ascii_whitespace) {
+            f(line, bytes);
         }
+    }
+    line
+}
+
+/// Reads `input` in blocks of whole lines of about `size` bytes (more when a line is longer), handing each to
+/// `f` until it returns `false`; a block is read into a buffer `spare` gives back when it has one.
+fn read_blocks(
+    mut input: impl Read,
+    size: usize,
+    mut spare: impl FnMut() -> Option<Vec<u8>>,
+    mut f: impl FnMut(Vec<u8>) -> bool,
+) -> io::Result<()> {
+    let mut fresh = |len: usize| {
+        let mut buf = spare().unwrap_or_default();
+        buf.resize(len.max(size), 0);
+        buf
     };
+    let mut buf = fresh(size);
+    let mut filled = 0usize;
     loop {
         if filled == buf.len() {
-            // A line longer than the buffer: grow it.
+            // A line longer than the block: grow it.
             buf.resize(buf.len() * 2, 0);
         }
         let n = input.read(&mut buf[filled..])?;
         if n == 0 {
             if filled > 0 {
-                each(&buf[..filled], &mut line);
+                buf.truncate(filled);
+                f(buf);
             }
             return Ok(());
         }
         filled += n;
-        let Some(last) = buf[..filled].iter().rposition(|&b| b == b'\n') else { continue };
-        for bytes in buf[..last].split(|&b| b == b'\n') {
-            each(bytes, &mut line);
+        if filled < buf.len() {
+            continue;
         }
-        buf.copy_within(last + 1..filled, 0);
+        let Some(last) = buf.iter().rposition(|&b| b == b'\n') else { continue };
+        // The block ends with its last whole line; the rest starts the next one.
+        let mut next = fresh(filled - last - 1);
+        next[..filled - last - 1].copy_from_slice(&buf[last + 1..filled]);
         filled -= last + 1;
+        buf.truncate(last + 1);
+        if !f(std::mem::replace(&mut buf, next)) {
+            return Ok(());
+        }
     }
 }
 
@@ -396,7 +453,14 @@ mod tests {
             }
         }
         let mut seen = Vec::new();
-        for_each_line(Trickle(b"first\n\n  \nsecond line\nlast"), |n, l| seen.push((n, l.to_vec()))).unwrap();
+        let mut line = 0;
+        // Blocks of 4 bytes: every line longer than that grows one.
+        read_blocks(Trickle(b"first\n\n  \nsecond line\nlast"), 4, || None, |block| {
+            line = for_each_line_of(&block, line, |n, l| seen.push((n, l.to_vec())));
+            true
+        })
+        .unwrap();
         assert_eq!(seen, [(1, b"first".to_vec()), (4, b"second line".to_vec()), (5, b"last".to_vec())]);
+        assert_eq!(line, 5);
     }
 }

@@ -410,6 +410,40 @@ pub struct Verifier {
     buf: Vec<u8>,
 }
 
+/// A row as a reader thread hands it to the verifier: most rows are only a place in the chain, so only that
+/// crosses threads, and the event is dropped where it was parsed.
+#[derive(Debug)]
+pub(crate) enum Row {
+    /// A self-consistent row of no special kind, of a boot whose instance a [`Row::Full`] before it gave.
+    Plain { boot: Option<Uuid>, seq: u64, prev: Hash, hash: Hash },
+    /// Any other row, whole, with whether it hashes to its stored hash.
+    Full(Box<AuditEvent>, bool),
+    /// A line (counted from the start of its part) that is not an event, and why.
+    Unreadable(u64, String),
+}
+
+/// The boots a reader thread has handed over a row naming their instance: later rows of theirs can be plain.
+pub(crate) type Known = Vec<Option<Uuid>>;
+
+impl Row {
+    pub(crate) fn of(event: AuditEvent, own_ok: bool, known: &mut Known) -> Row {
+        let special = matches!(&*event.kind, kind::AUDIT_CHECKPOINT | kind::AUDIT_SHUTDOWN | kind::AUDIT_GAP | kind::AUDIT_BOOT);
+        match (event.prev_hash, event.hash) {
+            (Some(prev), Some(hash)) if own_ok && !special && known.contains(&event.boot) => {
+                Row::Plain { boot: event.boot, seq: event.seq, prev, hash }
+            }
+            _ => {
+                if event.instance.is_some() {
+                    if !known.contains(&event.boot) {
+                        known.push(event.boot);
+                    }
+                }
+                Row::Full(Box::new(event), own_ok)
+            }
+        }
+    }
+}
+
 /// What the verifier keeps of one row.
 #[derive(Debug)]
 struct Rec {
@@ -460,6 +494,20 @@ impl Verifier {
     pub fn push(&mut self, event: &AuditEvent) {
         let own_ok = self_consistent(event, &mut self.buf);
         self.push_hashed(event, own_ok);
+    }
+
+    /// A row a reader thread parsed and hashed.
+    pub(crate) fn push_row(&mut self, row: Row) {
+        match row {
+            Row::Plain { boot, seq, prev, hash } => {
+                let pos = self.position;
+                self.position += 1;
+                let recs = &mut self.boots.get_mut(&boot).expect("a plain row's boot was pushed before").recs;
+                recs.push(Rec { seq, pos, prev: Some(prev), hash: Some(hash), own_ok: true, mark: Mark::Plain });
+            }
+            Row::Full(event, own_ok) => self.push_hashed(&event, own_ok),
+            Row::Unreadable(at, error) => self.unreadable(at, error),
+        }
     }
 
     /// [`push`](Self::push) with the self-consistency already computed (by a reader that hashes in parallel).
