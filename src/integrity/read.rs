@@ -79,10 +79,15 @@ impl Verifier {
             }
             let reader = scope.spawn(move || {
                 let mut turn = 0;
-                read_blocks(file, BLOCK, || spare.try_recv().ok(), |block| {
-                    turn += 1;
-                    to_parsers[turn % threads].send(block).is_ok()
-                })
+                read_blocks(
+                    file,
+                    BLOCK,
+                    || spare.try_recv().ok(),
+                    |block| {
+                        turn += 1;
+                        to_parsers[turn % threads].send(block).is_ok()
+                    },
+                )
             });
             let mut line = 0u64;
             for turn in 1.. {
@@ -132,12 +137,17 @@ fn parse(part: &[u8]) -> (Vec<Row>, u64) {
 pub fn read_json_lines(path: impl AsRef<Path>) -> io::Result<Vec<Result<AuditEvent, (u64, serde_json::Error)>>> {
     let mut out = Vec::new();
     let mut line = 0;
-    read_blocks(File::open(path)?, BLOCK, || None, |block| {
-        line = for_each_line_of(&block, line, |line, bytes| {
-            out.push(serde_json::from_slice(bytes).map_err(|e| (line, e)));
-        });
-        true
-    })?;
+    read_blocks(
+        File::open(path)?,
+        BLOCK,
+        || None,
+        |block| {
+            line = for_each_line_of(&block, line, |line, bytes| {
+                out.push(serde_json::from_slice(bytes).map_err(|e| (line, e)));
+            });
+            true
+        },
+    )?;
     Ok(out)
 }
 
@@ -455,12 +465,36 @@ mod tests {
         let mut seen = Vec::new();
         let mut line = 0;
         // Blocks of 4 bytes: every line longer than that grows one.
-        read_blocks(Trickle(b"first\n\n  \nsecond line\nlast"), 4, || None, |block| {
-            line = for_each_line_of(&block, line, |n, l| seen.push((n, l.to_vec())));
-            true
-        })
+        read_blocks(
+            Trickle(b"first\n\n  \nsecond line\nlast"),
+            4,
+            || None,
+            |block| {
+                line = for_each_line_of(&block, line, |n, l| seen.push((n, l.to_vec())));
+                true
+            },
+        )
         .unwrap();
         assert_eq!(seen, [(1, b"first".to_vec()), (4, b"second line".to_vec()), (5, b"last".to_vec())]);
         assert_eq!(line, 5);
+    }
+
+    #[test]
+    fn line_numbers_hold_across_blocks_and_parser_threads() {
+        // Several blocks' worth of lines that are not events, every seventh one blank: each is reported once,
+        // in file order, with its own line number.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("junk.jsonl");
+        let lines = 3 * BLOCK / 10;
+        let text: String =
+            (1..=lines).map(|n| if n % 7 == 0 { "\n".to_owned() } else { format!("{:08}\n", n % 1000) }).collect();
+        std::fs::write(&path, text).unwrap();
+        let key = crate::integrity::Integrity::from_seed(&[1; 32]).verifier_key();
+        let report = verify_json_lines(&path, &key, &[]).unwrap();
+        let at: Vec<u64> = report.unreadable.iter().map(|u| u.at).collect();
+        let want: Vec<u64> = (1..=lines as u64).filter(|n| n % 7 != 0).collect();
+        assert_eq!(at.len(), want.len());
+        assert!(at == want, "first difference at {:?}", at.iter().zip(&want).position(|(a, w)| a != w));
+        assert!(report.boots.is_empty() && !report.ok());
     }
 }
