@@ -93,11 +93,11 @@ pub(crate) struct Row {
 
 impl Row {
     pub(crate) fn from_event(event: &AuditEvent) -> Result<Self, serde_json::Error> {
-        let since_epoch = event.time.duration_since(std::time::SystemTime::UNIX_EPOCH).unwrap_or_default();
         Ok(Row {
             id: event.id.hyphenated().to_string(),
             seq: i64::try_from(event.seq).unwrap_or(i64::MAX),
-            time_micros: i64::try_from(since_epoch.as_micros()).unwrap_or(i64::MAX),
+            // As the chain's encoding counts it (before 1970 too), so a verifier reads back the time hashed.
+            time_micros: crate::integrity::canonical::micros(event.time),
             time_text: humantime::format_rfc3339_micros(event.time).to_string(),
             kind: event.kind.to_string(),
             outcome: event.outcome.as_str(),
