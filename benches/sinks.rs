@@ -1,58 +1,243 @@
-//! Sink throughput in rows per second at batch sizes 1, 64, 512 and 4096: JSON lines (a file), SQLite (a file, WAL)
-//! and Postgres (`TOWER_AUDIT_PG_URL`, default `postgres://postgres@127.0.0.1:5432/test`; skipped with a message
-//! when no server answers). Every write carries fresh, time-ordered (UUIDv7) ids, as the worker assigns them, so
-//! the idempotent inserts really insert.
+//! Sink throughput, each against its ceiling measured in the same run.
+//!
+//! - `sink_<name>/batch_<n>`: one `write_batch` call of `n` fresh events (time-ordered UUIDv7 ids and increasing
+//!   seqs of one boot, as the worker assigns them, so the idempotent inserts really insert), at batch sizes 1,
+//!   64, 512 and 4096: JSON lines (a file), SQLite (a file, WAL, the default schema) and Postgres
+//!   (`TOWER_AUDIT_PG_URL`, default `postgres://postgres@127.0.0.1:5432/test`, in a schema of its own dropped at
+//!   the end; skipped with a message when no server answers).
+//! - `ceiling_<name>/batch_512`, the same 512 rows written the cheapest way there is, with nothing of the sink:
+//!   JSON lines, the same bytes (serialised beforehand) written to a file; SQLite, the same column values
+//!   inserted through the C API (rusqlite) with one prepared statement, one transaction per batch, into a table of
+//!   the same schema; Postgres, the same rows (staged beforehand in an unindexed table) moved by the server's own
+//!   `INSERT … SELECT`, one statement (so one transaction) per batch, into a table of the same schema.
+//!
+//! The machine's load is printed before and after, and the number of rows each table held at the end.
+//! `bash benches/sinks.sh` runs this and prints the ratios; it refuses a run that began on a busy machine.
 //!
 //! `cargo bench --bench sinks --features sqlite,postgres`
 
 mod common;
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use sqlx::AssertSqlSafe;
 use tower_audit::{AuditEvent, AuditSink, JsonLinesSink, PostgresSink, SqliteSink};
 
 const BATCHES: [usize; 4] = [1, 64, 512, 4096];
+/// The batch size the ceilings are measured at (the worker's default).
+const CEILING_BATCH: usize = 512;
 
-fn batch(n: usize) -> Vec<AuditEvent> {
+/// The columns both database sinks write, in their order.
+const COLUMNS: &str = "id, seq, time, kind, outcome, method, route, path, status, grpc_status, latency_us, \
+                       request_id, actor, client_addr, user_agent, attributes, version, instance, boot, prev_hash, hash";
+
+/// Fresh events as one boot's worker stamps them, numbered on from `*seq`.
+fn batch(n: usize, boot: uuid::Uuid, seq: &mut u64) -> Vec<AuditEvent> {
     (0..n)
-        .map(|i| {
+        .map(|_| {
             let mut e = common::request_event();
-            // Time-ordered, as the worker makes them: index inserts land at the right edge of the B-tree.
             e.id = uuid::Uuid::now_v7();
-            e.seq = i as u64;
+            e.instance = Some("bench-host".into());
+            e.boot = Some(boot);
+            *seq += 1;
+            e.seq = *seq;
             e
         })
         .collect()
 }
 
-fn bench_sink<S: AuditSink>(c: &mut Criterion, rt: &tokio::runtime::Runtime, name: &str, sink: &S) {
-    let mut group = c.benchmark_group(format!("sink_{name}"));
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_owned()
+}
+
+fn group<'a>(c: &'a mut Criterion, name: &str) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut group = c.benchmark_group(name);
     group.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    group
+}
+
+fn bench_sink<S: AuditSink>(c: &mut Criterion, rt: &tokio::runtime::Runtime, name: &str, sink: &S) {
+    let mut group = group(c, &format!("sink_{name}"));
+    let boot = uuid::Uuid::now_v7();
+    let seq = std::cell::Cell::new(0);
     for size in BATCHES {
-        group.throughput(Throughput::Elements(size as u64));
+        group.throughput(criterion::Throughput::Elements(size as u64));
         group.bench_function(format!("batch_{size}"), |b| {
-            b.to_async(rt).iter_custom(|iters| async move {
-                let mut spent = Duration::ZERO;
-                for _ in 0..iters {
-                    let events = batch(size);
-                    let start = Instant::now();
-                    sink.write_batch(&events).await.unwrap();
-                    spent += start.elapsed();
+            b.to_async(rt).iter_custom(|iters| {
+                let seq = &seq;
+                async move {
+                    let mut spent = Duration::ZERO;
+                    for _ in 0..iters {
+                        let mut next = seq.get();
+                        let events = batch(size, boot, &mut next);
+                        seq.set(next);
+                        let start = Instant::now();
+                        sink.write_batch(&events).await.unwrap();
+                        spent += start.elapsed();
+                    }
+                    spent
                 }
-                spent
             })
         });
     }
     group.finish();
 }
 
+/// The same bytes as the JSON lines sink writes, serialised beforehand, written and handed to the kernel.
+fn ceiling_json_lines(c: &mut Criterion, dir: &std::path::Path) {
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("ceiling.jsonl")).unwrap();
+    let mut group = group(c, "ceiling_json_lines");
+    group.throughput(Throughput::Elements(CEILING_BATCH as u64));
+    let (boot, mut seq) = (uuid::Uuid::now_v7(), 0);
+    group.bench_function(format!("batch_{CEILING_BATCH}"), |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                let mut bytes = Vec::new();
+                for event in batch(CEILING_BATCH, boot, &mut seq) {
+                    serde_json::to_writer(&mut bytes, &event).unwrap();
+                    bytes.push(b'\n');
+                }
+                let start = Instant::now();
+                file.write_all(&bytes).unwrap();
+                spent += start.elapsed();
+            }
+            spent
+        })
+    });
+    group.finish();
+}
+
+/// One event's column values as the SQLite sink stores them.
+fn sqlite_values(e: &AuditEvent) -> Vec<rusqlite::types::Value> {
+    use rusqlite::types::Value::{Integer, Null, Text};
+    let text = |s: Option<&str>| s.map_or(Null, |s| Text(s.to_owned()));
+    let int = |i: Option<i64>| i.map_or(Null, Integer);
+    vec![
+        Text(e.id.hyphenated().to_string()),
+        Integer(e.seq as i64),
+        Text(humantime::format_rfc3339_micros(e.time).to_string()),
+        Text(e.kind.to_string()),
+        Text(e.outcome.as_str().to_owned()),
+        text(e.method.as_deref()),
+        text(e.route.as_deref()),
+        text(e.path.as_deref()),
+        int(e.status.map(i64::from)),
+        int(e.grpc_status.map(i64::from)),
+        int(e.latency_us.map(|l| l as i64)),
+        text(e.request_id.as_deref()),
+        text(e.actor.as_deref()),
+        text(e.client_addr.map(|a| a.to_string()).as_deref()),
+        text(e.user_agent.as_deref()),
+        Text(serde_json::to_string(&e.attributes).unwrap()),
+        Integer(i64::from(e.version)),
+        text(e.instance.as_deref()),
+        text(e.boot.map(|b| b.hyphenated().to_string()).as_deref()),
+        text(e.prev_hash.map(|h| h.to_string()).as_deref()),
+        text(e.hash.map(|h| h.to_string()).as_deref()),
+    ]
+}
+
+/// The same rows through SQLite's C API: one prepared statement, one transaction per batch, into a table the
+/// sink's own schema made (in a file of its own, with the sink's settings: WAL, `synchronous = NORMAL`).
+fn ceiling_sqlite(c: &mut Criterion, rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> i64 {
+    let path = dir.join("ceiling.db");
+    rt.block_on(async {
+        let sink = SqliteSink::connect(path.to_str().unwrap()).await.unwrap();
+        sink.ensure_schema().await.unwrap();
+    });
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
+    let insert = format!(
+        "INSERT INTO audit_events ({COLUMNS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
+        vec!["?"; 21].join(", ")
+    );
+    let mut group = group(c, "ceiling_sqlite");
+    group.throughput(Throughput::Elements(CEILING_BATCH as u64));
+    let (boot, mut seq) = (uuid::Uuid::now_v7(), 0);
+    group.bench_function(format!("batch_{CEILING_BATCH}"), |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            for _ in 0..iters {
+                let rows: Vec<_> = batch(CEILING_BATCH, boot, &mut seq).iter().map(sqlite_values).collect();
+                let start = Instant::now();
+                conn.execute_batch("BEGIN").unwrap();
+                let mut statement = conn.prepare_cached(&insert).unwrap();
+                for row in &rows {
+                    statement.execute(rusqlite::params_from_iter(row)).unwrap();
+                }
+                conn.execute_batch("COMMIT").unwrap();
+                spent += start.elapsed();
+            }
+            spent
+        })
+    });
+    group.finish();
+    conn.query_row("SELECT count(*) FROM audit_events", [], |row| row.get(0)).unwrap()
+}
+
+/// The same rows moved by the server alone: staged beforehand (by the sink, into a table without indexes),
+/// then one `INSERT … SELECT` per batch into a table the sink's own schema made.
+fn ceiling_postgres(c: &mut Criterion, rt: &tokio::runtime::Runtime, admin: &sqlx::PgPool, schema: &str) {
+    let stage = rt.block_on(async {
+        let ceiling = PostgresSink::from_pool(admin.clone()).table(&format!("{schema}.ceiling")).unwrap();
+        ceiling.ensure_schema().await.unwrap();
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "CREATE TABLE {schema}.staging (LIKE {schema}.ceiling INCLUDING DEFAULTS); \
+             CREATE INDEX ON {schema}.staging (seq)"
+        )))
+        .execute(admin)
+        .await
+        .unwrap();
+        PostgresSink::from_pool(admin.clone()).table(&format!("{schema}.staging")).unwrap()
+    });
+    let move_one = format!(
+        "INSERT INTO {schema}.ceiling ({COLUMNS}) SELECT {COLUMNS} FROM {schema}.staging WHERE seq > $1 AND seq <= $2"
+    );
+    let mut group = group(c, "ceiling_postgres");
+    group.throughput(Throughput::Elements(CEILING_BATCH as u64));
+    let boot = uuid::Uuid::now_v7();
+    let seq = std::cell::Cell::new(0u64);
+    group.bench_function(format!("batch_{CEILING_BATCH}"), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (stage, move_one, seq) = (&stage, &move_one, &seq);
+            async move {
+                let first = seq.get();
+                let mut next = first;
+                for _ in 0..iters {
+                    stage.write_batch(&batch(CEILING_BATCH, boot, &mut next)).await.unwrap();
+                }
+                seq.set(next);
+                let mut conn = admin.acquire().await.unwrap();
+                let start = Instant::now();
+                for i in 0..iters {
+                    let from = first + i * CEILING_BATCH as u64;
+                    let moved = sqlx::query(AssertSqlSafe(move_one.clone()))
+                        .bind(from as i64)
+                        .bind((from + CEILING_BATCH as u64) as i64)
+                        .execute(&mut *conn)
+                        .await
+                        .unwrap();
+                    assert_eq!(moved.rows_affected(), CEILING_BATCH as u64);
+                }
+                start.elapsed()
+            }
+        })
+    });
+    group.finish();
+}
+
 fn sinks(c: &mut Criterion) {
+    eprintln!("load before: {}", load());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
 
     let jsonl = JsonLinesSink::open(dir.path().join("audit.jsonl")).unwrap();
     bench_sink(c, &rt, "json_lines", &jsonl);
+    ceiling_json_lines(c, dir.path());
 
     let sqlite = rt.block_on(async {
         let sink = SqliteSink::connect(dir.path().join("audit.db").to_str().unwrap()).await.unwrap();
@@ -60,19 +245,47 @@ fn sinks(c: &mut Criterion) {
         sink
     });
     bench_sink(c, &rt, "sqlite", &sqlite);
+    let ceiling_rows = ceiling_sqlite(c, &rt, dir.path());
+    let sink_rows: i64 = {
+        let conn = rusqlite::Connection::open(dir.path().join("audit.db")).unwrap();
+        conn.query_row("SELECT count(*) FROM audit_events", [], |row| row.get(0)).unwrap()
+    };
+    eprintln!("rows at the end: sqlite sink {sink_rows}, sqlite ceiling {ceiling_rows}");
 
     let url = std::env::var("TOWER_AUDIT_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let schema = format!("bench_sinks_{}", std::process::id());
     let postgres = rt.block_on(async {
-        let admin = sqlx::PgPool::connect(&url).await.ok()?;
-        sqlx::raw_sql("DROP TABLE IF EXISTS bench_audit_events").execute(&admin).await.ok()?;
-        let sink = PostgresSink::connect(&url).await.ok()?.table("bench_audit_events").unwrap();
-        sink.ensure_schema().await.ok()?;
-        Some(sink)
+        let admin = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&url).await.ok()?;
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let sink = PostgresSink::connect(&url).await.ok()?.table(&format!("{schema}.audit_events")).unwrap();
+        sink.ensure_schema().await.unwrap();
+        Some((admin, sink))
     });
     match postgres {
-        Some(sink) => bench_sink(c, &rt, "postgres", &sink),
+        Some((admin, sink)) => {
+            bench_sink(c, &rt, "postgres", &sink);
+            ceiling_postgres(c, &rt, &admin, &schema);
+            rt.block_on(async {
+                let rows = async |table: &str| -> i64 {
+                    sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {schema}.{table}")))
+                        .fetch_one(&admin)
+                        .await
+                        .unwrap()
+                };
+                eprintln!(
+                    "rows at the end: postgres sink {}, postgres ceiling {}",
+                    rows("audit_events").await,
+                    rows("ceiling").await
+                );
+                sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&admin).await.unwrap();
+            });
+        }
         None => eprintln!("sink_postgres: skipped, no Postgres at {url} (set TOWER_AUDIT_PG_URL)"),
     }
+    eprintln!("load after: {}", load());
 }
 
 criterion_group!(benches, sinks);

@@ -151,17 +151,16 @@ async fn one_statement_per_batch_and_a_retried_batch_never_duplicates() {
     let mixed: Vec<AuditEvent> = again.iter().take(5).cloned().chain(fresh.iter().cloned()).collect();
     sink.write_batch(&mixed).await.unwrap();
     assert_eq!(count(&admin, &table).await, 1 + 1200 + 1 + 5);
-    let landed: Vec<String> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT id::text FROM {table} WHERE kind = 'mixed' ORDER BY id"
-    )))
-    .fetch_all(&admin)
-    .await
-    .unwrap();
+    let landed: Vec<String> =
+        sqlx::query_scalar(AssertSqlSafe(format!("SELECT id::text FROM {table} WHERE kind = 'mixed' ORDER BY id")))
+            .fetch_all(&admin)
+            .await
+            .unwrap();
     let mut want: Vec<String> = fresh.iter().map(|e| e.id.to_string()).collect();
     want.sort();
     assert_eq!(landed, want);
     assert_eq!(transactions("kind = 'mixed'").await, 1);
-    // And the connection is sound after the refused `COPY`: the next batch goes in by `COPY` again.
+    // And the connection is sound after the refused plain insert: the next batch goes in plainly again.
     let mut after = AuditEvent::new("after");
     after.id = uuid::Uuid::now_v7();
     sink.write_batch(&[after]).await.unwrap();

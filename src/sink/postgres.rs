@@ -1,13 +1,15 @@
 use std::time::Duration;
 
 use sqlx::Connection as _;
+use sqlx::Error;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, Postgres};
 
 use crate::error::{ConfigError, SinkError};
-use crate::event::AuditEvent;
-use crate::sink::{AuditSink, pg_copy};
-use crate::sink::sql::{COLUMNS, DEFAULT_TABLE, Row, Table};
+use crate::event::{AuditEvent, Hash};
+use crate::integrity::canonical::micros;
+use crate::sink::AuditSink;
+use crate::sink::sql::{COLUMNS, DEFAULT_TABLE, Table};
 
 /// Schema version 1: the table and its indexes.
 const SCHEMA_V1: &str = include_str!("../../migrations/postgres/0001_audit_events.sql");
@@ -74,8 +76,9 @@ const V2_INDEX: &str = "audit_events_boot_seq_key";
 pub struct PostgresSink {
     pool: PgPool,
     table: Table,
+    /// The batch's `INSERT`, and the same `ON CONFLICT (id) DO NOTHING`.
     insert: String,
-    copy: String,
+    insert_idempotent: String,
 }
 
 impl PostgresSink {
@@ -114,7 +117,7 @@ impl PostgresSink {
     /// Writes through a pool you own (see the type's docs for what sharing costs).
     pub fn from_pool(pool: PgPool) -> Self {
         let table = Table::parse(DEFAULT_TABLE, true).expect("the default table name is valid");
-        Self { insert: insert_sql(&table), copy: copy_sql(&table), pool, table }
+        Self { insert: insert_sql(&table, false), insert_idempotent: insert_sql(&table, true), pool, table }
     }
 
     /// Writes into `table` (`[a-z_][a-z0-9_]*`, optionally `schema.table`) instead of `audit_events`.
@@ -124,8 +127,8 @@ impl PostgresSink {
     /// [`ConfigError::InvalidTableName`] for anything else, so no SQL can be injected through configuration.
     pub fn table(mut self, table: &str) -> Result<Self, ConfigError> {
         self.table = Table::parse(table, true)?;
-        self.insert = insert_sql(&self.table);
-        self.copy = copy_sql(&self.table);
+        self.insert = insert_sql(&self.table, false);
+        self.insert_idempotent = insert_sql(&self.table, true);
         Ok(self)
     }
 
@@ -178,142 +181,89 @@ impl PostgresSink {
     }
 }
 
-fn copy_sql(table: &Table) -> String {
-    format!("COPY {} ({COLUMNS}) FROM STDIN (FORMAT binary)", table.qualified())
-}
-
 /// Postgres' `unique_violation`.
 const UNIQUE_VIOLATION: &str = "23505";
 
-fn insert_sql(table: &Table) -> String {
+/// The batch as one statement: each column bound as one array in its own type (binary on the wire, so ids,
+/// boots and addresses need no text parsing), the arrays unnested into rows.
+fn insert_sql(table: &Table, idempotent: bool) -> String {
     format!(
         "INSERT INTO {table} ({COLUMNS}) \
-         SELECT id::uuid, seq, 'epoch'::timestamptz + micros * interval '1 microsecond', kind, outcome, method, \
-                route, path, status, grpc_status, latency_us, request_id, actor, client_addr::inet, user_agent, \
-                attributes::jsonb, version, instance, boot::uuid, prev_hash, hash \
-         FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], \
-                     $8::text[], $9::int4[], $10::int4[], $11::int8[], $12::text[], $13::text[], $14::text[], \
-                     $15::text[], $16::text[], $17::int2[], $18::text[], $19::text[], $20::text[], $21::text[]) \
+         SELECT id, seq, 'epoch'::timestamptz + micros * interval '1 microsecond', kind, outcome, method, \
+                route, path, status, grpc_status, latency_us, request_id, actor, client_addr, user_agent, \
+                attributes::jsonb, version, instance, boot, prev_hash, hash \
+         FROM UNNEST($1::uuid[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[], $7::text[], \
+                     $8::text[], $9::int4[], $10::int4[], $11::int8[], $12::text[], $13::text[], $14::inet[], \
+                     $15::text[], $16::text[], $17::int2[], $18::text[], $19::uuid[], $20::text[], $21::text[]) \
               AS t(id, seq, micros, kind, outcome, method, route, path, status, grpc_status, latency_us, \
-                   request_id, actor, client_addr, user_agent, attributes, version, instance, boot, prev_hash, hash) \
-         ON CONFLICT (id) DO NOTHING",
+                   request_id, actor, client_addr, user_agent, attributes, version, instance, boot, prev_hash, hash){}",
+        if idempotent { " ON CONFLICT (id) DO NOTHING" } else { "" },
         table = table.qualified()
     )
 }
 
-/// Column-wise arrays for UNNEST.
-#[derive(Default)]
-struct Columns {
-    id: Vec<String>,
-    seq: Vec<i64>,
-    micros: Vec<i64>,
-    kind: Vec<String>,
-    outcome: Vec<String>,
-    method: Vec<Option<String>>,
-    route: Vec<Option<String>>,
-    path: Vec<Option<String>>,
-    status: Vec<Option<i32>>,
-    grpc_status: Vec<Option<i32>>,
-    latency_us: Vec<Option<i64>>,
-    request_id: Vec<Option<String>>,
-    actor: Vec<Option<String>>,
-    client_addr: Vec<Option<String>>,
-    user_agent: Vec<Option<String>>,
-    attributes: Vec<String>,
-    version: Vec<i16>,
-    instance: Vec<Option<String>>,
-    boot: Vec<Option<String>>,
-    prev_hash: Vec<Option<String>>,
-    hash: Vec<Option<String>>,
-}
-
-impl Columns {
-    fn push(&mut self, row: Row) {
-        self.id.push(row.id);
-        self.seq.push(row.seq);
-        self.micros.push(row.time_micros);
-        self.kind.push(row.kind);
-        self.outcome.push(row.outcome.to_owned());
-        self.method.push(row.method);
-        self.route.push(row.route);
-        self.path.push(row.path);
-        self.status.push(row.status);
-        self.grpc_status.push(row.grpc_status);
-        self.latency_us.push(row.latency_us);
-        self.request_id.push(row.request_id);
-        self.actor.push(row.actor);
-        self.client_addr.push(row.client_addr);
-        self.user_agent.push(row.user_agent);
-        self.attributes.push(row.attributes);
-        self.version.push(row.version);
-        self.instance.push(row.instance);
-        self.boot.push(row.boot);
-        self.prev_hash.push(row.prev_hash);
-        self.hash.push(row.hash);
-    }
-}
-
-/// A batch goes in as one binary `COPY` into the table (one statement, so one transaction): the server's
-/// cheapest path, with no SQL to parse or text to cast. `COPY` cannot skip rows already there, so when it meets
-/// one (a batch retried after its commit went through unacknowledged) it fails whole, writing nothing, and the
-/// batch goes again, on the same connection, as one `INSERT … ON CONFLICT (id) DO NOTHING`: each event is
-/// stored once, whatever is retried.
+/// A batch is one plain `INSERT` in a transaction: the server's cheapest way in for rows (`ON CONFLICT` makes
+/// every row a speculative insertion, which costs more). When it meets a row already stored (a batch retried
+/// after its commit went through unacknowledged) it fails whole, writing nothing, and the batch goes again on
+/// the same connection as `INSERT … ON CONFLICT (id) DO NOTHING`: each event is stored once, whatever is
+/// retried.
 impl AuditSink for PostgresSink {
     async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
-        let data = pg_copy::encode(batch)?;
         let mut checkout = Checkout { conn: self.pool.acquire().await.map_err(SinkError::backend)?, answered: false };
-        let copied = async {
-            let mut copy = checkout.conn.copy_in_raw(&self.copy).await?;
-            copy.send(data).await?;
-            // Only `finish` ends the data: a write dropped before it can never commit.
-            copy.finish().await
-        }
-        .await;
-        let written = match copied {
-            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some(UNIQUE_VIOLATION) => {
-                self.insert_idempotent(batch, &mut checkout.conn).await
+        let written = match insert(&self.insert, batch, &mut checkout.conn).await {
+            Err(Error::Database(e)) if e.code().as_deref() == Some(UNIQUE_VIOLATION) => {
+                insert(&self.insert_idempotent, batch, &mut checkout.conn).await
             }
-            copied => copied.map(drop),
+            written => written,
         };
         checkout.answered = true;
-        written.map_err(SinkError::backend)
+        written.map_err(|e| match e {
+            Error::Encode(e) => match e.downcast::<serde_json::Error>() {
+                Ok(e) => SinkError::from(*e),
+                Err(e) => SinkError::backend(Error::Encode(e)),
+            },
+            e => SinkError::backend(e),
+        })
     }
 }
 
-impl PostgresSink {
-    /// The batch as one `INSERT … ON CONFLICT (id) DO NOTHING`, in a transaction.
-    async fn insert_idempotent(&self, batch: &[AuditEvent], conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        let mut c = Columns::default();
-        for event in batch {
-            c.push(Row::from_event(event).map_err(|e| sqlx::Error::Encode(e.into()))?);
-        }
-        let insert = sqlx::query(sqlx::AssertSqlSafe(self.insert.clone()))
-            .bind(c.id)
-            .bind(c.seq)
-            .bind(c.micros)
-            .bind(c.kind)
-            .bind(c.outcome)
-            .bind(c.method)
-            .bind(c.route)
-            .bind(c.path)
-            .bind(c.status)
-            .bind(c.grpc_status)
-            .bind(c.latency_us)
-            .bind(c.request_id)
-            .bind(c.actor)
-            .bind(c.client_addr)
-            .bind(c.user_agent)
-            .bind(c.attributes)
-            .bind(c.version)
-            .bind(c.instance)
-            .bind(c.boot)
-            .bind(c.prev_hash)
-            .bind(c.hash);
-        let mut tx = conn.begin().await?;
-        insert.execute(&mut *tx).await?;
-        // Only now: a write dropped before this point can never commit.
-        tx.commit().await
+/// Runs `sql` (one of the sink's inserts) with `batch` bound, in a transaction.
+async fn insert(sql: &str, batch: &[AuditEvent], conn: &mut PgConnection) -> Result<(), Error> {
+    let n = batch.len();
+    let text = |f: fn(&AuditEvent) -> Option<&str>| batch.iter().map(f).collect::<Vec<_>>();
+    let mut attributes = Vec::with_capacity(n);
+    for event in batch {
+        attributes.push(serde_json::to_string(&event.attributes).map_err(|e| Error::Encode(e.into()))?);
     }
+    let hex =
+        |f: fn(&AuditEvent) -> Option<Hash>| batch.iter().map(|e| f(e).map(|h| h.to_string())).collect::<Vec<_>>();
+    let insert = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(batch.iter().map(|e| e.id).collect::<Vec<_>>())
+        .bind(batch.iter().map(|e| i64::try_from(e.seq).unwrap_or(i64::MAX)).collect::<Vec<_>>())
+        // As the chain's encoding counts it (before 1970 too), so a verifier reads back the time hashed.
+        .bind(batch.iter().map(|e| micros(e.time)).collect::<Vec<_>>())
+        .bind(batch.iter().map(|e| &*e.kind).collect::<Vec<_>>())
+        .bind(batch.iter().map(|e| e.outcome.as_str()).collect::<Vec<_>>())
+        .bind(text(|e| e.method.as_deref()))
+        .bind(text(|e| e.route.as_deref()))
+        .bind(text(|e| e.path.as_deref()))
+        .bind(batch.iter().map(|e| e.status.map(i32::from)).collect::<Vec<_>>())
+        .bind(batch.iter().map(|e| e.grpc_status).collect::<Vec<_>>())
+        .bind(batch.iter().map(|e| e.latency_us.map(|l| i64::try_from(l).unwrap_or(i64::MAX))).collect::<Vec<_>>())
+        .bind(text(|e| e.request_id.as_deref()))
+        .bind(text(|e| e.actor.as_deref()))
+        .bind(batch.iter().map(|e| e.client_addr).collect::<Vec<_>>())
+        .bind(text(|e| e.user_agent.as_deref()))
+        .bind(attributes)
+        .bind(batch.iter().map(|e| i16::try_from(e.version).unwrap_or(i16::MAX)).collect::<Vec<_>>())
+        .bind(text(|e| e.instance.as_deref()))
+        .bind(batch.iter().map(|e| e.boot).collect::<Vec<_>>())
+        .bind(hex(|e| e.prev_hash))
+        .bind(hex(|e| e.hash));
+    let mut tx = conn.begin().await?;
+    insert.execute(&mut *tx).await?;
+    // Only now: a write dropped before this point can never commit.
+    tx.commit().await
 }
 
 struct Checkout {

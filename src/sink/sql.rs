@@ -69,7 +69,6 @@ pub(crate) const COLUMN_COUNT: usize = 21;
 pub(crate) struct Row {
     pub(crate) id: String,
     pub(crate) seq: i64,
-    pub(crate) time_micros: i64,
     pub(crate) time_text: String,
     pub(crate) kind: String,
     pub(crate) outcome: &'static str,
@@ -96,8 +95,6 @@ impl Row {
         Ok(Row {
             id: event.id.hyphenated().to_string(),
             seq: i64::try_from(event.seq).unwrap_or(i64::MAX),
-            // As the chain's encoding counts it (before 1970 too), so a verifier reads back the time hashed.
-            time_micros: crate::integrity::canonical::micros(event.time),
             time_text: humantime::format_rfc3339_micros(event.time).to_string(),
             kind: event.kind.to_string(),
             outcome: event.outcome.as_str(),
