@@ -1,8 +1,6 @@
-//! What the Postgres and SQLite sinks share: the validated table name, the schema template, and the flat row
-//! each event becomes.
+//! What the Postgres and SQLite sinks share: the validated table name, the schema template and the columns.
 
 use crate::error::ConfigError;
-use crate::event::AuditEvent;
 
 /// The default table name, as in the files under `migrations/`.
 pub(crate) const DEFAULT_TABLE: &str = "audit_events";
@@ -64,59 +62,6 @@ pub(crate) const COLUMNS: &str = "id, seq, time, kind, outcome, method, route, p
                                   request_id, actor, client_addr, user_agent, attributes, version, instance, boot, \
                                   prev_hash, hash";
 pub(crate) const COLUMN_COUNT: usize = 21;
-
-/// One event as column values.
-pub(crate) struct Row {
-    pub(crate) id: String,
-    pub(crate) seq: i64,
-    pub(crate) time_text: String,
-    pub(crate) kind: String,
-    pub(crate) outcome: &'static str,
-    pub(crate) method: Option<String>,
-    pub(crate) route: Option<String>,
-    pub(crate) path: Option<String>,
-    pub(crate) status: Option<i32>,
-    pub(crate) grpc_status: Option<i32>,
-    pub(crate) latency_us: Option<i64>,
-    pub(crate) request_id: Option<String>,
-    pub(crate) actor: Option<String>,
-    pub(crate) client_addr: Option<String>,
-    pub(crate) user_agent: Option<String>,
-    pub(crate) attributes: String,
-    pub(crate) version: i16,
-    pub(crate) instance: Option<String>,
-    pub(crate) boot: Option<String>,
-    pub(crate) prev_hash: Option<String>,
-    pub(crate) hash: Option<String>,
-}
-
-impl Row {
-    pub(crate) fn from_event(event: &AuditEvent) -> Result<Self, serde_json::Error> {
-        Ok(Row {
-            id: event.id.hyphenated().to_string(),
-            seq: i64::try_from(event.seq).unwrap_or(i64::MAX),
-            time_text: humantime::format_rfc3339_micros(event.time).to_string(),
-            kind: event.kind.to_string(),
-            outcome: event.outcome.as_str(),
-            method: event.method.as_deref().map(str::to_owned),
-            route: event.route.clone(),
-            path: event.path.clone(),
-            status: event.status.map(i32::from),
-            grpc_status: event.grpc_status,
-            latency_us: event.latency_us.map(|l| i64::try_from(l).unwrap_or(i64::MAX)),
-            request_id: event.request_id.clone(),
-            actor: event.actor.clone(),
-            client_addr: event.client_addr.map(|ip| ip.to_string()),
-            user_agent: event.user_agent.clone(),
-            attributes: serde_json::to_string(&event.attributes)?,
-            version: i16::try_from(event.version).unwrap_or(i16::MAX),
-            instance: event.instance.as_deref().map(str::to_owned),
-            boot: event.boot.map(|boot| boot.hyphenated().to_string()),
-            prev_hash: event.prev_hash.map(|h| h.to_string()),
-            hash: event.hash.map(|h| h.to_string()),
-        })
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -7,7 +7,7 @@ use sqlx::sqlite::{Sqlite, SqliteConnectOptions, SqliteJournalMode, SqlitePool, 
 use crate::error::{ConfigError, SinkError};
 use crate::event::AuditEvent;
 use crate::sink::AuditSink;
-use crate::sink::sql::{COLUMN_COUNT, COLUMNS, DEFAULT_TABLE, Row, Table};
+use crate::sink::sql::{COLUMN_COUNT, COLUMNS, DEFAULT_TABLE, Table};
 
 /// Schema version 1: the table and its indexes.
 const SCHEMA_V1: &str = include_str!("../../migrations/sqlite/0001_audit_events.sql");
@@ -159,34 +159,37 @@ fn added_column(statement: &str) -> Option<&str> {
 
 impl AuditSink for SqliteSink {
     async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
-        let rows = batch.iter().map(Row::from_event).collect::<Result<Vec<_>, _>>()?;
+        let attributes = batch.iter().map(|e| serde_json::to_string(&e.attributes)).collect::<Result<Vec<_>, _>>()?;
+        let mut attributes = attributes.into_iter();
         let mut tx = self.pool.begin().await.map_err(SinkError::backend)?;
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        for chunk in batch.chunks(ROWS_PER_STATEMENT) {
             let mut insert =
                 QueryBuilder::<Sqlite>::new(format!("INSERT INTO {} ({COLUMNS}) ", self.table.qualified()));
-            insert.push_values(chunk, |mut values, row| {
+            // Every value bound by value (sqlx keeps each text in an `Arc`: moved in, not copied again).
+            insert.push_values(chunk.iter().zip(attributes.by_ref()), |mut values, (e, attributes)| {
+                let owned = |text: &Option<String>| text.clone();
                 values
-                    .push_bind(&row.id)
-                    .push_bind(row.seq)
-                    .push_bind(&row.time_text)
-                    .push_bind(&row.kind)
-                    .push_bind(row.outcome)
-                    .push_bind(&row.method)
-                    .push_bind(&row.route)
-                    .push_bind(&row.path)
-                    .push_bind(row.status)
-                    .push_bind(row.grpc_status)
-                    .push_bind(row.latency_us)
-                    .push_bind(&row.request_id)
-                    .push_bind(&row.actor)
-                    .push_bind(&row.client_addr)
-                    .push_bind(&row.user_agent)
-                    .push_bind(&row.attributes)
-                    .push_bind(row.version)
-                    .push_bind(&row.instance)
-                    .push_bind(&row.boot)
-                    .push_bind(&row.prev_hash)
-                    .push_bind(&row.hash);
+                    .push_bind(e.id.hyphenated().to_string())
+                    .push_bind(i64::try_from(e.seq).unwrap_or(i64::MAX))
+                    .push_bind(humantime::format_rfc3339_micros(e.time).to_string())
+                    .push_bind(e.kind.clone())
+                    .push_bind(e.outcome.as_str())
+                    .push_bind(e.method.clone())
+                    .push_bind(owned(&e.route))
+                    .push_bind(owned(&e.path))
+                    .push_bind(e.status.map(i32::from))
+                    .push_bind(e.grpc_status)
+                    .push_bind(e.latency_us.map(|l| i64::try_from(l).unwrap_or(i64::MAX)))
+                    .push_bind(owned(&e.request_id))
+                    .push_bind(owned(&e.actor))
+                    .push_bind(e.client_addr.map(|ip| ip.to_string()))
+                    .push_bind(owned(&e.user_agent))
+                    .push_bind(attributes)
+                    .push_bind(i16::try_from(e.version).unwrap_or(i16::MAX))
+                    .push_bind(e.instance.clone())
+                    .push_bind(e.boot.map(|boot| boot.hyphenated().to_string()))
+                    .push_bind(e.prev_hash.map(|h| h.to_string()))
+                    .push_bind(e.hash.map(|h| h.to_string()));
             });
             insert.push(" ON CONFLICT (id) DO NOTHING");
             insert.build().execute(&mut *tx).await.map_err(SinkError::backend)?;
