@@ -53,8 +53,9 @@ impl AuditContext {
         let key = bounded(key.as_ref(), limits.max_field_len);
         let value = bounded(value.as_ref(), limits.max_field_len);
         let mut fields = self.state.fields();
-        if fields.attributes.len() < limits.max_attributes || fields.attributes.contains_key(&key) {
-            fields.attributes.insert(key, value);
+        let attributes = fields.attributes();
+        if attributes.len() < limits.max_attributes || attributes.contains_key(&key) {
+            attributes.insert(key, value);
         }
     }
 

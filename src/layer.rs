@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::HeaderName;
 use ipnet::IpNet;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tower_layer::Layer;
 
 use crate::call::Deadline;
@@ -529,9 +529,8 @@ impl AuditLayerBuilder {
             spill: self.spill.as_ref().map(|s| (s.sync, s.max_bytes)),
         };
 
-        // Unbounded: the gate in `Shared` admits events by count and bytes, so the channel never refuses.
-        let (tx, rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Shared::new(self.capacity, self.max_queued_bytes));
+        // The gate in `Shared` admits events by count and bytes into an unbounded backlog.
+        let shared = Arc::new(Shared::new(self.capacity, self.max_queued_bytes, self.batch_size));
         let (deadline_tx, deadline_rx) = watch::channel(None);
         let (report_tx, report_rx) = watch::channel(None);
         let deadline = Deadline(deadline_rx);
@@ -571,7 +570,7 @@ impl AuditLayerBuilder {
             }
         };
         let worker = Worker {
-            queue: Queue { rx, shared: Arc::clone(&shared), spilled },
+            queue: Queue { shared: Arc::clone(&shared), spilled },
             shared: Arc::clone(&shared),
             output,
             config: WorkerConfig {
@@ -598,13 +597,12 @@ impl AuditLayerBuilder {
             report_rx.clone(),
         ));
         let core = Arc::new(Core {
-            tx,
             shared,
             batch_size: self.batch_size,
             config: RequestConfig {
                 overflow: self.overflow,
                 limits: self.limits,
-                redact_query: self.redact_query,
+                redact_query: crate::sanitize::Redact::new(self.redact_query),
                 keep_query: self.keep_query,
                 request_id_header,
                 capture_headers,

@@ -1,23 +1,23 @@
-//! What producers (services, contexts, the handle) share with the worker: the queue's sending half behind its
-//! gate, the configuration read on the request path, and the counters.
+//! What producers (services, contexts, the handle) share with the worker: the queue behind its gate, the
+//! configuration read on the request path, and the counters.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
 use http::HeaderName;
 use ipnet::IpNet;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use crate::durable::Watermark;
 use crate::event::AuditEvent;
-use crate::intake::{Entry, Gate, Refusal, Slot};
+use crate::intake::{Backlog, Gate, Refusal, Slot};
 use crate::sanitize::Limits;
 use crate::stats::{Counters, Stats, add};
 
-/// Everything a producer needs. One `Arc<Core>` per pipeline; each request clones the `Arc`, not the sender.
+/// Everything a producer needs. One `Arc<Core>` per pipeline; each request clones the `Arc`. When the last one is
+/// dropped, the worker learns that every producer is gone.
 #[derive(Debug)]
 pub(crate) struct Core {
-    pub(crate) tx: mpsc::UnboundedSender<Entry>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) config: RequestConfig,
     pub(crate) batch_size: usize,
@@ -28,7 +28,7 @@ pub(crate) struct Core {
 pub(crate) struct RequestConfig {
     pub(crate) overflow: crate::Overflow,
     pub(crate) limits: Limits,
-    pub(crate) redact_query: Vec<String>,
+    pub(crate) redact_query: crate::sanitize::Redact,
     pub(crate) keep_query: bool,
     pub(crate) request_id_header: HeaderName,
     pub(crate) capture_headers: Vec<HeaderName>,
@@ -36,11 +36,12 @@ pub(crate) struct RequestConfig {
     pub(crate) client_addr_source: crate::ClientAddrSource,
 }
 
-/// Shared by producers, the handle and the worker (the worker holds no sender, so dropping every producer
-/// disconnects the channel).
+/// Shared by producers, the handle and the worker.
 #[derive(Debug)]
 pub(crate) struct Shared {
     pub(crate) gate: Gate,
+    /// The admitted events, for the worker.
+    pub(crate) backlog: Backlog,
     pub(crate) counters: Counters,
     /// Wakes the worker early when a batch's worth is waiting.
     pub(crate) wake: Notify,
@@ -52,9 +53,10 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(capacity: usize, max_bytes: usize) -> Self {
+    pub(crate) fn new(capacity: usize, max_bytes: usize, batch_size: usize) -> Self {
         Self {
             gate: Gate::new(capacity, max_bytes),
+            backlog: Backlog::new(batch_size),
             counters: Counters::default(),
             wake: Notify::new(),
             wake_pending: AtomicBool::new(false),
@@ -85,6 +87,7 @@ pub(crate) enum OnFull {
 impl Core {
     /// Queues an event without waiting, into its reserved `slot` if it has one. A refused event is counted
     /// by reason (`on_full` says which counter a full queue means).
+    #[inline]
     pub(crate) fn push(&self, event: AuditEvent, slot: Option<Slot>, on_full: OnFull) -> bool {
         let queued = self.enqueue(event, slot, on_full, false).is_ok();
         if queued {
@@ -104,6 +107,7 @@ impl Core {
     }
 
     /// Admits and sends an event (with a ticket when `durable`). The ticket, or 0.
+    #[inline]
     fn enqueue(&self, event: AuditEvent, slot: Option<Slot>, on_full: OnFull, durable: bool) -> Result<u64, Refusal> {
         let bytes = event.heap_size();
         let counters = &self.shared.counters;
@@ -117,18 +121,16 @@ impl Core {
         }
         // Inside the gate: counted as accepted before the worker can see (and settle) it.
         add(&counters.accepted, 1);
-        let (sent, ticket) = if durable {
-            // Issued and sent under one lock: the worker takes durable events in ticket order.
-            let mut issued = self.shared.watermark.issued.lock().unwrap_or_else(|e| e.into_inner());
-            let ticket = *issued + 1;
-            let sent = self.tx.send(Entry { event, bytes, ticket });
+        // A durable event's ticket is issued and pushed under one lock: the worker takes them in ticket order.
+        let mut issued = durable.then(|| self.shared.watermark.issued.lock().unwrap_or_else(|e| e.into_inner()));
+        let ticket = issued.as_deref().map_or(0, |last| last + 1);
+        let sent = self.shared.backlog.push(event, bytes, ticket);
+        if let Some(issued) = issued.as_deref_mut() {
             *issued = ticket;
-            (sent, ticket)
-        } else {
-            (self.tx.send(Entry { event, bytes, ticket: 0 }), 0)
-        };
+        }
+        drop(issued);
         self.shared.gate.leave();
-        if sent.is_err() {
+        if !sent {
             // The worker's end is gone although the gate was open: it can only have died; count the event.
             self.shared.gate.taken(1, bytes);
             add(&counters.abandoned, 1);
@@ -175,5 +177,12 @@ impl Core {
 
     pub(crate) fn stats(&self) -> Stats {
         self.shared.stats()
+    }
+}
+
+impl Drop for Core {
+    fn drop(&mut self) {
+        // The last producer: every event it admitted is in the backlog already.
+        self.shared.backlog.disconnect();
     }
 }

@@ -38,11 +38,32 @@ pub(crate) struct RequestInfo {
     pub(crate) user_agent: Option<String>,
 }
 
+impl RequestInfo {
+    /// Moves the captured strings out, leaving empty ones (which need no freeing).
+    fn take(info: &mut RequestInfo) -> RequestInfo {
+        RequestInfo {
+            method: std::mem::take(&mut info.method),
+            route: info.route.take(),
+            path: std::mem::take(&mut info.path),
+            request_id: info.request_id.take(),
+            user_agent: info.user_agent.take(),
+            ..*info
+        }
+    }
+}
+
 /// What the handler sets.
 #[derive(Debug, Default)]
 pub(crate) struct HandlerFields {
     pub(crate) actor: Option<String>,
-    pub(crate) attributes: BTreeMap<String, String>,
+    /// `None` while empty: what is left behind when the event takes the fields then needs no dropping.
+    pub(crate) attributes: Option<BTreeMap<String, String>>,
+}
+
+impl HandlerFields {
+    pub(crate) fn attributes(&mut self) -> &mut BTreeMap<String, String> {
+        self.attributes.get_or_insert_default()
+    }
 }
 
 impl RequestState {
@@ -52,15 +73,20 @@ impl RequestState {
         let headers = req.headers();
         let grpc = is_grpc(headers);
         let uri = req.uri();
-        let target = uri.path_and_query().map_or("/", |pq| pq.as_str());
-        let path = redacted_path(target, &config.redact_query, config.keep_query, config.limits.max_path_len);
+        let (target, query_at) = match uri.path_and_query() {
+            // `as_str` is never empty when there is a query: it holds the `?`, just before the query.
+            Some(pq) => (pq.as_str(), pq.query().map(|query| pq.as_str().len() - query.len() - 1)),
+            None => ("/", None),
+        };
+        let path = redacted_path(target, query_at, &config.redact_query, config.keep_query, config.limits.max_path_len);
         // A gRPC call's route is its method path, even behind an Axum router (Tonic's `Routes` is one, whose
         // matched path is `/package.Service/{*rest}`).
         let route = if grpc { Some(path.clone()) } else { matched_path(req).map(|route| bounded(route, max)) };
         let header = |name| headers.get(name).map(|v| bounded_bytes(v.as_bytes(), max));
-        let mut attributes = BTreeMap::new();
+        let mut attributes = None;
         for name in &config.capture_headers {
             if let Some(value) = headers.get(name) {
+                let attributes = attributes.get_or_insert_with(BTreeMap::new);
                 attributes.insert(format!("header.{name}"), bounded_bytes(value.as_bytes(), max));
             }
         }
@@ -93,9 +119,9 @@ impl RequestState {
         let mut event = AuditEvent::with_time(Cow::Borrowed(kind), self.info.time);
         {
             let mut fields = self.fields();
-            event.attributes = fields.attributes.clone();
+            event.attributes = fields.attributes.clone().unwrap_or_default();
             event.attributes.insert("intent_id".to_owned(), intent_id.clone());
-            fields.attributes.insert("intent_id".to_owned(), intent_id);
+            fields.attributes().insert("intent_id".to_owned(), intent_id);
         }
         self.complete(&mut event);
         self.core.push_durable(event, None, OnFull::QueueFull)
@@ -214,8 +240,9 @@ impl Pending {
 
     /// Emits the event. `outcome` overrides the outcome derived from the status codes.
     pub(crate) fn finish(&mut self, outcome: Option<Outcome>) {
-        if let Some((core, event)) = self.take_event(outcome) {
-            core.push(event, self.slot.take(), self.on_full);
+        if let Some(mut state) = self.state.take() {
+            let event = self.event(&mut state, outcome);
+            state.core.push(event, self.slot.take(), self.on_full);
         }
     }
 
@@ -229,7 +256,8 @@ impl Pending {
     pub(crate) fn withhold_intent(&mut self, reason: &'static str, timeout: Duration) {
         if let Some(state) = &self.state {
             crate::stats::add(&state.core.shared.counters.durable_withheld, 1);
-            let attributes = &mut state.fields().attributes;
+            let mut fields = state.fields();
+            let attributes = fields.attributes();
             attributes.insert("withheld".to_owned(), "intent".to_owned());
             attributes.insert("reason".to_owned(), reason.to_owned());
             attributes.insert("timeout_ms".to_owned(), timeout.as_millis().to_string());
@@ -266,7 +294,14 @@ impl Pending {
 
     /// Takes the event, built, with the pipeline it goes to; `None` once taken.
     fn take_event(&mut self, outcome: Option<Outcome>) -> Option<(Arc<Core>, AuditEvent)> {
-        let state = self.state.take()?;
+        let mut state = self.state.take()?;
+        let event = self.event(&mut state, outcome);
+        Some((Arc::clone(&state.core), event))
+    }
+
+    /// The request's event. `outcome` overrides the outcome derived from the status codes.
+    #[inline]
+    fn event(&self, state: &mut Arc<RequestState>, outcome: Option<Outcome>) -> AuditEvent {
         let outcome = outcome.unwrap_or_else(|| match (self.grpc_status, self.status) {
             (Some(code), _) => Outcome::from_grpc_code(code),
             (None, Some(status)) => Outcome::from_http_status(status),
@@ -274,30 +309,31 @@ impl Pending {
         });
         let latency_us = state.info.start.elapsed().as_micros().try_into().unwrap_or(u64::MAX);
         // Usually the handler's context is gone by now, so the captured strings move into the event.
-        let (core, info, fields) = match Arc::try_unwrap(state) {
-            Ok(state) => (state.core, state.info, state.fields.into_inner().unwrap_or_else(|e| e.into_inner())),
-            Err(shared) => {
-                let fields = std::mem::take(&mut *shared.fields());
-                (Arc::clone(&shared.core), shared.info.clone(), fields)
+        let (info, mut fields) = match Arc::get_mut(state) {
+            Some(state) => {
+                let fields = state.fields.get_mut().unwrap_or_else(|e| e.into_inner());
+                (RequestInfo::take(&mut state.info), std::mem::take(fields))
             }
+            None => (state.info.clone(), std::mem::take(&mut *state.fields())),
         };
-        let mut event = AuditEvent::with_time(Cow::Borrowed(info.kind), info.time);
-        event.outcome = outcome;
-        event.method = Some(info.method);
-        event.route = info.route;
-        event.path = Some(info.path);
-        event.status = self.status.map(|s| s.as_u16());
-        event.grpc_status = self.grpc_status;
-        event.latency_us = Some(latency_us);
-        event.request_id = info.request_id;
-        event.actor = fields.actor;
-        event.client_addr = info.client_addr;
-        event.user_agent = info.user_agent;
-        event.attributes = fields.attributes;
         if self.panicked {
-            event.attributes.insert("panic".to_owned(), "true".to_owned());
+            fields.attributes().insert("panic".to_owned(), "true".to_owned());
         }
-        Some((core, event))
+        AuditEvent {
+            outcome,
+            method: Some(info.method),
+            route: info.route,
+            path: Some(info.path),
+            status: self.status.map(|s| s.as_u16()),
+            grpc_status: self.grpc_status,
+            latency_us: Some(latency_us),
+            request_id: info.request_id,
+            actor: fields.actor,
+            client_addr: info.client_addr,
+            user_agent: info.user_agent,
+            attributes: fields.attributes.unwrap_or_default(),
+            ..AuditEvent::with_time(Cow::Borrowed(info.kind), info.time)
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -16,7 +16,6 @@ use crate::delivery::{Sinks, Written};
 use crate::event::{AuditEvent, kind};
 use crate::gap::{Due, Ledger, Losses, PipelineLosses, Trail};
 use crate::handle::ShutdownReport;
-use crate::intake::Entry;
 use crate::integrity::chain::Chain;
 use crate::lifecycle::shutdown_event;
 use crate::pipeline::Shared;
@@ -476,7 +475,6 @@ impl Worker {
 
 /// The worker's end of the queue.
 pub(crate) struct Queue {
-    pub(crate) rx: mpsc::UnboundedReceiver<Entry>,
     pub(crate) shared: Arc<Shared>,
     /// With a spill: what is in it is not abandoned when the worker ends, but left for the next boot.
     pub(crate) spilled: Option<Arc<Progress>>,
@@ -494,28 +492,12 @@ pub(crate) struct Took {
 impl Queue {
     /// Moves events into `batch` until it holds `limit`, without waiting.
     fn take(&mut self, batch: &mut Vec<AuditEvent>, limit: usize) -> Took {
-        let (start, mut bytes, mut disconnected, mut ticket) = (batch.len(), 0, false, None);
-        while batch.len() < limit {
-            match self.rx.try_recv() {
-                Ok(entry) => {
-                    bytes += entry.bytes;
-                    if entry.ticket != 0 {
-                        ticket = Some(entry.ticket);
-                    }
-                    batch.push(entry.event);
-                }
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    disconnected = true;
-                    break;
-                }
-            }
-        }
-        if batch.len() > start {
-            self.shared.gate.taken(batch.len() - start, bytes);
+        let taken = self.shared.backlog.take(batch, limit);
+        if taken.events > 0 {
+            self.shared.gate.taken(taken.events, taken.bytes);
             self.shared.room.notify_waiters();
         }
-        Took { full: batch.len() >= limit, ticket, disconnected }
+        Took { full: batch.len() >= limit, ticket: taken.ticket, disconnected: taken.disconnected }
     }
 
     /// Once intake is closed, waits for the producers inside the gate to publish (they never wait in there,
@@ -533,9 +515,9 @@ impl Queue {
         while !self.shared.gate.is_quiet() {
             std::thread::yield_now();
         }
-        while let Ok(entry) = self.rx.try_recv() {
-            self.shared.gate.taken(1, entry.bytes);
-        }
+        let (rest, taken) = self.shared.backlog.close();
+        self.shared.gate.taken(taken.events, taken.bytes);
+        drop(rest);
         if let Some(progress) = &self.spilled {
             add(&self.shared.counters.left_in_spill, progress.in_spill.swap(0, std::sync::atomic::Ordering::SeqCst));
         }
