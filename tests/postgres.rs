@@ -160,7 +160,7 @@ async fn one_statement_per_batch_and_a_retried_batch_never_duplicates() {
     want.sort();
     assert_eq!(landed, want);
     assert_eq!(transactions("kind = 'mixed'").await, 1);
-    // And the connection is sound after the refused plain insert: the next batch goes in plainly again.
+    // And the connection is sound after the refused `COPY`: the next batch goes in by `COPY` again.
     let mut after = AuditEvent::new("after");
     after.id = uuid::Uuid::now_v7();
     sink.write_batch(&[after]).await.unwrap();

@@ -42,6 +42,8 @@ mod memory;
 mod nats;
 #[cfg(feature = "postgres")]
 mod postgres;
+#[cfg(feature = "postgres")]
+mod pg_copy;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub(crate) mod sql;
 #[cfg(feature = "sqlite")]

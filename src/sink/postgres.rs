@@ -8,7 +8,7 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, Postgres};
 use crate::error::{ConfigError, SinkError};
 use crate::event::{AuditEvent, Hash};
 use crate::integrity::canonical::micros;
-use crate::sink::AuditSink;
+use crate::sink::{AuditSink, pg_copy};
 use crate::sink::sql::{COLUMNS, DEFAULT_TABLE, Table};
 
 /// Schema version 1: the table and its indexes.
@@ -76,8 +76,8 @@ const V2_INDEX: &str = "audit_events_boot_seq_key";
 pub struct PostgresSink {
     pool: PgPool,
     table: Table,
-    /// The batch's `INSERT`, and the same `ON CONFLICT (id) DO NOTHING`.
-    insert: String,
+    /// The batch's `COPY`, and the `INSERT … ON CONFLICT (id) DO NOTHING` a batch meeting a stored row goes by.
+    copy: String,
     insert_idempotent: String,
 }
 
@@ -117,7 +117,7 @@ impl PostgresSink {
     /// Writes through a pool you own (see the type's docs for what sharing costs).
     pub fn from_pool(pool: PgPool) -> Self {
         let table = Table::parse(DEFAULT_TABLE, true).expect("the default table name is valid");
-        Self { insert: insert_sql(&table, false), insert_idempotent: insert_sql(&table, true), pool, table }
+        Self { copy: copy_sql(&table), insert_idempotent: insert_sql(&table), pool, table }
     }
 
     /// Writes into `table` (`[a-z_][a-z0-9_]*`, optionally `schema.table`) instead of `audit_events`.
@@ -127,8 +127,8 @@ impl PostgresSink {
     /// [`ConfigError::InvalidTableName`] for anything else, so no SQL can be injected through configuration.
     pub fn table(mut self, table: &str) -> Result<Self, ConfigError> {
         self.table = Table::parse(table, true)?;
-        self.insert = insert_sql(&self.table, false);
-        self.insert_idempotent = insert_sql(&self.table, true);
+        self.copy = copy_sql(&self.table);
+        self.insert_idempotent = insert_sql(&self.table);
         Ok(self)
     }
 
@@ -184,9 +184,13 @@ impl PostgresSink {
 /// Postgres' `unique_violation`.
 const UNIQUE_VIOLATION: &str = "23505";
 
+fn copy_sql(table: &Table) -> String {
+    format!("COPY {} ({COLUMNS}) FROM STDIN (FORMAT binary)", table.qualified())
+}
+
 /// The batch as one statement: each column bound as one array in its own type (binary on the wire, so ids,
 /// boots and addresses need no text parsing), the arrays unnested into rows.
-fn insert_sql(table: &Table, idempotent: bool) -> String {
+fn insert_sql(table: &Table) -> String {
     format!(
         "INSERT INTO {table} ({COLUMNS}) \
          SELECT id, seq, 'epoch'::timestamptz + micros * interval '1 microsecond', kind, outcome, method, \
@@ -196,34 +200,36 @@ fn insert_sql(table: &Table, idempotent: bool) -> String {
                      $8::text[], $9::int4[], $10::int4[], $11::int8[], $12::text[], $13::text[], $14::inet[], \
                      $15::text[], $16::text[], $17::int2[], $18::text[], $19::uuid[], $20::text[], $21::text[]) \
               AS t(id, seq, micros, kind, outcome, method, route, path, status, grpc_status, latency_us, \
-                   request_id, actor, client_addr, user_agent, attributes, version, instance, boot, prev_hash, hash){}",
-        if idempotent { " ON CONFLICT (id) DO NOTHING" } else { "" },
+                   request_id, actor, client_addr, user_agent, attributes, version, instance, boot, prev_hash, hash) \
+         ON CONFLICT (id) DO NOTHING",
         table = table.qualified()
     )
 }
 
-/// A batch is one plain `INSERT` in a transaction: the server's cheapest way in for rows (`ON CONFLICT` makes
-/// every row a speculative insertion, which costs more). When it meets a row already stored (a batch retried
-/// after its commit went through unacknowledged) it fails whole, writing nothing, and the batch goes again on
-/// the same connection as `INSERT … ON CONFLICT (id) DO NOTHING`: each event is stored once, whatever is
-/// retried.
+/// A batch goes in as one binary `COPY` into the table (one statement, so one transaction): the server's
+/// cheapest way in for rows, with no SQL to parse and no text to cast. `COPY` cannot skip a row already stored
+/// (a batch retried after its commit went through unacknowledged): it then fails whole, writing nothing, and the
+/// batch goes again on the same connection as `INSERT … ON CONFLICT (id) DO NOTHING`, so each event is stored
+/// once whatever is retried.
 impl AuditSink for PostgresSink {
     async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
+        let data = pg_copy::encode(batch)?;
         let mut checkout = Checkout { conn: self.pool.acquire().await.map_err(SinkError::backend)?, answered: false };
-        let written = match insert(&self.insert, batch, &mut checkout.conn).await {
+        let copied = async {
+            let mut copy = checkout.conn.copy_in_raw(&self.copy).await?;
+            copy.send(data).await?;
+            // Only `finish` ends the data: a write dropped before it can never commit.
+            copy.finish().await
+        }
+        .await;
+        let written = match copied {
             Err(Error::Database(e)) if e.code().as_deref() == Some(UNIQUE_VIOLATION) => {
                 insert(&self.insert_idempotent, batch, &mut checkout.conn).await
             }
-            written => written,
+            copied => copied.map(drop),
         };
         checkout.answered = true;
-        written.map_err(|e| match e {
-            Error::Encode(e) => match e.downcast::<serde_json::Error>() {
-                Ok(e) => SinkError::from(*e),
-                Err(e) => SinkError::backend(Error::Encode(e)),
-            },
-            e => SinkError::backend(e),
-        })
+        written.map_err(SinkError::backend)
     }
 }
 
