@@ -9,7 +9,9 @@
 //!   JSON lines, the same bytes (serialised beforehand) written to a file; SQLite, the same column values
 //!   inserted through the C API (rusqlite) with one prepared statement, one transaction per batch, into a table of
 //!   the same schema; Postgres, the same rows (staged beforehand in an unindexed table) moved by the server's own
-//!   `INSERT … SELECT`, one statement (so one transaction) per batch, into a table of the same schema.
+//!   `INSERT … SELECT`, one statement (so one transaction) per batch, into a table of the same schema; and
+//!   (`ceiling_postgres_copy`) the same rows in `COPY`'s binary format, read by the server from a file, one
+//!   `COPY` per batch (the sink writes by `COPY`: this ceiling pays the same input parsing, without the client).
 //!
 //! The machine's load is printed before and after, and the number of rows each table held at the end.
 //! `bash benches/sinks.sh` runs this and prints the ratios; it refuses a run that began on a busy machine.
@@ -25,7 +27,9 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use sqlx::AssertSqlSafe;
 use tower_audit::{AuditEvent, AuditSink, JsonLinesSink, PostgresSink, SqliteSink};
 
-const BATCHES: [usize; 4] = [1, 64, 512, 4096];
+/// The other batch sizes measured (each sink's rows/s at 512 is measured on a fresh table, right after its
+/// ceiling, so both tables hold about as many rows).
+const OTHER_BATCHES: [usize; 3] = [1, 64, 4096];
 /// The batch size the ceilings are measured at (the worker's default).
 const CEILING_BATCH: usize = 512;
 
@@ -52,17 +56,17 @@ fn load() -> String {
     std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim().to_owned()
 }
 
-fn group<'a>(c: &'a mut Criterion, name: &str) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+fn new_group<'a>(c: &'a mut Criterion, name: &str) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
     let mut group = c.benchmark_group(name);
     group.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
     group
 }
 
-fn bench_sink<S: AuditSink>(c: &mut Criterion, rt: &tokio::runtime::Runtime, name: &str, sink: &S) {
-    let mut group = group(c, &format!("sink_{name}"));
+fn bench_sink<S: AuditSink>(c: &mut Criterion, rt: &tokio::runtime::Runtime, name: &str, sink: &S, sizes: &[usize]) {
+    let mut group = new_group(c, &format!("sink_{name}"));
     let boot = uuid::Uuid::now_v7();
     let seq = std::cell::Cell::new(0);
-    for size in BATCHES {
+    for &size in sizes {
         group.throughput(criterion::Throughput::Elements(size as u64));
         group.bench_function(format!("batch_{size}"), |b| {
             b.to_async(rt).iter_custom(|iters| {
@@ -88,7 +92,7 @@ fn bench_sink<S: AuditSink>(c: &mut Criterion, rt: &tokio::runtime::Runtime, nam
 /// The same bytes as the JSON lines sink writes, serialised beforehand, written and handed to the kernel.
 fn ceiling_json_lines(c: &mut Criterion, dir: &std::path::Path) {
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("ceiling.jsonl")).unwrap();
-    let mut group = group(c, "ceiling_json_lines");
+    let mut group = new_group(c, "ceiling_json_lines");
     group.throughput(Throughput::Elements(CEILING_BATCH as u64));
     let (boot, mut seq) = (uuid::Uuid::now_v7(), 0);
     group.bench_function(format!("batch_{CEILING_BATCH}"), |b| {
@@ -155,7 +159,7 @@ fn ceiling_sqlite(c: &mut Criterion, rt: &tokio::runtime::Runtime, dir: &std::pa
         "INSERT INTO audit_events ({COLUMNS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
         vec!["?"; 21].join(", ")
     );
-    let mut group = group(c, "ceiling_sqlite");
+    let mut group = new_group(c, "ceiling_sqlite");
     group.throughput(Throughput::Elements(CEILING_BATCH as u64));
     let (boot, mut seq) = (uuid::Uuid::now_v7(), 0);
     group.bench_function(format!("batch_{CEILING_BATCH}"), |b| {
@@ -197,7 +201,7 @@ fn ceiling_postgres(c: &mut Criterion, rt: &tokio::runtime::Runtime, admin: &sql
     let move_one = format!(
         "INSERT INTO {schema}.ceiling ({COLUMNS}) SELECT {COLUMNS} FROM {schema}.staging WHERE seq > $1 AND seq <= $2"
     );
-    let mut group = group(c, "ceiling_postgres");
+    let mut group = new_group(c, "ceiling_postgres");
     group.throughput(Throughput::Elements(CEILING_BATCH as u64));
     let boot = uuid::Uuid::now_v7();
     let seq = std::cell::Cell::new(0u64);
@@ -228,63 +232,138 @@ fn ceiling_postgres(c: &mut Criterion, rt: &tokio::runtime::Runtime, admin: &sql
         })
     });
     group.finish();
+
+    // The second ceiling, for a sink that writes by `COPY`: the same rows, in the same binary format, read by
+    // the server from a file (no client at all), one `COPY` per batch into a table of the same schema.
+    let files: Vec<String> = rt.block_on(async {
+        let ceiling = PostgresSink::from_pool(admin.clone()).table(&format!("{schema}.ceiling_copy")).unwrap();
+        ceiling.ensure_schema().await.unwrap();
+        let mut files = Vec::new();
+        // Nothing staged when a filter skipped the first ceiling: no files, and nothing to measure.
+        let staged: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!("SELECT max(seq) FROM {schema}.staging")))
+            .fetch_one(admin)
+            .await
+            .unwrap();
+        let staged = staged.unwrap_or(0);
+        for (i, from) in (0..staged).step_by(CEILING_BATCH).enumerate().take(64) {
+            let file = std::env::temp_dir().join(format!("{schema}_{i}.bin")).display().to_string();
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "COPY (SELECT {COLUMNS} FROM {schema}.staging WHERE seq > {from} AND seq <= {}) TO '{file}' \
+                 (FORMAT binary)",
+                from + CEILING_BATCH as i64
+            )))
+            .execute(admin)
+            .await
+            .unwrap();
+            files.push(file);
+        }
+        files
+    });
+    let mut group = new_group(c, "ceiling_postgres_copy");
+    group.throughput(Throughput::Elements(CEILING_BATCH as u64));
+    let next = std::cell::Cell::new(0usize);
+    group.bench_function(format!("batch_{CEILING_BATCH}"), |b| {
+        b.to_async(rt).iter_custom(|iters| {
+            let (files, next) = (&files, &next);
+            async move {
+                assert!(!files.is_empty(), "ceiling_postgres_copy needs the rows ceiling_postgres stages");
+                let mut conn = admin.acquire().await.unwrap();
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    // Each file holds its batch's ids: a second pass over them starts on an emptied table.
+                    let i = next.get() % files.len();
+                    if i == 0 {
+                        sqlx::raw_sql(AssertSqlSafe(format!("TRUNCATE {schema}.ceiling_copy")))
+                            .execute(&mut *conn)
+                            .await
+                            .unwrap();
+                    }
+                    next.set(next.get() + 1);
+                    let copy = format!("COPY {schema}.ceiling_copy ({COLUMNS}) FROM '{}' (FORMAT binary)", files[i]);
+                    let start = Instant::now();
+                    let copied = sqlx::raw_sql(AssertSqlSafe(copy)).execute(&mut *conn).await.unwrap();
+                    spent += start.elapsed();
+                    assert_eq!(copied.rows_affected(), CEILING_BATCH as u64);
+                }
+                spent
+            }
+        })
+    });
+    group.finish();
+    for file in files {
+        let _ = std::fs::remove_file(file);
+    }
 }
 
 fn sinks(c: &mut Criterion) {
     eprintln!("load before: {}", load());
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let dir = tempfile::tempdir().unwrap();
+    let at_512 = [CEILING_BATCH];
 
-    let jsonl = JsonLinesSink::open(dir.path().join("audit.jsonl")).unwrap();
-    bench_sink(c, &rt, "json_lines", &jsonl);
     ceiling_json_lines(c, dir.path());
+    let jsonl = JsonLinesSink::open(dir.path().join("audit_512.jsonl")).unwrap();
+    bench_sink(c, &rt, "json_lines", &jsonl, &at_512);
+    let jsonl = JsonLinesSink::open(dir.path().join("audit.jsonl")).unwrap();
+    bench_sink(c, &rt, "json_lines", &jsonl, &OTHER_BATCHES);
 
-    let sqlite = rt.block_on(async {
-        let sink = SqliteSink::connect(dir.path().join("audit.db").to_str().unwrap()).await.unwrap();
-        sink.ensure_schema().await.unwrap();
-        sink
-    });
-    bench_sink(c, &rt, "sqlite", &sqlite);
+    let sqlite_sink = |file: &str| {
+        let path = dir.path().join(file);
+        rt.block_on(async {
+            let sink = SqliteSink::connect(path.to_str().unwrap()).await.unwrap();
+            sink.ensure_schema().await.unwrap();
+            sink
+        })
+    };
     let ceiling_rows = ceiling_sqlite(c, &rt, dir.path());
+    bench_sink(c, &rt, "sqlite", &sqlite_sink("audit_512.db"), &at_512);
     let sink_rows: i64 = {
-        let conn = rusqlite::Connection::open(dir.path().join("audit.db")).unwrap();
+        let conn = rusqlite::Connection::open(dir.path().join("audit_512.db")).unwrap();
         conn.query_row("SELECT count(*) FROM audit_events", [], |row| row.get(0)).unwrap()
     };
-    eprintln!("rows at the end: sqlite sink {sink_rows}, sqlite ceiling {ceiling_rows}");
+    eprintln!("rows at the end: sqlite ceiling {ceiling_rows}, sqlite sink (batch 512) {sink_rows}");
+    bench_sink(c, &rt, "sqlite", &sqlite_sink("audit.db"), &OTHER_BATCHES);
 
     let url = std::env::var("TOWER_AUDIT_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let schema = format!("bench_sinks_{}", std::process::id());
-    let postgres = rt.block_on(async {
+    let admin = rt.block_on(async {
         let admin = sqlx::postgres::PgPoolOptions::new().max_connections(2).connect(&url).await.ok()?;
         sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}")))
             .execute(&admin)
             .await
             .unwrap();
-        let sink = PostgresSink::connect(&url).await.ok()?.table(&format!("{schema}.audit_events")).unwrap();
-        sink.ensure_schema().await.unwrap();
-        Some((admin, sink))
+        Some(admin)
     });
-    match postgres {
-        Some((admin, sink)) => {
-            bench_sink(c, &rt, "postgres", &sink);
-            ceiling_postgres(c, &rt, &admin, &schema);
-            rt.block_on(async {
-                let rows = async |table: &str| -> i64 {
-                    sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {schema}.{table}")))
-                        .fetch_one(&admin)
-                        .await
-                        .unwrap()
-                };
-                eprintln!(
-                    "rows at the end: postgres sink {}, postgres ceiling {}",
-                    rows("audit_events").await,
-                    rows("ceiling").await
-                );
-                sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&admin).await.unwrap();
-            });
-        }
-        None => eprintln!("sink_postgres: skipped, no Postgres at {url} (set TOWER_AUDIT_PG_URL)"),
-    }
+    let Some(admin) = admin else {
+        eprintln!("sink_postgres: skipped, no Postgres at {url} (set TOWER_AUDIT_PG_URL)");
+        eprintln!("load after: {}", load());
+        return;
+    };
+    let postgres_sink = |table: &str| {
+        rt.block_on(async {
+            let sink = PostgresSink::connect(&url).await.unwrap().table(&format!("{schema}.{table}")).unwrap();
+            sink.ensure_schema().await.unwrap();
+            sink
+        })
+    };
+    ceiling_postgres(c, &rt, &admin, &schema);
+    bench_sink(c, &rt, "postgres", &postgres_sink("audit_512"), &at_512);
+    bench_sink(c, &rt, "postgres", &postgres_sink("audit_events"), &OTHER_BATCHES);
+    rt.block_on(async {
+        let rows = async |table: &str| -> i64 {
+            sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {schema}.{table}")))
+                .fetch_one(&admin)
+                .await
+                .unwrap()
+        };
+        eprintln!(
+            "rows at the end: postgres ceiling {}, ceiling_copy {}, sink (batch 512) {}",
+            rows("ceiling").await,
+            rows("ceiling_copy").await,
+            rows("audit_512").await
+        );
+        sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).execute(&admin).await.unwrap();
+    });
     eprintln!("load after: {}", load());
 }
 

@@ -41,9 +41,9 @@ mod memory;
 #[cfg(feature = "nats")]
 mod nats;
 #[cfg(feature = "postgres")]
-mod postgres;
-#[cfg(feature = "postgres")]
 mod pg_copy;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(any(feature = "postgres", feature = "sqlite"))]
 pub(crate) mod sql;
 #[cfg(feature = "sqlite")]

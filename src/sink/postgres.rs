@@ -8,8 +8,8 @@ use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions, Postgres};
 use crate::error::{ConfigError, SinkError};
 use crate::event::{AuditEvent, Hash};
 use crate::integrity::canonical::micros;
-use crate::sink::{AuditSink, pg_copy};
 use crate::sink::sql::{COLUMNS, DEFAULT_TABLE, Table};
+use crate::sink::{AuditSink, pg_copy};
 
 /// Schema version 1: the table and its indexes.
 const SCHEMA_V1: &str = include_str!("../../migrations/postgres/0001_audit_events.sql");

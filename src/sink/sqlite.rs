@@ -1,8 +1,10 @@
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::QueryBuilder;
-use sqlx::sqlite::{Sqlite, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::Arguments as _;
+use sqlx::sqlite::{
+    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 
 use crate::error::{ConfigError, SinkError};
 use crate::event::AuditEvent;
@@ -159,44 +161,63 @@ fn added_column(statement: &str) -> Option<&str> {
 
 impl AuditSink for SqliteSink {
     async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
-        let attributes = batch.iter().map(|e| serde_json::to_string(&e.attributes)).collect::<Result<Vec<_>, _>>()?;
-        let mut attributes = attributes.into_iter();
         let mut tx = self.pool.begin().await.map_err(SinkError::backend)?;
         for chunk in batch.chunks(ROWS_PER_STATEMENT) {
-            let mut insert =
-                QueryBuilder::<Sqlite>::new(format!("INSERT INTO {} ({COLUMNS}) ", self.table.qualified()));
-            // Every value bound by value (sqlx keeps each text in an `Arc`: moved in, not copied again).
-            insert.push_values(chunk.iter().zip(attributes.by_ref()), |mut values, (e, attributes)| {
-                let owned = |text: &Option<String>| text.clone();
-                values
-                    .push_bind(e.id.hyphenated().to_string())
-                    .push_bind(i64::try_from(e.seq).unwrap_or(i64::MAX))
-                    .push_bind(humantime::format_rfc3339_micros(e.time).to_string())
-                    .push_bind(e.kind.clone())
-                    .push_bind(e.outcome.as_str())
-                    .push_bind(e.method.clone())
-                    .push_bind(owned(&e.route))
-                    .push_bind(owned(&e.path))
-                    .push_bind(e.status.map(i32::from))
-                    .push_bind(e.grpc_status)
-                    .push_bind(e.latency_us.map(|l| i64::try_from(l).unwrap_or(i64::MAX)))
-                    .push_bind(owned(&e.request_id))
-                    .push_bind(owned(&e.actor))
-                    .push_bind(e.client_addr.map(|ip| ip.to_string()))
-                    .push_bind(owned(&e.user_agent))
-                    .push_bind(attributes)
-                    .push_bind(i16::try_from(e.version).unwrap_or(i16::MAX))
-                    .push_bind(e.instance.clone())
-                    .push_bind(e.boot.map(|boot| boot.hyphenated().to_string()))
-                    .push_bind(e.prev_hash.map(|h| h.to_string()))
-                    .push_bind(e.hash.map(|h| h.to_string()));
-            });
-            insert.push(" ON CONFLICT (id) DO NOTHING");
-            insert.build().execute(&mut *tx).await.map_err(SinkError::backend)?;
+            let (sql, args) = insert(&self.table, chunk)?;
+            sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&mut *tx).await.map_err(SinkError::backend)?;
         }
         tx.commit().await.map_err(SinkError::backend)?;
         Ok(())
     }
+}
+
+/// One multi-row `INSERT … ON CONFLICT (id) DO NOTHING` of `rows`, with its arguments (reserved at once, and
+/// every value bound by value: sqlx keeps each text in an `Arc`, so it is moved in, not copied again).
+fn insert(table: &Table, rows: &[AuditEvent]) -> Result<(String, SqliteArguments), SinkError> {
+    const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    let mut sql = String::with_capacity(120 + rows.len() * (ROW.len() + 2) + COLUMNS.len());
+    sql.push_str("INSERT INTO ");
+    sql.push_str(table.qualified());
+    sql.push_str(" (");
+    sql.push_str(COLUMNS);
+    sql.push_str(") VALUES ");
+    for i in 0..rows.len() {
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(ROW);
+    }
+    sql.push_str(" ON CONFLICT (id) DO NOTHING");
+    let mut args = SqliteArguments::default();
+    args.reserve(rows.len() * COLUMN_COUNT, 0);
+    let bound = |e: &AuditEvent, args: &mut SqliteArguments| -> Result<(), sqlx::error::BoxDynError> {
+        let owned = |text: &Option<String>| text.clone();
+        args.add(e.id.hyphenated().to_string())?;
+        args.add(i64::try_from(e.seq).unwrap_or(i64::MAX))?;
+        args.add(humantime::format_rfc3339_micros(e.time).to_string())?;
+        args.add(e.kind.clone())?;
+        args.add(e.outcome.as_str())?;
+        args.add(e.method.clone())?;
+        args.add(owned(&e.route))?;
+        args.add(owned(&e.path))?;
+        args.add(e.status.map(i32::from))?;
+        args.add(e.grpc_status)?;
+        args.add(e.latency_us.map(|l| i64::try_from(l).unwrap_or(i64::MAX)))?;
+        args.add(owned(&e.request_id))?;
+        args.add(owned(&e.actor))?;
+        args.add(e.client_addr.map(|ip| ip.to_string()))?;
+        args.add(owned(&e.user_agent))?;
+        args.add(serde_json::to_string(&e.attributes)?)?;
+        args.add(i16::try_from(e.version).unwrap_or(i16::MAX))?;
+        args.add(e.instance.clone())?;
+        args.add(e.boot.map(|boot| boot.hyphenated().to_string()))?;
+        args.add(e.prev_hash.map(|h| h.to_string()))?;
+        args.add(e.hash.map(|h| h.to_string()))
+    };
+    for event in rows {
+        bound(event, &mut args).map_err(|e| SinkError::backend(sqlx::Error::Encode(e)))?;
+    }
+    Ok((sql, args))
 }
 
 #[cfg(test)]
