@@ -32,43 +32,92 @@ pub(crate) const EVENT_DOMAIN: &[u8] = b"tower-audit/event/v1\0";
 
 /// Appends the canonical encoding (version 1) of `event` to `out`.
 pub(crate) fn encode(event: &AuditEvent, out: &mut Vec<u8>) {
-    out.extend_from_slice(&event.version.to_be_bytes());
-    out.extend_from_slice(event.id.as_bytes());
-    opt_str(out, event.instance.as_deref());
-    opt(out, event.boot.as_ref(), |out, boot| out.extend_from_slice(boot.as_bytes()));
-    out.extend_from_slice(&event.seq.to_be_bytes());
-    out.extend_from_slice(&micros(event.time).to_be_bytes());
-    str(out, &event.kind);
-    str(out, event.outcome.as_str());
-    opt_str(out, event.method.as_deref());
-    opt_str(out, event.route.as_deref());
-    opt_str(out, event.path.as_deref());
-    opt(out, event.status.as_ref(), |out, v| out.extend_from_slice(&v.to_be_bytes()));
-    opt(out, event.grpc_status.as_ref(), |out, v| out.extend_from_slice(&v.to_be_bytes()));
-    opt(out, event.latency_us.as_ref(), |out, v| out.extend_from_slice(&v.to_be_bytes()));
-    opt_str(out, event.request_id.as_deref());
-    opt_str(out, event.actor.as_deref());
-    opt(out, event.client_addr, |out, addr| {
-        if let std::net::IpAddr::V4(v4) = addr {
-            return ipv4(out, v4.octets());
+    Fields {
+        version: event.version,
+        id: &event.id,
+        instance: event.instance.as_deref(),
+        boot: event.boot.as_ref(),
+        seq: event.seq,
+        time: event.time,
+        kind: &event.kind,
+        outcome: event.outcome.as_str(),
+        method: event.method.as_deref(),
+        route: event.route.as_deref(),
+        path: event.path.as_deref(),
+        status: event.status,
+        grpc_status: event.grpc_status,
+        latency_us: event.latency_us,
+        request_id: event.request_id.as_deref(),
+        actor: event.actor.as_deref(),
+        client_addr: event.client_addr,
+        user_agent: event.user_agent.as_deref(),
+        attributes: event.attributes.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+    }
+    .encode(out);
+}
+
+/// An event's fields as the encoding reads them, borrowed from an [`AuditEvent`] or from a line being verified.
+pub(crate) struct Fields<'a, A> {
+    pub(crate) version: u16,
+    pub(crate) id: &'a uuid::Uuid,
+    pub(crate) instance: Option<&'a str>,
+    pub(crate) boot: Option<&'a uuid::Uuid>,
+    pub(crate) seq: u64,
+    pub(crate) time: SystemTime,
+    pub(crate) kind: &'a str,
+    pub(crate) outcome: &'a str,
+    pub(crate) method: Option<&'a str>,
+    pub(crate) route: Option<&'a str>,
+    pub(crate) path: Option<&'a str>,
+    pub(crate) status: Option<u16>,
+    pub(crate) grpc_status: Option<i32>,
+    pub(crate) latency_us: Option<u64>,
+    pub(crate) request_id: Option<&'a str>,
+    pub(crate) actor: Option<&'a str>,
+    pub(crate) client_addr: Option<std::net::IpAddr>,
+    pub(crate) user_agent: Option<&'a str>,
+    /// In increasing byte order of the keys, each key once.
+    pub(crate) attributes: A,
+}
+
+impl<'a, A: ExactSizeIterator<Item = (&'a str, &'a str)>> Fields<'a, A> {
+    pub(crate) fn encode(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.version.to_be_bytes());
+        out.extend_from_slice(self.id.as_bytes());
+        opt_str(out, self.instance);
+        opt(out, self.boot, |out, boot| out.extend_from_slice(boot.as_bytes()));
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&micros(self.time).to_be_bytes());
+        str(out, self.kind);
+        str(out, self.outcome);
+        opt_str(out, self.method);
+        opt_str(out, self.route);
+        opt_str(out, self.path);
+        opt(out, self.status, |out, v| out.extend_from_slice(&v.to_be_bytes()));
+        opt(out, self.grpc_status, |out, v| out.extend_from_slice(&v.to_be_bytes()));
+        opt(out, self.latency_us, |out, v| out.extend_from_slice(&v.to_be_bytes()));
+        opt_str(out, self.request_id);
+        opt_str(out, self.actor);
+        opt(out, self.client_addr, |out, addr| {
+            if let std::net::IpAddr::V4(v4) = addr {
+                return ipv4(out, v4.octets());
+            }
+            // The text, written in place (no allocation), after its length once known.
+            let at = out.len();
+            out.extend_from_slice(&[0; 4]);
+            std::io::Write::write_fmt(out, format_args!("{addr}")).expect("writing into a Vec cannot fail");
+            let len = (out.len() - at - 4) as u32;
+            out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+        });
+        opt_str(out, self.user_agent);
+        out.extend_from_slice(&(self.attributes.len() as u32).to_be_bytes());
+        for (key, value) in self.attributes {
+            str(out, key);
+            str(out, value);
         }
-        // The text, written in place (no allocation), after its length once known.
-        let at = out.len();
-        out.extend_from_slice(&[0; 4]);
-        std::io::Write::write_fmt(out, format_args!("{addr}")).expect("writing into a Vec cannot fail");
-        let len = (out.len() - at - 4) as u32;
-        out[at..at + 4].copy_from_slice(&len.to_be_bytes());
-    });
-    opt_str(out, event.user_agent.as_deref());
-    out.extend_from_slice(&(event.attributes.len() as u32).to_be_bytes());
-    // A `BTreeMap<String, _>` iterates in increasing byte order of its keys.
-    for (key, value) in &event.attributes {
-        str(out, key);
-        str(out, value);
     }
 }
 
-/// Microseconds since the Unix epoch (negative before it), truncated as the sinks store it.
 /// An IPv4 address as its `Display` text (dotted decimal, no leading zeros), with its length in front: the
 /// common case written without the formatting machinery.
 fn ipv4(out: &mut Vec<u8>, octets: [u8; 4]) {

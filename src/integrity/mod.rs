@@ -10,6 +10,7 @@
 
 pub(crate) mod canonical;
 pub(crate) mod chain;
+mod line;
 mod note;
 mod read;
 mod verify;

@@ -434,10 +434,8 @@ impl Row {
                 Row::Plain { boot: event.boot, seq: event.seq, prev, hash }
             }
             _ => {
-                if event.instance.is_some() {
-                    if !known.contains(&event.boot) {
-                        known.push(event.boot);
-                    }
+                if event.instance.is_some() && !known.contains(&event.boot) {
+                    known.push(event.boot);
                 }
                 Row::Full(Box::new(event), own_ok)
             }

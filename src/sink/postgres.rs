@@ -20,9 +20,11 @@ const SCHEMA_V3: &str = include_str!("../../migrations/postgres/0003_chain.sql")
 /// The index schema version 2 adds, as named in its file.
 const V2_INDEX: &str = "audit_events_boot_seq_key";
 
-/// Writes batches into a Postgres table, one transaction per batch holding one `INSERT … SELECT FROM UNNEST(…)`
-/// statement, idempotent on the event id (`ON CONFLICT (id) DO NOTHING`), so a retried batch never duplicates a
-/// row. An event with another id under a `(boot, seq)` already stored fails the batch (the table's unique index).
+/// Writes batches into a Postgres table, one binary `COPY … FROM STDIN` per batch (one statement, so one
+/// transaction; the server's cheapest way in for rows), idempotent on the event id: a batch that meets a row
+/// already stored (a retry after a commit whose answer was lost) writes nothing by `COPY` and goes again, on the
+/// same connection, as one `INSERT … ON CONFLICT (id) DO NOTHING`, so a retried batch never duplicates a row. An
+/// event with another id under a `(boot, seq)` already stored fails the batch (the table's unique index).
 ///
 /// # Written, failed, ambiguous
 ///
