@@ -41,7 +41,7 @@ declare -A ARGS=(
   [layer]="--audit layer --audit-sink sqlite --db-pool-size 5"
   [layer-durable]="--audit layer --audit-sink sqlite --durable all --db-pool-size 5"
   [layer-durable-batch-1]="--audit layer --audit-sink sqlite --durable all --audit-batch-size 1 --db-pool-size 5"
-  [layer-stalled-sink]="--audit layer --audit-sink stalled --db-pool-size 5"
+  [layer-stalled-sink]="--audit layer --audit-sink stalled --durable none --db-pool-size 5"
   [inline]="--audit inline --db-pool-size 5"
   [inline-pool-1]="--audit inline --db-pool-size 1"
 )
@@ -66,10 +66,12 @@ for mode in "${MODES[@]}"; do
     -d '{"email":"bench@example.com","password":"benchmark password","country":"FR","annual_income":1,"timezone":"Europe/Paris"}'
   TOKENS[$mode]=$(curl -s -XPOST "$base/api/auth/login" -H 'content-type: application/json' \
     -d '{"email":"bench@example.com","password":"benchmark password"}' \
-    | python3 -c 'import json,sys; print(json.load(sys.stdin).get("access_token",""))')
+    | python3 -c 'import json,sys
+try: print(json.load(sys.stdin).get("access_token",""))
+except ValueError: print("")')
 done
-# The inline modes stall even the set-up login; all servers share the JWT secret, so the `off` server's token
-# stands in (the inline servers still stall on their first database access, which is the point).
+# The inline modes stall even the set-up login, and with a stalled sink the durable login answers 503; all servers
+# share the JWT secret, so the `off` server's token stands in (the inline servers still stall on their first database access, which is the point).
 for mode in "${MODES[@]}"; do TOKENS[$mode]=${TOKENS[$mode]:-${TOKENS[off]}}; done
 cat benches/load/login.lua benches/load/report.lua > "$work/login.lua"
 

@@ -31,7 +31,13 @@ pub struct JsonLinesSink {
     path: PathBuf,
     fsync: bool,
     encoding: Encoding,
+    /// The last batch's buffer, given back once written: the next batch is serialised into memory already
+    /// mapped (a fresh buffer of a few hundred KiB is a fresh mapping, faulted in page by page).
+    spare: Arc<Mutex<Vec<u8>>>,
 }
+
+/// The largest buffer kept for the next batch.
+const MAX_SPARE: usize = 4 << 20;
 
 impl JsonLinesSink {
     /// Opens (creating it if needed) `path` for appending.
@@ -47,7 +53,13 @@ impl JsonLinesSink {
             .append(true)
             .open(&path)
             .map_err(|source| SinkError::Open { path: path.clone(), source })?;
-        Ok(Self { file: Arc::new(Mutex::new(file)), path, fsync: false, encoding: Encoding::Native })
+        Ok(Self {
+            file: Arc::new(Mutex::new(file)),
+            path,
+            fsync: false,
+            encoding: Encoding::Native,
+            spare: Arc::default(),
+        })
     }
 
     /// Syncs the file's data to disk after every batch (off by default).
@@ -84,22 +96,28 @@ impl JsonLinesSink {
 
     async fn blocking(&self, buf: Vec<u8>, sync: bool) -> Result<(), SinkError> {
         let file = Arc::clone(&self.file);
-        tokio::task::spawn_blocking(move || {
+        let buf = tokio::task::spawn_blocking(move || {
             let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             file.write_all(&buf)?;
             if sync {
                 file.sync_data()?;
             }
-            Ok(())
+            Ok::<_, std::io::Error>(buf)
         })
         .await
-        .map_err(SinkError::backend)?
+        .map_err(SinkError::backend)??;
+        if (1..=MAX_SPARE).contains(&buf.capacity()) {
+            *self.spare.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = buf;
+        }
+        Ok(())
     }
 }
 
 impl AuditSink for JsonLinesSink {
     async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
-        let mut buf = Vec::with_capacity(batch.len() * 384);
+        let mut buf = std::mem::take(&mut *self.spare.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        buf.clear();
+        buf.reserve(batch.len() * 384);
         for event in batch {
             match self.encoding {
                 Encoding::Native => serde_json::to_writer(&mut buf, event)?,
