@@ -16,33 +16,22 @@
 //!
 //! Run without a mode (as `cargo bench` does) it only says how to use it.
 
-use std::convert::Infallible;
+mod common;
+
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use common::{NullSink, hello, request};
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use tokio::sync::mpsc;
 use tower::{Layer, Service, ServiceExt, service_fn};
-use tower_audit::{AuditEvent, AuditLayer, AuditSink, SinkError};
-
-async fn hello(_req: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
-    Ok(Response::new(Full::new(Bytes::from_static(b"hello"))))
-}
-
-fn request() -> Request<Full<Bytes>> {
-    Request::get("/api/auth/me?x=1")
-        .header("user-agent", "bench/1.0")
-        .header("x-request-id", "0191b8a4-7c4e-7a1b-9d2e-3f4a5b6c7d8e")
-        .body(Full::default())
-        .unwrap()
-}
+use tower_audit::AuditLayer;
 
 async fn run<S, B>(mut svc: S, n: usize)
 where
@@ -57,16 +46,6 @@ where
         if i % 256 == 0 {
             tokio::task::yield_now().await; // let the worker drain
         }
-    }
-}
-
-#[derive(Clone, Default)]
-struct NullSink(Arc<AtomicU64>);
-
-impl AuditSink for NullSink {
-    async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
-        self.0.fetch_add(batch.len() as u64, Ordering::Relaxed);
-        Ok(())
     }
 }
 

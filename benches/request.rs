@@ -15,25 +15,13 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::NullSink;
+use common::{NullSink, hello, request};
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use tower::{Service, ServiceExt, service_fn};
 use tower_audit::AuditLayer;
-
-async fn hello(_req: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
-    Ok(Response::new(Full::new(Bytes::from_static(b"hello"))))
-}
-
-fn request() -> Request<Full<Bytes>> {
-    Request::get("/api/auth/me?x=1")
-        .header("user-agent", "bench/1.0")
-        .header("x-request-id", "0191b8a4-7c4e-7a1b-9d2e-3f4a5b6c7d8e")
-        .body(Full::default())
-        .unwrap()
-}
 
 async fn one<S, B>(mut svc: S)
 where

@@ -62,6 +62,16 @@ fn new_group<'a>(c: &'a mut Criterion, name: &str) -> criterion::BenchmarkGroup<
     group
 }
 
+/// A ceiling's group: rows per second at [`CEILING_BATCH`].
+fn ceiling_group<'a>(
+    c: &'a mut Criterion,
+    name: &str,
+) -> criterion::BenchmarkGroup<'a, criterion::measurement::WallTime> {
+    let mut group = new_group(c, name);
+    group.throughput(Throughput::Elements(CEILING_BATCH as u64));
+    group
+}
+
 fn bench_sink<S: AuditSink>(c: &mut Criterion, rt: &tokio::runtime::Runtime, name: &str, sink: &S, sizes: &[usize]) {
     let mut group = new_group(c, &format!("sink_{name}"));
     let boot = uuid::Uuid::now_v7();
@@ -92,8 +102,7 @@ fn bench_sink<S: AuditSink>(c: &mut Criterion, rt: &tokio::runtime::Runtime, nam
 /// The same bytes as the JSON lines sink writes, serialised beforehand, written and handed to the kernel.
 fn ceiling_json_lines(c: &mut Criterion, dir: &std::path::Path) {
     let mut file = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("ceiling.jsonl")).unwrap();
-    let mut group = new_group(c, "ceiling_json_lines");
-    group.throughput(Throughput::Elements(CEILING_BATCH as u64));
+    let mut group = ceiling_group(c, "ceiling_json_lines");
     let (boot, mut seq) = (uuid::Uuid::now_v7(), 0);
     group.bench_function(format!("batch_{CEILING_BATCH}"), |b| {
         b.iter_custom(|iters| {
@@ -159,8 +168,7 @@ fn ceiling_sqlite(c: &mut Criterion, rt: &tokio::runtime::Runtime, dir: &std::pa
         "INSERT INTO audit_events ({COLUMNS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
         vec!["?"; 21].join(", ")
     );
-    let mut group = new_group(c, "ceiling_sqlite");
-    group.throughput(Throughput::Elements(CEILING_BATCH as u64));
+    let mut group = ceiling_group(c, "ceiling_sqlite");
     let (boot, mut seq) = (uuid::Uuid::now_v7(), 0);
     group.bench_function(format!("batch_{CEILING_BATCH}"), |b| {
         b.iter_custom(|iters| {
@@ -201,8 +209,7 @@ fn ceiling_postgres(c: &mut Criterion, rt: &tokio::runtime::Runtime, admin: &sql
     let move_one = format!(
         "INSERT INTO {schema}.ceiling ({COLUMNS}) SELECT {COLUMNS} FROM {schema}.staging WHERE seq > $1 AND seq <= $2"
     );
-    let mut group = new_group(c, "ceiling_postgres");
-    group.throughput(Throughput::Elements(CEILING_BATCH as u64));
+    let mut group = ceiling_group(c, "ceiling_postgres");
     let boot = uuid::Uuid::now_v7();
     let seq = std::cell::Cell::new(0u64);
     group.bench_function(format!("batch_{CEILING_BATCH}"), |b| {
@@ -259,8 +266,7 @@ fn ceiling_postgres(c: &mut Criterion, rt: &tokio::runtime::Runtime, admin: &sql
         }
         files
     });
-    let mut group = new_group(c, "ceiling_postgres_copy");
-    group.throughput(Throughput::Elements(CEILING_BATCH as u64));
+    let mut group = ceiling_group(c, "ceiling_postgres_copy");
     let next = std::cell::Cell::new(0usize);
     group.bench_function(format!("batch_{CEILING_BATCH}"), |b| {
         b.to_async(rt).iter_custom(|iters| {

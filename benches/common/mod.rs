@@ -38,3 +38,19 @@ pub(crate) fn request_event() -> AuditEvent {
     e.user_agent = Some("Mozilla/5.0 (X11; Linux x86_64)".into());
     e
 }
+
+/// The service every request bench wraps: answers "hello".
+pub(crate) async fn hello(
+    _req: http::Request<http_body_util::Full<bytes::Bytes>>,
+) -> Result<http::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+    Ok(http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"hello"))))
+}
+
+/// The request every request bench sends: a path with a query, a user agent and a request id.
+pub(crate) fn request() -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    http::Request::get("/api/auth/me?x=1")
+        .header("user-agent", "bench/1.0")
+        .header("x-request-id", "0191b8a4-7c4e-7a1b-9d2e-3f4a5b6c7d8e")
+        .body(http_body_util::Full::default())
+        .unwrap()
+}
