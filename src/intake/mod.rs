@@ -115,7 +115,14 @@ impl Backlog {
             }
             taken.events += n;
             if n < first.events.len() {
-                batch.extend(first.events.drain(..n));
+                if batch.is_empty() && n * 2 > first.events.len() {
+                    // Most of the chunk (a batch one short, for a gap event): take it whole and put the few
+                    // events left back, so that producers wait on the lock for a short copy, not a batch's.
+                    std::mem::swap(batch, &mut first.events);
+                    first.events = batch.split_off(n);
+                } else {
+                    batch.extend(first.events.drain(..n));
+                }
                 first.admitted.drain(..n);
                 break;
             }
@@ -199,6 +206,22 @@ mod tests {
         assert_eq!((taken.events, taken.bytes, taken.disconnected), (0, 0, false));
         backlog.disconnect();
         assert!(backlog.take(&mut batch, 100).disconnected);
+    }
+
+    #[test]
+    fn a_chunk_taken_all_but_one_leaves_the_last_event_first_in_line() {
+        let backlog = Backlog::new(4);
+        for n in 0..6 {
+            assert!(backlog.push(event(n), 10 + n, if n == 2 { 7 } else { 0 }));
+        }
+        let mut batch = Vec::new();
+        let taken = backlog.take(&mut batch, 3);
+        assert_eq!(kinds(&batch), ["e0", "e1", "e2"]);
+        assert_eq!((taken.events, taken.bytes, taken.ticket), (3, 33, Some(7)));
+        batch.clear();
+        let taken = backlog.take(&mut batch, 100);
+        assert_eq!(kinds(&batch), ["e3", "e4", "e5"]);
+        assert_eq!((taken.events, taken.bytes, taken.ticket), (3, 42, None));
     }
 
     #[test]

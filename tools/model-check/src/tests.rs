@@ -10,7 +10,9 @@
 //! with each one that two threads share; so the model keeps only those the gate's properties depend on: the
 //! gate's own atomics, the channel, and the closer's `quiet_seen` flag. The channel is one loom atomic (bit
 //! `id` set: producer `id`'s event is queued; `GONE`: the receiver is dropped), so a send is one `fetch_or`
-//! and a drain one `swap`, which is what an unbounded MPSC channel's `send` and a `try_recv` loop amount to.
+//! and a drain one `swap`, which is what the crate's queue amounts to: its backlog (`intake::Backlog`) pushes
+//! one event, or takes events, or closes, each under one lock, so each is one indivisible step (it was an
+//! unbounded MPSC channel, whose `send` and `try_recv` loop are the same two steps).
 //! A producer's outcome (accepted, refused and why, abandoned) is its thread's return value rather than a
 //! shared counter, the pipeline is shared through a `std` `Arc` (loom's counts references with operations of
 //! its own), and the shadow accounting of property 3 runs only in its tests.
