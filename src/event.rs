@@ -21,6 +21,12 @@ pub const SCHEMA_VERSION: u16 = 3;
 
 /// Well-known values of [`AuditEvent::kind`].
 pub mod kind {
+    /// Whether `kind` is one the worker gives its own events (see
+    /// [`AuditEvent::is_pipeline_event`](crate::AuditEvent::is_pipeline_event)).
+    pub(crate) fn is_pipeline(kind: &str) -> bool {
+        matches!(kind, AUDIT_BOOT | AUDIT_SHUTDOWN | AUDIT_GAP | AUDIT_CHECKPOINT)
+    }
+
     /// One HTTP request, recorded by the layer.
     pub const HTTP_REQUEST: &str = "http.request";
     /// One gRPC call (request content type `application/grpc…`), recorded by the layer.
@@ -265,7 +271,7 @@ impl AuditEvent {
     /// assert!(!AuditEvent::new("auth.login").is_pipeline_event());
     /// ```
     pub fn is_pipeline_event(&self) -> bool {
-        matches!(&*self.kind, kind::AUDIT_BOOT | kind::AUDIT_SHUTDOWN | kind::AUDIT_GAP | kind::AUDIT_CHECKPOINT)
+        kind::is_pipeline(&self.kind)
     }
 
     /// A custom event of the given kind, dated now, outcome [`Outcome::Success`].

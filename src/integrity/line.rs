@@ -56,10 +56,8 @@ impl Line<'_> {
     /// The row's place in the chain, when it is an ordinary row (not a pipeline event, which the verifier reads
     /// whole) with an instance and both hashes, and its stored hash is the hash of its content.
     pub(crate) fn plain(&self, buf: &mut Vec<u8>) -> Option<(Option<Uuid>, u64, Hash, Hash)> {
-        let special =
-            matches!(self.kind, kind::AUDIT_CHECKPOINT | kind::AUDIT_SHUTDOWN | kind::AUDIT_GAP | kind::AUDIT_BOOT);
         let (prev, hash) = (self.prev_hash?, self.hash?);
-        if special || self.instance.is_none() {
+        if kind::is_pipeline(self.kind) || self.instance.is_none() {
             return None;
         }
         buf.clear();

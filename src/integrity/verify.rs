@@ -427,10 +427,8 @@ pub(crate) type Known = Vec<Option<Uuid>>;
 
 impl Row {
     pub(crate) fn of(event: AuditEvent, own_ok: bool, known: &mut Known) -> Row {
-        let special =
-            matches!(&*event.kind, kind::AUDIT_CHECKPOINT | kind::AUDIT_SHUTDOWN | kind::AUDIT_GAP | kind::AUDIT_BOOT);
         match (event.prev_hash, event.hash) {
-            (Some(prev), Some(hash)) if own_ok && !special && known.contains(&event.boot) => {
+            (Some(prev), Some(hash)) if own_ok && !event.is_pipeline_event() && known.contains(&event.boot) => {
                 Row::Plain { boot: event.boot, seq: event.seq, prev, hash }
             }
             _ => {
