@@ -182,7 +182,10 @@ impl Core {
 
 impl Drop for Core {
     fn drop(&mut self) {
-        // The last producer: every event it admitted is in the backlog already.
+        // The last producer: every event it admitted is in the backlog already. The worker is woken to take
+        // what is left and shut down now, not at its next flush tick (which may be far off).
         self.shared.backlog.disconnect();
+        self.shared.wake_pending.store(true, Relaxed);
+        self.shared.wake.notify_one();
     }
 }
