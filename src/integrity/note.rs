@@ -78,7 +78,7 @@ impl VerifierKey {
 
     /// `<name>+<key id>`, as a checkpoint event's `checkpoint.key` attribute names its key.
     pub fn label(&self) -> String {
-        format!("{}+{}", self.name, hex(&self.id))
+        format!("{}+{}", self.name, const_hex::encode(self.id))
     }
 }
 
@@ -110,7 +110,7 @@ impl FromStr for VerifierKey {
         let key = <[u8; 32]>::try_from(key).map_err(|_| bad("an Ed25519 key is 32 bytes"))?;
         let key = VerifyingKey::from_bytes(&key).map_err(|_| bad("not a valid Ed25519 point"))?;
         let parsed = VerifierKey::new(name, key);
-        if !is_key_name(name) || hex(&parsed.id) != id {
+        if !is_key_name(name) || const_hex::encode(parsed.id) != id {
             return Err(bad("the key id does not match the name and key"));
         }
         Ok(parsed)
@@ -205,7 +205,7 @@ impl Checkpoint {
     /// The whole signed note, as published off-host.
     pub fn to_note(&self) -> String {
         let (name, id) = self.key.rsplit_once('+').unwrap_or((&self.key, ""));
-        let mut raw = unhex(id).unwrap_or_default();
+        let mut raw = const_hex::decode(id).unwrap_or_default();
         raw.extend_from_slice(&self.signature);
         format!("{}\n\u{2014} {name} {}\n", self.body(), BASE64.encode(raw))
     }
@@ -231,7 +231,7 @@ impl Checkpoint {
             seq: seq.parse().map_err(|_| bad("the seq is not a number"))?,
             hash: hash.parse().map_err(|_| bad("the hash is not 64 hex digits"))?,
             time: humantime::parse_rfc3339(time).map_err(|_| bad("the time is not RFC 3339"))?,
-            key: format!("{name}+{}", hex(&raw[..4])),
+            key: format!("{name}+{}", const_hex::encode(&raw[..4])),
             signature: raw[4..].try_into().expect("64 bytes"),
         })
     }
@@ -300,14 +300,6 @@ impl Checkpoint {
         let bad = || CheckpointError::BadSignature { boot: self.boot, seq: self.seq };
         key.key.verify(self.body().as_bytes(), &Signature::from_bytes(&self.signature)).map_err(|_| bad())
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    (0..text.len()).step_by(2).map(|i| text.get(i..i + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok())).collect()
 }
 
 #[cfg(test)]

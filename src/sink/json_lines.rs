@@ -120,7 +120,7 @@ impl AuditSink for JsonLinesSink {
         buf.reserve(batch.len() * 384);
         for event in batch {
             match self.encoding {
-                Encoding::Native => serde_json::to_writer(&mut buf, event)?,
+                Encoding::Native => crate::event::write_json(event, &mut buf)?,
                 encoding => serde_json::to_writer(&mut buf, &encoding.encode(event))?,
             }
             buf.push(b'\n');

@@ -342,7 +342,8 @@ impl AuditSink for NatsSink {
         // Publish everything first: the acks come back while the rest is still being sent.
         let mut pending = Vec::with_capacity(batch.len());
         for event in batch {
-            let payload = serde_json::to_vec(event)?;
+            let mut payload = Vec::with_capacity(512);
+            crate::event::write_json(event, &mut payload)?;
             let subject = self.subject(event);
             let message = PublishMessage::build().payload(payload.into()).message_id(event.id.hyphenated().to_string());
             let ack = self.jetstream.send_publish(subject.clone(), message).await;
