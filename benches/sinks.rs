@@ -43,6 +43,8 @@ fn batch(n: usize, boot: uuid::Uuid, seq: &mut u64) -> Vec<AuditEvent> {
         .map(|_| {
             let mut e = common::request_event();
             e.id = uuid::Uuid::now_v7();
+            // Each request has its own request id.
+            e.request_id = Some(e.id.hyphenated().to_string());
             e.instance = Some("bench-host".into());
             e.boot = Some(boot);
             *seq += 1;

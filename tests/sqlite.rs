@@ -44,41 +44,108 @@ async fn every_field_round_trips_exactly_including_hostile_values() {
     let expected = tee.copy.events();
     let events = ended_cleanly(expected.clone());
     assert_eq!(events.len(), 3);
-    let rows = sqlx::query(
-        "SELECT id, seq, time, kind, outcome, method, route, path, status, grpc_status, latency_us, request_id, \
-         actor, client_addr, user_agent, attributes, version, instance, boot FROM audit_events ORDER BY seq",
-    )
-    .fetch_all(&reader)
-    .await
-    .unwrap();
+    let rows = read_rows(&reader).await;
     assert_eq!(rows.len(), expected.len());
     for (row, e) in rows.iter().zip(&expected) {
-        assert_eq!(row.get::<String, _>("id"), e.id.to_string());
-        assert_eq!(row.get::<i64, _>("seq"), e.seq as i64);
-        assert_eq!(row.get::<String, _>("time"), humantime::format_rfc3339_micros(e.time).to_string());
-        assert_eq!(row.get::<String, _>("kind"), e.kind);
-        assert_eq!(row.get::<String, _>("outcome"), e.outcome.as_str());
-        assert_eq!(row.get::<Option<String>, _>("method").as_deref(), e.method.as_deref());
-        assert_eq!(row.get::<Option<String>, _>("route"), e.route);
-        assert_eq!(row.get::<Option<String>, _>("path"), e.path);
-        assert_eq!(row.get::<Option<i64>, _>("status"), e.status.map(i64::from));
-        assert_eq!(row.get::<Option<i64>, _>("grpc_status"), e.grpc_status.map(i64::from));
-        assert_eq!(row.get::<Option<i64>, _>("latency_us"), e.latency_us.map(|l| l as i64));
-        assert_eq!(row.get::<Option<String>, _>("request_id"), e.request_id);
-        assert_eq!(row.get::<Option<String>, _>("actor"), e.actor);
-        assert_eq!(row.get::<Option<String>, _>("client_addr"), e.client_addr.map(|a| a.to_string()));
-        assert_eq!(row.get::<Option<String>, _>("user_agent"), e.user_agent);
-        let attributes: std::collections::BTreeMap<String, String> =
-            serde_json::from_str(&row.get::<String, _>("attributes")).unwrap();
-        assert_eq!(attributes, e.attributes);
-        assert_eq!(row.get::<i64, _>("version"), i64::from(e.version));
-        assert_eq!(row.get::<Option<String>, _>("instance").as_deref(), e.instance.as_deref());
-        assert_eq!(row.get::<Option<String>, _>("boot"), e.boot.map(|b| b.to_string()));
+        assert_row(row, e);
         assert_eq!((e.instance.as_deref(), e.boot), (Some(handle.instance()), Some(handle.boot())));
     }
     assert_eq!(events[0].actor.as_deref(), Some("o'brien \"the\" ünïcödé 👀"));
     let long = events[2].path.as_deref().unwrap();
     assert_eq!(long.len(), 1024, "the 10 KiB path is cut to the bound");
+}
+
+async fn read_rows(reader: &SqlitePool) -> Vec<sqlx::sqlite::SqliteRow> {
+    sqlx::query(
+        "SELECT id, seq, time, kind, outcome, method, route, path, status, grpc_status, latency_us, request_id, \
+         actor, client_addr, user_agent, attributes, version, instance, boot, prev_hash, hash FROM audit_events \
+         ORDER BY seq",
+    )
+    .fetch_all(reader)
+    .await
+    .unwrap()
+}
+
+/// Every column of `row` holds what `e` says.
+fn assert_row(row: &sqlx::sqlite::SqliteRow, e: &AuditEvent) {
+    assert_eq!(row.get::<String, _>("id"), e.id.to_string());
+    assert_eq!(row.get::<i64, _>("seq"), e.seq as i64);
+    assert_eq!(row.get::<String, _>("time"), humantime::format_rfc3339_micros(e.time).to_string());
+    assert_eq!(row.get::<String, _>("kind"), e.kind);
+    assert_eq!(row.get::<String, _>("outcome"), e.outcome.as_str());
+    assert_eq!(row.get::<Option<String>, _>("method").as_deref(), e.method.as_deref());
+    assert_eq!(row.get::<Option<String>, _>("route"), e.route);
+    assert_eq!(row.get::<Option<String>, _>("path"), e.path);
+    assert_eq!(row.get::<Option<i64>, _>("status"), e.status.map(i64::from));
+    assert_eq!(row.get::<Option<i64>, _>("grpc_status"), e.grpc_status.map(i64::from));
+    assert_eq!(row.get::<Option<i64>, _>("latency_us"), e.latency_us.map(|l| l as i64));
+    assert_eq!(row.get::<Option<String>, _>("request_id"), e.request_id);
+    assert_eq!(row.get::<Option<String>, _>("actor"), e.actor);
+    assert_eq!(row.get::<Option<String>, _>("client_addr"), e.client_addr.map(|a| a.to_string()));
+    assert_eq!(row.get::<Option<String>, _>("user_agent"), e.user_agent);
+    let attributes: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(&row.get::<String, _>("attributes")).unwrap();
+    assert_eq!(attributes, e.attributes);
+    assert_eq!(row.get::<i64, _>("version"), i64::from(e.version));
+    assert_eq!(row.get::<Option<String>, _>("instance").as_deref(), e.instance.as_deref());
+    assert_eq!(row.get::<Option<String>, _>("boot"), e.boot.map(|b| b.to_string()));
+    assert_eq!(row.get::<Option<String>, _>("prev_hash"), e.prev_hash.map(|h| h.to_string()));
+    assert_eq!(row.get::<Option<String>, _>("hash"), e.hash.map(|h| h.to_string()));
+}
+
+/// The sink makes each text once per run of equal values down a batch: rows that repeat, change, go absent
+/// and come back, column by column, are each stored as given, and a chain's `prev_hash` is the row above's `hash`
+/// except where it is not.
+#[tokio::test]
+async fn repeated_and_changing_texts_down_a_batch_are_each_stored_as_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sqlite, reader) = sink(&dir).await;
+    let (boot_a, boot_b) = (Uuid::from_u128(0xa), Uuid::from_u128(0xb));
+    let pick = |i: usize, options: &[Option<&str>]| options[i % options.len()].map(str::to_owned);
+    let events: Vec<AuditEvent> = (0..12usize)
+        .map(|i| {
+            let mut e = AuditEvent::new(["http.request", "http.request", "auth.login"][i % 3]);
+            e.id = Uuid::from_u128(1000 + i as u128);
+            e.seq = i as u64 + 1;
+            e.boot = Some(if i < 7 { boot_a } else { boot_b });
+            e.instance = Some(if i < 5 { "a" } else { "b" }.into());
+            e.method = pick(i / 2, &[Some("GET"), None, Some("POST")]).map(Into::into);
+            e.route = pick(i, &[Some("/x"), Some("/x"), Some("/y"), None]);
+            e.path = pick(i / 3, &[Some("/x?a=1"), Some("/x?a=2")]);
+            e.actor = pick(i, &[Some("alice"), None, None, Some("alice"), Some("bob")]);
+            e.client_addr =
+                [Some("203.0.113.9"), Some("203.0.113.9"), Some("::1"), None][i % 4].map(|a| a.parse().unwrap());
+            e.user_agent = pick(i / 4, &[Some("curl/8"), Some("Mozilla/5.0")]);
+            e.request_id = Some(format!("req-{i}"));
+            if i % 5 != 4 {
+                e.attributes.insert("tenant".into(), if i < 6 { "acme" } else { "globex" }.into());
+            }
+            e.hash = (i != 9).then(|| tower_audit::Hash([i as u8 + 1; 32]));
+            e
+        })
+        .collect::<Vec<_>>();
+    // Each prev_hash is the hash above it, but for the first row, the row after the one without a hash, and row 6.
+    let events: Vec<AuditEvent> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let mut e = e.clone();
+            e.prev_hash = match i {
+                0 => Some(tower_audit::Hash::ZERO),
+                6 => Some(tower_audit::Hash([0xee; 32])),
+                _ => events[i - 1].hash,
+            };
+            e
+        })
+        .collect();
+    sqlite.write_batch(&events).await.unwrap();
+    let rows = read_rows(&reader).await;
+    assert_eq!(rows.len(), events.len());
+    for (row, e) in rows.iter().zip(&events) {
+        assert_row(row, e);
+    }
+    assert_eq!(rows[10].get::<Option<String>, _>("prev_hash"), None, "the row after the one without a hash");
+    assert_eq!(rows[6].get::<Option<String>, _>("prev_hash"), Some("ee".repeat(32)));
 }
 
 #[tokio::test]

@@ -1,4 +1,5 @@
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::Arguments as _;
@@ -171,8 +172,11 @@ impl AuditSink for SqliteSink {
     }
 }
 
-/// One multi-row `INSERT … ON CONFLICT (id) DO NOTHING` of `rows`, with its arguments (reserved at once, and
-/// every value bound by value: sqlx keeps each text in an `Arc`, so it is moved in, not copied again).
+/// One multi-row `INSERT … ON CONFLICT (id) DO NOTHING` of `rows`, with its arguments (reserved at once).
+///
+/// Every text is bound as an `Arc<str>`, which sqlx takes as it is: one allocation per text, made on the worker
+/// and freed by sqlx's own thread. A text equal to the one in the row above (the same kind, method, route, user
+/// agent, client, boot; a row's `prev_hash` is the `hash` above it) is that row's `Arc` again, not a new one.
 fn insert(table: &Table, rows: &[AuditEvent]) -> Result<(String, SqliteArguments), SinkError> {
     const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
     let mut sql = String::with_capacity(120 + rows.len() * (ROW.len() + 2) + COLUMNS.len());
@@ -190,34 +194,89 @@ fn insert(table: &Table, rows: &[AuditEvent]) -> Result<(String, SqliteArguments
     sql.push_str(" ON CONFLICT (id) DO NOTHING");
     let mut args = SqliteArguments::default();
     args.reserve(rows.len() * COLUMN_COUNT, 0);
-    let bound = |e: &AuditEvent, args: &mut SqliteArguments| -> Result<(), sqlx::error::BoxDynError> {
-        let owned = |text: &Option<String>| text.clone();
-        args.add(e.id.hyphenated().to_string())?;
+    let mut texts = Texts::default();
+    for event in rows {
+        texts.bind(event, &mut args).map_err(|e| SinkError::backend(sqlx::Error::Encode(e)))?;
+    }
+    Ok((sql, args))
+}
+
+/// The texts of the row above, column by column, and a buffer to format into.
+#[derive(Default)]
+struct Texts {
+    kind: Above,
+    outcome: Above,
+    method: Above,
+    route: Above,
+    path: Above,
+    actor: Above,
+    client_addr: Above,
+    user_agent: Above,
+    attributes: Above,
+    boot: Above,
+    /// `hash` and `prev_hash`: the hash of the row above is this row's `prev_hash`.
+    hash: Above,
+    /// Buffers the time, the client address and the attributes are written into before they are compared.
+    time: String,
+    addr: String,
+    json: Vec<u8>,
+}
+
+/// A column's text in the row above.
+#[derive(Default)]
+struct Above(Option<Arc<str>>);
+
+impl Above {
+    /// `text` as an `Arc<str>`: the row above's when equal, else a new one.
+    fn text(&mut self, text: &str) -> Arc<str> {
+        match &self.0 {
+            Some(above) if **above == *text => Arc::clone(above),
+            _ => Arc::clone(self.0.insert(Arc::from(text))),
+        }
+    }
+
+    fn opt(&mut self, text: Option<&str>) -> Option<Arc<str>> {
+        text.map(|text| self.text(text))
+    }
+}
+
+impl Texts {
+    fn bind(&mut self, e: &AuditEvent, args: &mut SqliteArguments) -> Result<(), sqlx::error::BoxDynError> {
+        let mut id = [0; uuid::fmt::Hyphenated::LENGTH];
+        args.add(Arc::<str>::from(&*e.id.hyphenated().encode_lower(&mut id)))?;
         args.add(i64::try_from(e.seq).unwrap_or(i64::MAX))?;
-        args.add(humantime::format_rfc3339_micros(e.time).to_string())?;
-        args.add(e.kind.clone())?;
-        args.add(e.outcome.as_str())?;
-        args.add(e.method.clone())?;
-        args.add(owned(&e.route))?;
-        args.add(owned(&e.path))?;
+        args.add(Arc::<str>::from(write(&mut self.time, humantime::format_rfc3339_micros(e.time))))?;
+        args.add(self.kind.text(&e.kind))?;
+        args.add(self.outcome.text(e.outcome.as_str()))?;
+        args.add(self.method.opt(e.method.as_deref()))?;
+        args.add(self.route.opt(e.route.as_deref()))?;
+        args.add(self.path.opt(e.path.as_deref()))?;
         args.add(e.status.map(i32::from))?;
         args.add(e.grpc_status)?;
         args.add(e.latency_us.map(|l| i64::try_from(l).unwrap_or(i64::MAX)))?;
-        args.add(owned(&e.request_id))?;
-        args.add(owned(&e.actor))?;
-        args.add(e.client_addr.map(|ip| ip.to_string()))?;
-        args.add(owned(&e.user_agent))?;
-        args.add(serde_json::to_string(&e.attributes)?)?;
+        args.add(e.request_id.as_deref().map(Arc::<str>::from))?;
+        args.add(self.actor.opt(e.actor.as_deref()))?;
+        args.add(self.client_addr.opt(e.client_addr.map(|ip| write(&mut self.addr, ip))))?;
+        args.add(self.user_agent.opt(e.user_agent.as_deref()))?;
+        self.json.clear();
+        serde_json::to_writer(&mut self.json, &e.attributes)?;
+        args.add(self.attributes.text(std::str::from_utf8(&self.json)?))?;
         args.add(i16::try_from(e.version).unwrap_or(i16::MAX))?;
         args.add(e.instance.clone())?;
-        args.add(e.boot.map(|boot| boot.hyphenated().to_string()))?;
-        args.add(e.prev_hash.map(|h| h.to_string()))?;
-        args.add(e.hash.map(|h| h.to_string()))
-    };
-    for event in rows {
-        bound(event, &mut args).map_err(|e| SinkError::backend(sqlx::Error::Encode(e)))?;
+        let mut boot = [0; uuid::fmt::Hyphenated::LENGTH];
+        args.add(e.boot.map(|b| self.boot.text(b.hyphenated().encode_lower(&mut boot))))?;
+        let mut hex = const_hex::Buffer::<32>::new();
+        args.add(e.prev_hash.map(|h| self.hash.text(hex.format(&h.0))))?;
+        args.add(e.hash.map(|h| self.hash.text(hex.format(&h.0))))
     }
-    Ok((sql, args))
+}
+
+/// `value`'s text, written into `buf`.
+fn write(buf: &mut String, value: impl std::fmt::Display) -> &str {
+    use std::fmt::Write as _;
+    buf.clear();
+    write!(buf, "{value}").expect("formatting into a String cannot fail");
+    buf
 }
 
 #[cfg(test)]
