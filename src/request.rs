@@ -345,7 +345,15 @@ impl Pending {
         if self.panicked {
             fields.attributes().insert("panic".to_owned(), "true".to_owned());
         }
+        // Every field spelt out (not `..AuditEvent::with_time(…)`), so no whole temporary event is made and copied.
         AuditEvent {
+            version: crate::event::SCHEMA_VERSION,
+            id: uuid::Uuid::nil(),
+            instance: None,
+            boot: None,
+            seq: 0,
+            time: info.time,
+            kind: Cow::Borrowed(info.kind),
             outcome,
             method: Some(info.method),
             route: info.route,
@@ -358,7 +366,8 @@ impl Pending {
             client_addr: info.client_addr,
             user_agent: info.user_agent,
             attributes: fields.attributes.unwrap_or_default(),
-            ..AuditEvent::with_time(Cow::Borrowed(info.kind), info.time)
+            prev_hash: None,
+            hash: None,
         }
     }
 }
