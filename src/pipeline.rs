@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 
 use crate::durable::Watermark;
 use crate::event::AuditEvent;
-use crate::intake::{Backlog, Gate, Refusal, Slot};
+use crate::intake::{Backlog, Gate, Recycled, Refusal, Slot};
 use crate::sanitize::Limits;
 use crate::stats::{Counters, Stats, add};
 
@@ -42,6 +42,8 @@ pub(crate) struct Shared {
     pub(crate) gate: Gate,
     /// The admitted events, for the worker.
     pub(crate) backlog: Backlog,
+    /// The strings of written events, for the texts of requests to come.
+    pub(crate) recycled: Recycled,
     pub(crate) counters: Counters,
     /// Wakes the worker early when a batch's worth is waiting.
     pub(crate) wake: Notify,
@@ -57,6 +59,7 @@ impl Shared {
         Self {
             gate: Gate::new(capacity, max_bytes),
             backlog: Backlog::new(batch_size),
+            recycled: Recycled::default(),
             counters: Counters::default(),
             wake: Notify::new(),
             wake_pending: AtomicBool::new(false),

@@ -15,7 +15,7 @@ use crate::event::{AuditEvent, Outcome, kind};
 use crate::intake::{Refusal, Slot};
 use crate::pipeline::{Core, OnFull};
 use crate::policy::Delivery;
-use crate::sanitize::{bounded, bounded_bytes, redacted_path};
+use crate::sanitize::{bounded, bounded_bytes, bounded_bytes_ref, bounded_ref, redacted_path};
 
 /// What the layer read from the request, shared with the handler's [`AuditContext`](crate::AuditContext).
 #[derive(Debug)]
@@ -78,11 +78,37 @@ impl RequestState {
             Some(pq) => (pq.as_str(), pq.query().map(|query| pq.as_str().len() - query.len() - 1)),
             None => ("/", None),
         };
-        let path = redacted_path(target, query_at, &config.redact_query, config.keep_query, config.limits.max_path_len);
+        let route = if grpc { None } else { matched_path(req) };
+        let request_id = headers.get(&config.request_id_header);
+        let user_agent = headers.get(http::header::USER_AGENT);
+        // Into strings of written events where there are some (see `Recycled`).
+        let [mut path, mut matched, id, agent] =
+            core.shared.recycled.take([true, route.is_some(), request_id.is_some(), user_agent.is_some()]);
+        path.push_str(&redacted_path(
+            target,
+            query_at,
+            &config.redact_query,
+            config.keep_query,
+            config.limits.max_path_len,
+        ));
         // A gRPC call's route is its method path, even behind an Axum router (Tonic's `Routes` is one, whose
         // matched path is `/package.Service/{*rest}`).
-        let route = if grpc { Some(path.clone()) } else { matched_path(req).map(|route| bounded(route, max)) };
-        let header = |name| headers.get(name).map(|v| bounded_bytes(v.as_bytes(), max));
+        let route = match route {
+            _ if grpc => Some(path.clone()),
+            Some(route) => {
+                matched.push_str(&bounded_ref(route, max));
+                Some(matched)
+            }
+            None => None,
+        };
+        let header = |value: Option<&http::HeaderValue>, mut string: String| {
+            value.map(|value| {
+                string.push_str(&bounded_bytes_ref(value.as_bytes(), max));
+                string
+            })
+        };
+        let request_id = header(request_id, id);
+        let user_agent = header(user_agent, agent);
         let mut attributes = None;
         for name in &config.capture_headers {
             if let Some(value) = headers.get(name) {
@@ -98,9 +124,9 @@ impl RequestState {
                 method: method_name(req.method(), max),
                 route,
                 path,
-                request_id: header(&config.request_id_header),
+                request_id,
                 client_addr: crate::client_addr::resolve(req, &config.client_addr_source, &config.trusted_proxies),
-                user_agent: header(&http::header::USER_AGENT),
+                user_agent,
             },
             fields: Mutex::new(HandlerFields { actor: None, attributes }),
             core,
@@ -319,7 +345,15 @@ impl Pending {
         if self.panicked {
             fields.attributes().insert("panic".to_owned(), "true".to_owned());
         }
+        // Every field spelt out (not `..AuditEvent::with_time(…)`), so no whole temporary event is made and copied.
         AuditEvent {
+            version: crate::event::SCHEMA_VERSION,
+            id: uuid::Uuid::nil(),
+            instance: None,
+            boot: None,
+            seq: 0,
+            time: info.time,
+            kind: Cow::Borrowed(info.kind),
             outcome,
             method: Some(info.method),
             route: info.route,
@@ -332,7 +366,8 @@ impl Pending {
             client_addr: info.client_addr,
             user_agent: info.user_agent,
             attributes: fields.attributes.unwrap_or_default(),
-            ..AuditEvent::with_time(Cow::Borrowed(info.kind), info.time)
+            prev_hash: None,
+            hash: None,
         }
     }
 }

@@ -1,5 +1,7 @@
 //! Bounding and sanitising of everything that comes from the outside.
 
+use std::borrow::Cow;
+
 use percent_encoding::percent_decode_str;
 
 /// What a redacted query value is replaced with.
@@ -17,8 +19,13 @@ pub(crate) struct Limits {
 /// `s` with unsafe characters (see [`is_clean`]) replaced by `U+FFFD`, cut at a character boundary to at most
 /// `max` bytes; a cut string ends with `…` (within the bound) so a reader can tell it was cut.
 pub(crate) fn bounded(s: &str, max: usize) -> String {
+    bounded_ref(s, max).into_owned()
+}
+
+/// [`bounded`], borrowing `s` when it is fine as it is (the usual case).
+pub(crate) fn bounded_ref(s: &str, max: usize) -> Cow<'_, str> {
     if s.len() <= max && is_clean(s) {
-        return s.to_owned();
+        return Cow::Borrowed(s);
     }
     let mut out = String::with_capacity(s.len().min(max));
     for c in s.chars() {
@@ -36,7 +43,7 @@ pub(crate) fn bounded(s: &str, max: usize) -> String {
         }
         out.push(c);
     }
-    out
+    Cow::Owned(out)
 }
 
 /// Whether `s` holds no character that [`bounded`] replaces.
@@ -74,15 +81,20 @@ fn is_unsafe(c: char) -> bool {
 
 /// Like [`bounded`], for raw header bytes that may not be UTF-8.
 pub(crate) fn bounded_bytes(bytes: &[u8], max: usize) -> String {
+    bounded_bytes_ref(bytes, max).into_owned()
+}
+
+/// [`bounded_bytes`], borrowing `bytes` when they are fine as they are (the usual case).
+pub(crate) fn bounded_bytes_ref(bytes: &[u8], max: usize) -> Cow<'_, str> {
     if bytes.len() <= max
         && printable_ascii(bytes)
         && let Ok(s) = std::str::from_utf8(bytes)
     {
-        return s.to_owned();
+        return Cow::Borrowed(s);
     }
     match std::str::from_utf8(bytes) {
-        Ok(s) => bounded(s, max),
-        Err(_) => bounded(&String::from_utf8_lossy(bytes), max),
+        Ok(s) => Cow::Owned(bounded(s, max)),
+        Err(_) => Cow::Owned(bounded(&String::from_utf8_lossy(bytes), max)),
     }
 }
 
@@ -109,30 +121,31 @@ impl Redact {
     }
 }
 
-/// The path with the values of the named query parameters replaced by [`REDACTED`], bounded to `max` bytes.
+/// The path with the values of the named query parameters replaced by [`REDACTED`], bounded to `max` bytes;
+/// borrowed from `path_and_query` when nothing needs changing (the usual case).
 ///
 /// `path_and_query` is the request target as received (`/path?query`), `query_at` the index of its first `?`.
 /// `redact` holds lower-case names. A key is read as a
 /// form decoder reads it (`+` is a space, then percent-decoding, then trimmed) and redacted when it, its base
 /// name or any bracketed segment (`user[password]`, `token[]`) matches a name, ignoring ASCII case and counting
 /// `-` and `_` as the same. With `keep_query == false` the query is dropped altogether.
-pub(crate) fn redacted_path(
-    path_and_query: &str,
+pub(crate) fn redacted_path<'a>(
+    path_and_query: &'a str,
     query_at: Option<usize>,
     redact: &Redact,
     keep_query: bool,
     max: usize,
-) -> String {
+) -> Cow<'a, str> {
     let (path, query) = match query_at {
         Some(at) => (&path_and_query[..at], &path_and_query[at + 1..]),
-        None => return bounded(path_and_query, max),
+        None => return bounded_ref(path_and_query, max),
     };
     if !keep_query || query.is_empty() {
-        return bounded(path, max);
+        return bounded_ref(path, max);
     }
-    // Usual case: nothing to redact, one allocation.
+    // Usual case: nothing to redact, nothing copied.
     if !pairs(query).any(|pair| is_redacted(key(pair), redact)) {
-        return bounded(path_and_query, max);
+        return bounded_ref(path_and_query, max);
     }
     let mut out = String::with_capacity(path_and_query.len());
     out.push_str(path);
@@ -149,7 +162,7 @@ pub(crate) fn redacted_path(
         }
         out.push_str(&piece[pair.len()..]);
     }
-    bounded(&out, max)
+    Cow::Owned(bounded(&out, max))
 }
 
 /// The pairs of a query, split at [`PAIR_SEPARATORS`] (a byte scan: both are ASCII).
@@ -193,7 +206,7 @@ mod tests {
     use super::*;
 
     fn redacted(target: &str, redact: &[String], keep_query: bool, max: usize) -> String {
-        redacted_path(target, target.find('?'), &Redact::new(redact.to_vec()), keep_query, max)
+        redacted_path(target, target.find('?'), &Redact::new(redact.to_vec()), keep_query, max).into_owned()
     }
 
     #[test]

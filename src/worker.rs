@@ -280,7 +280,7 @@ impl Worker {
                 }
                 state.lifecycle_spilled = lifecycle && appended.get(meta - 1).copied().unwrap_or(false);
                 state.users_durable = users == n && error.is_none();
-                events.clear();
+                self.shared.recycled.recycle(events);
                 if state.sync_now && state.users_durable {
                     // Durable events: synced before their requests are released, whatever the sync policy.
                     if let Err(error) = spill.spool.sync_for_durable().await {
@@ -345,7 +345,7 @@ impl Worker {
                 }
             }
         }
-        events.clear();
+        self.shared.recycled.recycle(events);
         false
     }
 

@@ -518,3 +518,50 @@ async fn stalled_sink_costs_requests_nothing() {
 
 #[allow(dead_code)]
 fn assert_sink<S: AuditSink>() {}
+
+/// The worker keeps the strings of written events and requests write their texts into them: each event must
+/// hold exactly its own request's texts, whatever the request before it left in the strings it reuses.
+#[tokio::test]
+async fn events_written_into_reused_strings_hold_exactly_their_own_texts() {
+    let sink = MemorySink::new();
+    let (layer, handle) =
+        AuditLayer::builder(sink.clone()).batch_size(1).flush_interval(Duration::from_secs(3600)).build().unwrap();
+    let mut svc =
+        ServiceBuilder::new().layer(layer).service(service_fn(|_req: Request<Full<Bytes>>| answer(200, "ok")));
+    // (target, request id, user agent), each written before the next is sent.
+    let requests: [(&str, Option<&str>, Option<&str>); 5] = [
+        ("/a/rather/long/path/to/reuse?x=1", Some("request-id-0001"), Some("agent/1.0 (a long user agent)")),
+        ("/b", None, None),
+        ("/c?token=s3cret", Some("id-2"), None),
+        ("/d/e", None, Some("ua")),
+        ("/", Some("request-id-0005"), Some("agent/5")),
+    ];
+    eventually(LIMIT, || sink.len() == 1).await; // the boot event
+    for (n, (target, id, agent)) in requests.iter().enumerate() {
+        let mut req = Request::get(*target);
+        if let Some(id) = id {
+            req = req.header("x-request-id", *id);
+        }
+        if let Some(agent) = agent {
+            req = req.header("user-agent", *agent);
+        }
+        let res = svc.ready().await.unwrap().call(req.body(Full::default()).unwrap()).await.unwrap();
+        read_body(res.into_body()).await.unwrap();
+        eventually(LIMIT, || sink.len() == n + 2).await;
+    }
+    let events = drained(&handle, &sink).await;
+    let texts: Vec<_> = events
+        .iter()
+        .map(|e| (e.path.as_deref().unwrap(), e.route.as_deref(), e.request_id.as_deref(), e.user_agent.as_deref()))
+        .collect();
+    assert_eq!(
+        texts,
+        [
+            ("/a/rather/long/path/to/reuse?x=1", None, Some("request-id-0001"), Some("agent/1.0 (a long user agent)")),
+            ("/b", None, None, None),
+            ("/c?token=REDACTED", None, Some("id-2"), None),
+            ("/d/e", None, None, Some("ua")),
+            ("/", None, Some("request-id-0005"), Some("agent/5")),
+        ]
+    );
+}

@@ -5,6 +5,7 @@
 //! message: closing never waits for whoever holds one.
 
 mod gate;
+mod recycle;
 
 /// The atomics the gate is written against (loom's, in the model checker).
 mod atomic {
@@ -15,6 +16,7 @@ use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 
 pub(crate) use self::gate::{Gate, Refusal};
+pub(crate) use self::recycle::Recycled;
 
 use crate::event::AuditEvent;
 
