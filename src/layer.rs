@@ -588,6 +588,8 @@ impl AuditLayerBuilder {
             }),
             boot: Some(boot_event),
             pipeline: Default::default(),
+            ahead: None,
+            closing: false,
         };
         runtime.spawn(worker.run());
         #[cfg(feature = "metrics")]

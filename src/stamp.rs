@@ -26,6 +26,17 @@ impl Stamper {
         Self { instance, boot, seq: 0 }
     }
 
+    /// The seq of the last event stamped.
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Numbers on from `seq` again: the events stamped after it were not handed to any sink (see the worker's
+    /// look-ahead), and are stamped anew when they go out.
+    pub(crate) fn rewind(&mut self, seq: u64) {
+        self.seq = seq;
+    }
+
     pub(crate) fn stamp(&mut self, event: &mut AuditEvent) {
         self.seq += 1;
         event.instance = Some(Arc::clone(&self.instance));

@@ -3,6 +3,10 @@
 //! (`gap`), stamp it (`stamp`), and either write it to the primary sink with retries and then the fallback
 //! (`delivery`), or append it to the disk spill (`spill::spool`), from which a task of its own delivers it
 //! (`spill::drain`); count what became of every event (`stats`); at shutdown, end with `audit.shutdown`.
+//!
+//! With integrity on and full batches waiting, the worker links the next batch on another thread while the sink
+//! writes the current one ([`Numbering::LookAhead`]), so the hashing is off its critical path; a batch linked
+//! ahead goes out next, and if the current one is not written it is numbered anew after what that makes due.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +20,7 @@ use crate::delivery::{Sinks, Written};
 use crate::event::{AuditEvent, kind};
 use crate::gap::{Due, Ledger, Losses, PipelineLosses, Trail};
 use crate::handle::ShutdownReport;
-use crate::integrity::chain::Chain;
+use crate::integrity::chain::{Chain, LinkedAhead};
 use crate::lifecycle::shutdown_event;
 use crate::pipeline::Shared;
 use crate::spill::codec::Origin;
@@ -48,6 +52,36 @@ pub(crate) struct Worker {
     pub(crate) boot: Option<AuditEvent>,
     /// The worker's own events that did not reach the primary trail (the gap events declare them).
     pub(crate) pipeline: PipelineLosses,
+    /// With integrity on: the full batch taken from the queue while the one before it was being written (see
+    /// [`Numbering::LookAhead`]); it goes out next, before anything else is numbered.
+    pub(crate) ahead: Option<Ahead>,
+    /// Shutting down: no batch is taken ahead (the drain takes the queue batch by batch).
+    pub(crate) closing: bool,
+}
+
+/// A batch taken ahead.
+pub(crate) struct Ahead {
+    events: Vec<AuditEvent>,
+    /// The last durable ticket among them.
+    ticket: Option<u64>,
+    /// Numbered and linked, and the chain advanced past them (the batch before them was written); otherwise
+    /// the stamper was rewound and they are numbered anew when they go out.
+    linked: bool,
+}
+
+/// How [`Worker::write`] numbers what it writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Numbering {
+    /// Stamps and links every event here.
+    Fresh,
+    /// As `Fresh`; and, with integrity on, when another full batch is waiting and nothing else is due to be
+    /// numbered first (a gap event, a checkpoint), takes that batch too, numbers it after this one, and links it
+    /// on another thread while the sink writes this one: the hashing is then off the worker's critical path.
+    /// Once this batch is written the chain takes the linked batch in ([`Worker::ahead`]); if it is not, the
+    /// stamper is rewound, so the gap and fallback events due are numbered right after this batch, as always.
+    LookAhead,
+    /// Stamped and linked already (taken ahead); may look ahead in turn.
+    Linked,
 }
 
 /// Where stamped batches go.
@@ -114,7 +148,7 @@ impl Worker {
             spill.task = Some(tokio::spawn(drain.run()));
         }
         if let Some(boot) = self.boot.take()
-            && self.write(&mut Vec::new(), None, Some((Origin::Lifecycle, boot)), &mut state).await
+            && self.write(&mut Vec::new(), None, Some((Origin::Lifecycle, boot)), Numbering::Fresh, &mut state).await
         {
             return self.shut_down(batch, state).await;
         }
@@ -143,29 +177,49 @@ impl Worker {
             self.shared.wake_pending.store(false, std::sync::atomic::Ordering::Relaxed);
             // Full batches go out as soon as they are there; a partial one waits for the tick.
             loop {
-                let limit = self.limit(&state);
-                let took = self.queue.take(&mut batch, limit);
-                state.ticket = took.ticket.or(state.ticket);
-                if took.disconnected {
+                let (full, out_of_time) = if let Some(ahead) = self.ahead.take() {
+                    // Taken during the last write: it goes out before anything else is numbered.
+                    debug_assert!(batch.is_empty(), "a batch is taken ahead only while the one before is written");
+                    batch = ahead.events;
+                    state.ticket = ahead.ticket.or(state.ticket);
+                    let out_of_time = if ahead.linked {
+                        self.deliver_linked(&mut batch, &mut state).await
+                    } else {
+                        self.deliver(&mut batch, &mut state).await
+                    };
+                    (true, out_of_time)
+                } else {
+                    let limit = self.limit(&state);
+                    let took = self.queue.take(&mut batch, limit);
+                    state.ticket = took.ticket.or(state.ticket);
+                    if took.disconnected {
+                        return self.shut_down(batch, state).await;
+                    }
+                    let gap_due = state.primary.is_due(self.losses());
+                    // Durable events go out at once (with whatever is waiting: group commit).
+                    let due = took.full || state.ticket.is_some() || (ticked && (!batch.is_empty() || gap_due));
+                    (took.full, due && self.deliver(&mut batch, &mut state).await)
+                };
+                // `true` when the shutdown deadline passed during the write (shutdown began meanwhile).
+                if out_of_time {
                     return self.shut_down(batch, state).await;
                 }
-                let gap_due = state.primary.is_due(self.losses());
-                // Durable events go out at once (with whatever is waiting: group commit).
-                // `deliver` is `true` when the shutdown deadline passed during the write (shutdown began meanwhile).
-                if (took.full || state.ticket.is_some() || (ticked && (!batch.is_empty() || gap_due)))
-                    && self.deliver(&mut batch, &mut state).await
-                {
-                    return self.shut_down(batch, state).await;
+                let shutdown_asked = listening && requests.has_changed().unwrap_or(false);
+                if self.ahead.is_some() {
+                    // A batch taken ahead is numbered: it goes out before a checkpoint is numbered, or the
+                    // shutdown begins (which then takes none ahead).
+                    self.closing |= shutdown_asked;
+                    continue;
                 }
                 // Also between full batches: under load that never drains the queue, checkpoints keep their pace.
                 if self.checkpoint_if_due(&mut state).await {
                     return self.shut_down(batch, state).await;
                 }
-                if !took.full {
+                if !full {
                     break;
                 }
                 // Shutdown asked for while full batches kept coming: it starts now, not once the queue is empty.
-                if listening && requests.has_changed().unwrap_or(false) {
+                if shutdown_asked {
                     return self.shut_down(batch, state).await;
                 }
             }
@@ -179,7 +233,8 @@ impl Worker {
         if !self.chain.as_ref().is_some_and(Chain::due) {
             return false;
         }
-        self.write(&mut Vec::new(), None, Some((Origin::Lifecycle, Chain::checkpoint_event())), state).await
+        self.write(&mut Vec::new(), None, Some((Origin::Lifecycle, Chain::checkpoint_event())), Numbering::Fresh, state)
+            .await
     }
 
     fn losses(&self) -> Losses {
@@ -201,10 +256,23 @@ impl Worker {
         let out_of_time = match state.primary.due(self.losses()) {
             // No room in front (events taken before the losses happened): the gap event goes alone first.
             Some(due) if batch.len() >= self.config.batch_size => {
-                self.write(&mut Vec::new(), Some(due), None, state).await || self.write(batch, None, None, state).await
+                self.write(&mut Vec::new(), Some(due), None, Numbering::Fresh, state).await
+                    || self.write(batch, None, None, Numbering::LookAhead, state).await
             }
-            due => self.write(batch, due, None, state).await,
+            due => self.write(batch, due, None, Numbering::LookAhead, state).await,
         };
+        if let (Some(ticket), false) = (ticket, out_of_time) {
+            self.shared.watermark.settle(ticket, state.users_durable);
+        }
+        out_of_time
+    }
+
+    /// [`deliver`](Self::deliver) for a batch taken ahead and linked already: no gap event goes in front of it
+    /// (its events are numbered); one due now goes in front of the next batch.
+    async fn deliver_linked(&mut self, batch: &mut Vec<AuditEvent>, state: &mut State) -> bool {
+        let ticket = state.ticket.take();
+        (state.users_durable, state.sync_now) = (false, ticket.is_some());
+        let out_of_time = self.write(batch, None, None, Numbering::Linked, state).await;
         if let (Some(ticket), false) = (ticket, out_of_time) {
             self.shared.watermark.settle(ticket, state.users_durable);
         }
@@ -232,6 +300,7 @@ impl Worker {
         events: &mut Vec<AuditEvent>,
         gap: Option<Due>,
         lifecycle: Option<(Origin, AuditEvent)>,
+        numbering: Numbering,
         state: &mut State,
     ) -> bool {
         let n = events.len() as u64;
@@ -251,12 +320,15 @@ impl Worker {
             origins.push(origin);
         }
         events.splice(0..0, front);
-        for event in events.iter_mut() {
-            self.stamper.stamp(event);
-            if let Some(chain) = &mut self.chain {
-                chain.link(event);
+        if numbering != Numbering::Linked {
+            for event in events.iter_mut() {
+                self.stamper.stamp(event);
+                if let Some(chain) = &mut self.chain {
+                    chain.link(event);
+                }
             }
         }
+        let look_ahead = numbering != Numbering::Fresh && !state.primary.is_due(self.losses());
         let counters = &self.shared.counters;
         let sinks = match &mut self.output {
             Output::Spill(spill) => {
@@ -294,7 +366,41 @@ impl Worker {
             Output::Closed => unreachable!("nothing is written after shutdown"),
         };
         let meta = origins.len() as u64;
-        match sinks.primary(events, &self.deadline, counters).await {
+        // With integrity on, the next full batch is linked on another thread while the sink writes this one.
+        let ahead = match &self.chain {
+            Some(chain) if look_ahead && !self.closing && self.ahead.is_none() && !chain.due() => {
+                self.queue.take_full(self.config.batch_size).map(|(mut next, ticket)| {
+                    let before = self.stamper.seq();
+                    next.iter_mut().for_each(|event| self.stamper.stamp(event));
+                    let head = chain.head();
+                    (before, ticket, tokio::task::spawn_blocking(move || LinkedAhead::link(head, next)))
+                })
+            }
+            _ => None,
+        };
+        let primary = sinks.primary(events, &self.deadline, counters).await;
+        if let Some((before, ticket, linking)) = ahead {
+            self.ahead = match linking.await {
+                Ok(linked) if primary == Written::Yes => {
+                    let chain = self.chain.as_mut().expect("a batch is linked ahead only with integrity on");
+                    Some(Ahead { events: chain.advance(linked), ticket, linked: true })
+                }
+                // Not written: what is due after this batch (a gap event, the fallback's) is numbered right after
+                // it, and the batch taken ahead anew after that.
+                Ok(linked) => {
+                    self.stamper.rewind(before);
+                    Some(Ahead { events: linked.events, ticket, linked: false })
+                }
+                // Only when the runtime is shutting down (the blocking pool refuses the task): the events are
+                // counted as abandoned when the worker ends.
+                Err(error) => {
+                    tracing::error!(%error, "cannot link a batch ahead; its events are abandoned");
+                    self.stamper.rewind(before);
+                    None
+                }
+            };
+        }
+        match primary {
             Written::Yes => {
                 state.users_durable = true;
                 add(&counters.written, n);
@@ -372,6 +478,14 @@ impl Worker {
     /// is attempted at a sink after the deadline; what it catches is `abandoned` (or, with a spill,
     /// `left_in_spill`).
     async fn shut_down(mut self, mut batch: Vec<AuditEvent>, mut state: State) {
+        if let Some(ahead) = self.ahead.take() {
+            // Taken ahead and not written (the deadline passed while the batch before it was written): they go
+            // out after what is left of that one, numbered anew.
+            debug_assert!(!ahead.linked, "a linked batch goes out before the worker does anything else");
+            state.ticket = ahead.ticket.or(state.ticket);
+            batch.extend(ahead.events);
+        }
+        self.closing = true;
         self.shared.close();
         self.queue.quiesce().await;
         let mut out_of_time = false;
@@ -430,10 +544,10 @@ impl Worker {
     async fn write_last(&mut self, due: Option<Due>, shutdown: AuditEvent, state: &mut State) -> bool {
         let last = Some((Origin::Lifecycle, shutdown));
         if due.is_some() && self.config.batch_size < 2 {
-            return self.write(&mut Vec::new(), due, None, state).await
-                || self.write(&mut Vec::new(), None, last, state).await;
+            return self.write(&mut Vec::new(), due, None, Numbering::Fresh, state).await
+                || self.write(&mut Vec::new(), None, last, Numbering::Fresh, state).await;
         }
-        self.write(&mut Vec::new(), due, last, state).await
+        self.write(&mut Vec::new(), due, last, Numbering::Fresh, state).await
     }
 
     /// Lets the drain catch up (until the deadline), appends the gap event due and `audit.shutdown` (its counts
@@ -498,6 +612,16 @@ impl Queue {
             self.shared.room.notify_waiters();
         }
         Took { full: batch.len() >= limit, ticket: taken.ticket, disconnected: taken.disconnected }
+    }
+
+    /// A whole batch of `limit` events, if one is waiting (and its last durable ticket); nothing otherwise.
+    fn take_full(&mut self, limit: usize) -> Option<(Vec<AuditEvent>, Option<u64>)> {
+        if !self.shared.backlog.has_full_batch() {
+            return None;
+        }
+        let mut batch = Vec::with_capacity(limit);
+        let took = self.take(&mut batch, limit);
+        Some((batch, took.ticket))
     }
 
     /// Once intake is closed, waits for the producers inside the gate to publish (they never wait in there,

@@ -293,6 +293,123 @@ async fn with_a_fallback_both_trails_verify_as_one_and_the_primary_declares_what
     );
 }
 
+/// With a backlog of full batches the worker links the next batch while the sink writes the current one; when
+/// the current one fails, the batch linked ahead is numbered anew after what the failure makes due (the
+/// fallback's gap event, the primary's), so failures in a row, and a failure right after one, leave the same
+/// trail as batch by batch: every seq once across both trails, both verifying as one, the primary alone
+/// declaring what it lacks.
+#[tokio::test]
+async fn batches_linked_ahead_of_failing_ones_are_numbered_after_what_the_failure_makes_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let (primary, fallback) = (dir.path().join("primary.jsonl"), dir.path().join("fallback.jsonl"));
+    let integrity =
+        Integrity::from_seed(&[8; 32]).checkpoint_every(1000).checkpoint_interval(Duration::from_secs(3600));
+    let key = integrity.verifier_key();
+    let (_layer, handle) = AuditLayer::builder(Flaky(tower_audit::JsonLinesSink::open(&primary).unwrap()))
+        .batch_size(4)
+        .flush_interval(Duration::from_secs(3600))
+        .retry(tower_audit::Retry::none())
+        .fallback(tower_audit::JsonLinesSink::open(&fallback).unwrap())
+        .integrity(integrity)
+        .build()
+        .unwrap();
+    // Queued before the worker runs (this runtime has one thread): twelve full batches back to back, the
+    // third, fourth and seventh marked to fail at the primary.
+    let failing = [2, 3, 6];
+    for batch in 0..12 {
+        for i in 0..4 {
+            let mut event = AuditEvent::new("test.event").attribute("i", format!("{batch}.{i}"));
+            if failing.contains(&batch) {
+                event = event.attribute("fail", "yes");
+            }
+            assert!(handle.record(event));
+        }
+    }
+    let settled = |s: tower_audit::Stats| s.written + s.fallback_written + s.lost;
+    eventually(LIMIT, || settled(handle.stats()) == 48).await;
+    let report = handle.shutdown(LIMIT).await;
+    assert_eq!((report.stats.written, report.stats.fallback_written, report.stats.lost), (36, 12, 0));
+    assert_eq!((report.unreported, report.stats.abandoned), (0, 0));
+
+    let read = |path| tower_audit::integrity::read_json_lines(path).unwrap().into_iter().map(Result::unwrap);
+    let in_primary: Vec<AuditEvent> = read(&primary).collect();
+    let in_fallback: Vec<AuditEvent> = read(&fallback).collect();
+    let marked = |events: &[AuditEvent]| -> Vec<String> {
+        events.iter().filter(|e| e.kind == "test.event").map(|e| e.attributes["i"].clone()).collect()
+    };
+    let expected = |batches: &mut dyn Iterator<Item = u64>| -> Vec<String> {
+        batches.flat_map(|b| (0..4).map(move |i| format!("{b}.{i}"))).collect()
+    };
+    assert_eq!(marked(&in_fallback), expected(&mut failing.into_iter()));
+    assert_eq!(marked(&in_primary), expected(&mut (0..12).filter(|b| !failing.contains(b))));
+    let mut all: Vec<u64> = in_primary.iter().chain(&in_fallback).map(|e| e.seq).collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=all.len() as u64).collect::<Vec<_>>());
+    // Each failed batch's seqs follow the batch before it (or the gap event that led it); the batch after a failure
+    // is led by the primary's gap event, written alone (the batch is full), and numbered after it.
+    let seqs = |events: &[AuditEvent], kind: &str| -> Vec<u64> {
+        events.iter().filter(|e| e.kind == kind).map(|e| e.seq).collect()
+    };
+    assert_eq!(seq_ranges(&in_fallback), [(10, 13), (15, 18), (28, 31)]);
+    assert_eq!(seqs(&in_primary, "audit.gap"), [14, 19, 32]);
+    assert_eq!(seqs(&in_primary, "audit.shutdown"), [53]);
+
+    let mut verifier = tower_audit::integrity::Verifier::new(&key, &[]);
+    verifier.push_json_lines(&primary).unwrap();
+    verifier.push_json_lines(&fallback).unwrap();
+    let both = verifier.finish();
+    assert!(both.ok(), "{both}");
+    assert_eq!((both.boots.len(), both.boots[0].events, both.boots[0].lost.len()), (1, all.len() as u64, 0));
+    let alone = tower_audit::integrity::verify_json_lines(&primary, &key, &[]).unwrap();
+    assert!(alone.ok(), "{alone}");
+    let declared: Vec<(u64, u64)> = alone.boots[0].lost.iter().map(|r| (r.from, r.to)).collect();
+    assert_eq!(declared, seq_ranges(&in_fallback));
+}
+
+/// A primary sink that never returns from a batch holding an event marked `stall`, and writes the others to a file.
+struct Stalling(tower_audit::JsonLinesSink);
+
+impl tower_audit::AuditSink for Stalling {
+    async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), tower_audit::SinkError> {
+        if batch.iter().any(|e| e.attributes.contains_key("stall")) {
+            std::future::pending::<()>().await;
+        }
+        self.0.write_batch(batch).await
+    }
+}
+
+/// The shutdown deadline passes while the sink holds a batch and the next one is linked ahead: both are
+/// abandoned, exactly, and the trail holds what was written, its seqs with no hole.
+#[tokio::test]
+async fn a_deadline_during_a_write_abandons_the_batch_linked_ahead_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("primary.jsonl");
+    let integrity = Integrity::from_seed(&[9; 32]).checkpoint_interval(Duration::from_secs(3600));
+    let (_layer, handle) = AuditLayer::builder(Stalling(tower_audit::JsonLinesSink::open(&path).unwrap()))
+        .batch_size(4)
+        .flush_interval(Duration::from_secs(3600))
+        .integrity(integrity)
+        .build()
+        .unwrap();
+    // Queued before the worker runs: three full batches, the second stalls the sink.
+    for batch in 0..3 {
+        for i in 0..4 {
+            let mut event = AuditEvent::new("test.event").attribute("i", format!("{batch}.{i}"));
+            if batch == 1 {
+                event = event.attribute("stall", "yes");
+            }
+            assert!(handle.record(event));
+        }
+    }
+    eventually(LIMIT, || handle.stats().written == 4).await;
+    let report = handle.shutdown(Duration::from_millis(300)).await;
+    assert_eq!((report.stats.written, report.stats.abandoned, report.stats.lost), (4, 8, 0));
+    assert!(!report.drained);
+    let written: Vec<AuditEvent> =
+        tower_audit::integrity::read_json_lines(&path).unwrap().into_iter().map(Result::unwrap).collect();
+    assert_eq!(written.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+}
+
 /// Without a fallback, a gap event the primary failed is lost with its batch; the next gap event declares it
 /// (`pipeline_lost`) with the events, so the trail verifies with every missing seq declared.
 #[tokio::test]

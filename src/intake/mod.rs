@@ -144,6 +144,11 @@ impl Backlog {
         taken
     }
 
+    /// Whether a whole batch is waiting (the first chunk is full).
+    pub(crate) fn has_full_batch(&self) -> bool {
+        self.lock().queue.front().is_some_and(|first| first.events.len() >= self.chunk_len)
+    }
+
     /// Every producer is gone.
     pub(crate) fn disconnect(&self) {
         self.lock().disconnected = true;

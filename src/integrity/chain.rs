@@ -121,10 +121,8 @@ impl Chain {
         } else {
             self.since += 1;
         }
-        event.prev_hash = Some(self.head);
-        let hash = hash_with(&self.head, event, &mut self.buf);
-        event.hash = Some(hash);
-        (self.head, self.head_seq) = (hash, event.seq);
+        self.head = link_after(self.head, event, &mut self.buf);
+        self.head_seq = event.seq;
         if checkpoint && let Some(anchor) = &self.anchor {
             // A full queue means the sink is far behind: this checkpoint is counted as not anchored (a later one
             // covers what it covers).
@@ -134,6 +132,47 @@ impl Chain {
                 add(&self.shared.counters.anchor_failed, 1);
             }
         }
+    }
+}
+
+/// Links `event` after `head` (`prev_hash`, `hash`); returns its hash, the new head.
+fn link_after(head: Hash, event: &mut AuditEvent, buf: &mut Vec<u8>) -> Hash {
+    event.prev_hash = Some(head);
+    let hash = hash_with(&head, event, buf);
+    event.hash = Some(hash);
+    hash
+}
+
+/// A batch of the application's events linked after `head` away from the chain (on another thread, while the
+/// sink writes the batch before it), to be taken into it with [`Chain::advance`] once that batch is written.
+pub(crate) struct LinkedAhead {
+    pub(crate) events: Vec<AuditEvent>,
+    head: Hash,
+}
+
+impl LinkedAhead {
+    /// Links `events` (none of them the pipeline's own) after `head`.
+    pub(crate) fn link(head: Hash, mut events: Vec<AuditEvent>) -> Self {
+        let mut buf = Vec::with_capacity(1024);
+        let head = events.iter_mut().fold(head, |head, event| link_after(head, event, &mut buf));
+        LinkedAhead { events, head }
+    }
+}
+
+impl Chain {
+    /// The hash of the last event linked.
+    pub(crate) fn head(&self) -> Hash {
+        self.head
+    }
+
+    /// Takes a batch linked ahead from [`head`](Self::head) into the chain: it was linked as if by
+    /// [`link`](Self::link), one event after the other. Its events are handed back.
+    pub(crate) fn advance(&mut self, ahead: LinkedAhead) -> Vec<AuditEvent> {
+        if let Some(last) = ahead.events.last() {
+            (self.head, self.head_seq) = (ahead.head, last.seq);
+            self.since += ahead.events.len() as u64;
+        }
+        ahead.events
     }
 }
 
