@@ -3,6 +3,7 @@
 #![allow(clippy::too_many_lines)]
 
 mod common;
+mod review_support;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -11,33 +12,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::*;
+use review_support::*;
 use serde::Serialize;
 use tower_audit::{AuditEvent, AuditLayer, AuditSink, Hash, MemorySink, Outcome};
 use uuid::Uuid;
 
 const LIMIT: Duration = Duration::from_secs(30);
-
-/// A deterministic xorshift generator.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn hash(&mut self) -> Hash {
-        let mut bytes = [0u8; 32];
-        for b in &mut bytes {
-            *b = self.next() as u8;
-        }
-        Hash(bytes)
-    }
-}
 
 // ---------------------------------------------------------------------------------------------------------------
 // 1. Serialize / write_json / Hash
@@ -170,71 +150,6 @@ fn legacy_v2(e: &AuditEvent) -> LegacyV2<'_> {
         user_agent: &e.user_agent,
         attributes: &e.attributes,
     }
-}
-
-/// Texts that stress JSON escaping and UTF-8.
-const NASTY: &[&str] = &[
-    "",
-    "plain",
-    "quote \" backslash \\ slash / ",
-    "control \u{0} \u{1} \u{1f} \u{7f} \t \n \r \u{8} \u{c}",
-    "unicode é 👀 \u{2028} \u{2029} \u{feff} \u{fffd}",
-    "</script><!-- ' ; DROP TABLE audit_events; --",
-    "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
-];
-
-/// A varied population of events: every option present and absent, every nasty text in every text field,
-/// every hash combination.
-fn varied_events() -> Vec<AuditEvent> {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut events = Vec::new();
-    for i in 0..400u64 {
-        let pick = |rng: &mut Rng| -> Option<String> {
-            match rng.below(NASTY.len() as u64 + 1) {
-                0 => None,
-                n => Some(NASTY[n as usize - 1].to_owned()),
-            }
-        };
-        let kind = NASTY[rng.below(NASTY.len() as u64) as usize];
-        let mut e = AuditEvent::new(if i % 2 == 0 { Cow::Borrowed("http.request") } else { Cow::Owned(kind.to_owned()) });
-        e.version = [1, 2, 3, u16::MAX][rng.below(4) as usize];
-        e.id = Uuid::from_u128(u128::from(rng.next()) << 64 | u128::from(rng.next()));
-        e.instance = pick(&mut rng).map(Arc::from);
-        e.boot = (rng.below(2) == 0).then(|| Uuid::from_u128(u128::from(rng.next())));
-        e.seq = [0, 1, u64::MAX, rng.next()][rng.below(4) as usize];
-        e.time = SystemTime::UNIX_EPOCH + Duration::from_micros(rng.below(4_000_000_000_000_000));
-        e.outcome = [Outcome::Success, Outcome::Denied, Outcome::ClientError, Outcome::ServerError, Outcome::Error, Outcome::Cancelled][rng.below(6) as usize];
-        e.method = pick(&mut rng).map(Cow::Owned);
-        e.route = pick(&mut rng);
-        e.path = pick(&mut rng);
-        e.status = [None, Some(0), Some(200), Some(u16::MAX)][rng.below(4) as usize];
-        e.grpc_status = [None, Some(0), Some(-1), Some(i32::MIN)][rng.below(4) as usize];
-        e.latency_us = [None, Some(0), Some(u64::MAX)][rng.below(3) as usize];
-        e.request_id = pick(&mut rng);
-        e.actor = pick(&mut rng);
-        e.client_addr = match rng.below(3) {
-            0 => None,
-            1 => Some("203.0.113.9".parse().unwrap()),
-            _ => Some("2001:db8::42".parse().unwrap()),
-        };
-        e.user_agent = pick(&mut rng);
-        for _ in 0..rng.below(4) {
-            let (k, v) = (pick(&mut rng).unwrap_or_default(), pick(&mut rng).unwrap_or_default());
-            e.attributes.insert(k, v);
-        }
-        e.prev_hash = match rng.below(4) {
-            0 => None,
-            1 => Some(Hash::ZERO),
-            2 => Some(Hash([0xff; 32])),
-            _ => Some(rng.hash()),
-        };
-        e.hash = match rng.below(3) {
-            0 => None,
-            _ => Some(rng.hash()),
-        };
-        events.push(e);
-    }
-    events
 }
 
 /// Attack 1a: the hand-written `Serialize` against the previous version's derive, byte for byte, in JSON
@@ -848,4 +763,113 @@ async fn durable_requests_hold_their_own_texts() {
     let s = handle.stats();
     assert_eq!((s.accepted, s.written, s.durable_confirmed, s.durable_withheld), (200, 200, 200, 0), "{s:?}");
     assert_identity(&s);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// 1 (continued). Against bytes the previous version (160a4ca) really wrote: tests/data/review/, made by
+// tests/review_support/generate_fixtures.rs.
+// ---------------------------------------------------------------------------------------------------------------
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/review").join(name)
+}
+
+/// Attack 1e: the same 400 events, written by the JSON lines sink of the new version, are byte for byte the
+/// file the old version wrote; and each event's postcard encoding is byte for byte the old one (so a spill
+/// record of either version decodes in the other).
+#[tokio::test]
+async fn output_is_byte_for_byte_what_the_previous_version_wrote() {
+    let events = varied_events();
+    let old_jsonl = std::fs::read(fixture("events.jsonl")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new.jsonl");
+    let sink = tower_audit::JsonLinesSink::open(&path).unwrap();
+    for chunk in events.chunks(37) {
+        sink.write_batch(chunk).await.unwrap();
+    }
+    let new_jsonl = std::fs::read(&path).unwrap();
+    let old_lines: Vec<&[u8]> = old_jsonl.split(|b| *b == b'\n').collect();
+    let new_lines: Vec<&[u8]> = new_jsonl.split(|b| *b == b'\n').collect();
+    assert_eq!(old_lines.len(), new_lines.len());
+    for (i, (old, new)) in old_lines.iter().zip(&new_lines).enumerate() {
+        assert_eq!(String::from_utf8_lossy(new), String::from_utf8_lossy(old), "line {i}");
+    }
+    assert_eq!(new_jsonl, old_jsonl);
+
+    let old_bin = std::fs::read(fixture("events.postcard")).unwrap();
+    let mut at = 0;
+    for (i, e) in events.iter().enumerate() {
+        let len = u32::from_le_bytes(old_bin[at..at + 4].try_into().unwrap()) as usize;
+        let old = &old_bin[at + 4..at + 4 + len];
+        at += 4 + len;
+        assert_eq!(postcard::to_allocvec(e).unwrap(), old, "event {i}");
+        assert_eq!(&postcard::from_bytes::<AuditEvent>(old).unwrap(), e, "event {i}");
+    }
+    assert_eq!(at, old_bin.len());
+}
+
+/// Attack 1f: a spill directory the old version left behind (sink stalled at shutdown, integrity on: 122
+/// records of one boot, every one with `prev_hash` and `hash`) is replayed by the new version: exactly the
+/// events the old version itself replayed from it, JSON byte for byte, counted once in `recovered` and
+/// `written`; and the replayed trail, written by the new JSON lines sink, verifies against the old boot's key
+/// and its checkpoint note.
+#[tokio::test]
+async fn a_spill_left_by_the_previous_version_replays_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let spill = dir.path().join("spill");
+    std::fs::create_dir_all(&spill).unwrap();
+    for entry in std::fs::read_dir(fixture("spill")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), spill.join(entry.file_name())).unwrap();
+    }
+    let old_boot = "01a24ecf-98a4-790a-989d-d49fa3a35af6";
+    let memory = MemorySink::new();
+    let jsonl = dir.path().join("replayed.jsonl");
+    let tee = TeeSink { primary: tower_audit::JsonLinesSink::open(&jsonl).unwrap(), copy: memory.clone() };
+    let (_layer, handle) = AuditLayer::builder(tee).spill(tower_audit::Spill::new(&spill)).build().unwrap();
+    let report = handle.shutdown(LIMIT).await;
+    assert!(report.drained, "{report}");
+    let s = handle.stats();
+    assert_eq!((s.recovered, s.written, s.corrupt, s.lost, s.accepted), (120, 120, 0, 0, 0), "{s:?}");
+    assert_identity(&s);
+
+    let expected: Vec<String> = std::fs::read_to_string(fixture("replayed_by_old.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&format!("\"boot\":\"{old_boot}\"")))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(expected.len(), 122);
+    let replayed: Vec<AuditEvent> =
+        memory.events().into_iter().filter(|e| e.boot.is_some_and(|b| b.to_string() == old_boot)).collect();
+    assert_eq!(replayed.len(), 122);
+    for (i, (e, old)) in replayed.iter().zip(&expected).enumerate() {
+        assert_eq!(&serde_json::to_string(e).unwrap(), old, "event {i}");
+        assert_eq!(&serde_json::from_str::<AuditEvent>(old).unwrap(), e, "event {i}");
+        assert!(e.prev_hash.is_some() && e.hash.is_some());
+    }
+    // The user events are the 120 recorded, in order (texts were sanitised on record, so compare the rest).
+    let originals = varied_events();
+    for (e, original) in replayed[1..121].iter().zip(&originals) {
+        assert_eq!(
+            (e.time, e.status, e.grpc_status, e.latency_us, e.client_addr),
+            (original.time, original.status, original.grpc_status, original.latency_us, original.client_addr)
+        );
+    }
+    // The file the new sink wrote (write_json's hashes) verifies against the old boot's key and checkpoint.
+    let key = tower_audit::integrity::Integrity::from_seed(&[7; 32]).verifier_key();
+    let note = std::fs::read_to_string(spill.join("checkpoint.note")).unwrap_or_else(|_| {
+        std::fs::read_to_string(fixture("spill/checkpoint.note")).unwrap()
+    });
+    let checkpoint = tower_audit::integrity::Checkpoint::from_note(&note).unwrap();
+    checkpoint.verify(&key).unwrap();
+    let old_only = dir.path().join("old_boot.jsonl");
+    let text = std::fs::read_to_string(&jsonl).unwrap();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains(&format!("\"boot\":\"{old_boot}\""))).collect();
+    assert_eq!(lines, expected);
+    std::fs::write(&old_only, lines.join("\n") + "\n").unwrap();
+    let verified = tower_audit::integrity::verify_json_lines(&old_only, &key, &[checkpoint]).unwrap();
+    assert!(verified.ok(), "{verified}");
+    assert_eq!(verified.boots.len(), 1);
+    assert_eq!(verified.boots[0].events, 122);
 }
