@@ -284,10 +284,7 @@ fn hash_from_str_accepts_exactly_64_hex_digits() {
         assert_eq!(text, LegacyHashDisplay(h.0).to_string());
         assert_eq!(text.parse::<Hash>(), Ok(h));
         assert_eq!(text.to_ascii_uppercase().parse::<Hash>(), Ok(h));
-        let mixed: String = text
-            .chars()
-            .map(|c| if rng.below(2) == 0 { c.to_ascii_uppercase() } else { c })
-            .collect();
+        let mixed: String = text.chars().map(|c| if rng.below(2) == 0 { c.to_ascii_uppercase() } else { c }).collect();
         assert_eq!(mixed.parse::<Hash>(), Ok(h));
         assert_eq!(serde_json::to_string(&h).unwrap(), format!("\"{text}\""));
         assert_eq!(serde_json::from_str::<Hash>(&format!("\"{mixed}\"")).unwrap(), h);
@@ -427,15 +424,15 @@ mod sqlite {
             };
             // Hashes: a chain, with every way of breaking it.
             let (prev, hash) = match rng.below(8) {
-                0..=2 => (above.hash, Some(rng.hash())),    // the chain
-                3 => (None, Some(rng.hash())),              // no prev
-                4 => (above.hash, None),                    // no hash
-                5 => (above.hash, above.hash),              // hash repeats the row above's
+                0..=2 => (above.hash, Some(rng.hash())), // the chain
+                3 => (None, Some(rng.hash())),           // no prev
+                4 => (above.hash, None),                 // no hash
+                5 => (above.hash, above.hash),           // hash repeats the row above's
                 6 => {
                     let h = rng.hash();
                     (Some(h), Some(h)) // prev equal to its own hash
                 }
-                _ => (above.prev_hash, Some(rng.hash())),   // prev is the row above's prev
+                _ => (above.prev_hash, Some(rng.hash())), // prev is the row above's prev
             };
             (e.prev_hash, e.hash) = (prev, hash);
             events.push(e);
@@ -540,7 +537,7 @@ fn request(i: usize) -> Req {
     };
     Req {
         target,
-        request_id: (i % 3 != 0).then(|| format!("rid-{i}-{}", pad(i % 11 * 30))),
+        request_id: (!i.is_multiple_of(3)).then(|| format!("rid-{i}-{}", pad(i % 11 * 30))),
         user_agent: (i % 4 != 1).then(|| format!("agent-{i}/{}", pad((i * 7) % 290))),
         path,
         route,
@@ -553,10 +550,7 @@ async fn ok() -> &'static str {
 
 async fn serve(layer: AuditLayer) -> SocketAddr {
     use axum::routing::get;
-    let app = axum::Router::new()
-        .route("/items/{id}", get(ok))
-        .route("/deep/{a}/{b}", get(ok))
-        .layer(layer);
+    let app = axum::Router::new().route("/items/{id}", get(ok)).route("/deep/{a}/{b}", get(ok)).layer(layer);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -657,11 +651,8 @@ async fn fallback_events_hold_their_own_texts_and_count_once() {
     let addr = serve(layer).await;
     send_all(addr, 0..600, 6).await;
     let report = handle.shutdown(LIMIT).await;
-    let events: Vec<AuditEvent> = fallback
-        .events()
-        .into_iter()
-        .filter(|e| e.kind == tower_audit::kind::HTTP_REQUEST)
-        .collect();
+    let events: Vec<AuditEvent> =
+        fallback.events().into_iter().filter(|e| e.kind == tower_audit::kind::HTTP_REQUEST).collect();
     assert_eq!(events.len(), 600, "{report}");
     assert_own_texts(&events, 0..600);
     let s = handle.stats();
@@ -858,9 +849,8 @@ async fn a_spill_left_by_the_previous_version_replays_exactly() {
     }
     // The file the new sink wrote (write_json's hashes) verifies against the old boot's key and checkpoint.
     let key = tower_audit::integrity::Integrity::from_seed(&[7; 32]).verifier_key();
-    let note = std::fs::read_to_string(spill.join("checkpoint.note")).unwrap_or_else(|_| {
-        std::fs::read_to_string(fixture("spill/checkpoint.note")).unwrap()
-    });
+    let note = std::fs::read_to_string(spill.join("checkpoint.note"))
+        .unwrap_or_else(|_| std::fs::read_to_string(fixture("spill/checkpoint.note")).unwrap());
     let checkpoint = tower_audit::integrity::Checkpoint::from_note(&note).unwrap();
     checkpoint.verify(&key).unwrap();
     let old_only = dir.path().join("old_boot.jsonl");

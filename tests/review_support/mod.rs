@@ -55,14 +55,22 @@ pub fn varied_events() -> Vec<AuditEvent> {
             }
         };
         let kind = NASTY[rng.below(NASTY.len() as u64) as usize];
-        let mut e = AuditEvent::new(if i % 2 == 0 { Cow::Borrowed("http.request") } else { Cow::Owned(kind.to_owned()) });
+        let mut e =
+            AuditEvent::new(if i % 2 == 0 { Cow::Borrowed("http.request") } else { Cow::Owned(kind.to_owned()) });
         e.version = [1, 2, 3, u16::MAX][rng.below(4) as usize];
         e.id = Uuid::from_u128(u128::from(rng.next()) << 64 | u128::from(rng.next()));
         e.instance = pick(&mut rng).map(Arc::from);
         e.boot = (rng.below(2) == 0).then(|| Uuid::from_u128(u128::from(rng.next())));
         e.seq = [0, 1, u64::MAX, rng.next()][rng.below(4) as usize];
         e.time = SystemTime::UNIX_EPOCH + Duration::from_micros(rng.below(4_000_000_000_000_000));
-        e.outcome = [Outcome::Success, Outcome::Denied, Outcome::ClientError, Outcome::ServerError, Outcome::Error, Outcome::Cancelled][rng.below(6) as usize];
+        e.outcome = [
+            Outcome::Success,
+            Outcome::Denied,
+            Outcome::ClientError,
+            Outcome::ServerError,
+            Outcome::Error,
+            Outcome::Cancelled,
+        ][rng.below(6) as usize];
         e.method = pick(&mut rng).map(Cow::Owned);
         e.route = pick(&mut rng);
         e.path = pick(&mut rng);
@@ -95,4 +103,3 @@ pub fn varied_events() -> Vec<AuditEvent> {
     }
     events
 }
-
