@@ -255,8 +255,10 @@ impl Worker {
         (state.users_durable, state.sync_now) = (false, ticket.is_some());
         let out_of_time = match state.primary.due(self.losses()) {
             // No room in front (events taken before the losses happened): the gap event goes alone first.
+            // A checkpoint the gap event makes due comes before the batch, so checkpoints keep their pace.
             Some(due) if batch.len() >= self.config.batch_size => {
                 self.write(&mut Vec::new(), Some(due), None, Numbering::Fresh, state).await
+                    || self.checkpoint_if_due(state).await
                     || self.write(batch, None, None, Numbering::LookAhead, state).await
             }
             due => self.write(batch, due, None, Numbering::LookAhead, state).await,
