@@ -330,7 +330,8 @@ impl Worker {
                 }
             }
         }
-        let look_ahead = numbering != Numbering::Fresh && !state.primary.is_due(self.losses());
+        // Only with integrity on: the losses are read for it alone.
+        let look_ahead = numbering != Numbering::Fresh && self.chain.is_some() && !state.primary.is_due(self.losses());
         let counters = &self.shared.counters;
         let sinks = match &mut self.output {
             Output::Spill(spill) => {
