@@ -397,20 +397,33 @@ impl AuditEvent {
 impl AuditEvent {
     /// An estimate of the memory this event holds (its own size plus its text), for the queue's byte budget.
     pub(crate) fn heap_size(&self) -> usize {
-        /// Per attribute: two `String` headers and a share of the tree's node.
-        const PER_ATTRIBUTE: usize = 64;
-        let text = |s: &Option<String>| s.as_ref().map_or(0, String::len);
         let owned = |s: &Cow<'static, str>| if let Cow::Owned(s) = s { s.len() } else { 0 };
-        std::mem::size_of::<Self>()
-            + owned(&self.kind)
-            + self.method.as_ref().map_or(0, owned)
-            + text(&self.route)
-            + text(&self.path)
-            + text(&self.request_id)
-            + text(&self.actor)
-            + text(&self.user_agent)
-            + self.attributes.iter().map(|(k, v)| k.len() + v.len() + PER_ATTRIBUTE).sum::<usize>()
+        owned(&self.kind)
+            + heap_size(
+                [
+                    self.method.as_ref().and_then(|method| if let Cow::Owned(s) = method { Some(s) } else { None }),
+                    self.route.as_ref(),
+                    self.path.as_ref(),
+                    self.request_id.as_ref(),
+                    self.actor.as_ref(),
+                    self.user_agent.as_ref(),
+                ],
+                &self.attributes,
+            )
     }
+}
+
+/// [`AuditEvent::heap_size`] of an event with these owned texts and attributes (and a borrowed kind).
+#[inline(always)]
+pub(crate) fn heap_size<'a>(
+    texts: [Option<&String>; 6],
+    attributes: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> usize {
+    /// Per attribute: two `String` headers and a share of the tree's node.
+    const PER_ATTRIBUTE: usize = 64;
+    std::mem::size_of::<AuditEvent>()
+        + texts.into_iter().flatten().map(String::len).sum::<usize>()
+        + attributes.into_iter().map(|(k, v)| k.len() + v.len() + PER_ATTRIBUTE).sum::<usize>()
 }
 
 fn needs_bounding(s: &str, max: usize) -> bool {

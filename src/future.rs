@@ -15,7 +15,7 @@ use crate::durable::Confirmation;
 use crate::event::Outcome;
 use crate::intake::Refusal;
 use crate::pipeline::Core;
-use crate::request::{Pending, UnwindGuard, Withheld};
+use crate::request::{Pending, Polling, Withheld};
 use crate::stats::add;
 
 pin_project! {
@@ -153,9 +153,10 @@ where
                 KindProj::Inner { future } => future,
                 KindProj::Refused => return Poll::Ready(Ok(unavailable(false))),
             };
-            let guard = UnwindGuard(this.pending);
+            let polling = Polling::enter(this.pending);
             let result = ready!(future.poll(cx));
-            let Some(mut pending) = guard.0.take() else {
+            drop(polling);
+            let Some(mut pending) = this.pending.take().filter(|pending| pending.records) else {
                 // A request that records no event.
                 return Poll::Ready(result.map(|response| response.map(ResponseBody::plain)));
             };

@@ -60,6 +60,7 @@ impl AuditLayer {
             limits: Limits { max_field_len: 256, max_path_len: 1024, max_attributes: 32 },
             redact_query: DEFAULT_REDACTED_QUERY_PARAMS.iter().map(|s| (*s).to_owned()).collect(),
             keep_query: true,
+            context_in_extensions: false,
             request_id_header: "x-request-id".to_owned(),
             capture_headers: Vec::new(),
             allowed_sensitive_headers: Vec::new(),
@@ -148,6 +149,7 @@ pub struct AuditLayerBuilder {
     limits: Limits,
     redact_query: Vec<String>,
     keep_query: bool,
+    context_in_extensions: bool,
     request_id_header: String,
     capture_headers: Vec<String>,
     allowed_sensitive_headers: Vec<String>,
@@ -362,6 +364,34 @@ impl AuditLayerBuilder {
     /// Whether the query string is recorded at all (yes, with redaction).
     pub fn record_query(mut self, record: bool) -> Self {
         self.keep_query = record;
+        self
+    }
+
+    /// Also puts each request's [`AuditContext`](crate::AuditContext) into its extensions (off).
+    ///
+    /// A handler finds its context through [`AuditContext::current`](crate::AuditContext::current) (and the
+    /// Axum extractor) while the layer polls it, which costs nothing when the handler does not ask. Turn this
+    /// on when the handler runs on another task than the layer's (a service that spawns its work), or when your
+    /// code reads the extensions (`req.extensions().get::<AuditContext>()`); every request then pays for
+    /// the context, taken or not.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use tower::{Layer, Service, ServiceExt, service_fn};
+    /// use tower_audit::{AuditContext, AuditLayer, MemorySink};
+    ///
+    /// let (layer, _handle) = AuditLayer::builder(MemorySink::new()).context_in_extensions(true).build().unwrap();
+    /// let mut svc = layer.layer(service_fn(|req: http::Request<String>| async move {
+    ///     let audit = req.extensions().get::<AuditContext>().expect("put there by the layer");
+    ///     audit.set_actor("alice");
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+    /// }));
+    /// svc.ready().await.unwrap().call(http::Request::new(String::new())).await.unwrap();
+    /// # }
+    /// ```
+    pub fn context_in_extensions(mut self, on: bool) -> Self {
+        self.context_in_extensions = on;
         self
     }
 
@@ -607,6 +637,7 @@ impl AuditLayerBuilder {
                 limits: self.limits,
                 redact_query: crate::sanitize::Redact::new(self.redact_query),
                 keep_query: self.keep_query,
+                context_in_extensions: self.context_in_extensions,
                 request_id_header,
                 capture_headers,
                 trusted_proxies,

@@ -30,6 +30,8 @@ pub(crate) struct RequestConfig {
     pub(crate) limits: Limits,
     pub(crate) redact_query: crate::sanitize::Redact,
     pub(crate) keep_query: bool,
+    /// Whether each request's context is put into its extensions too (see `context_in_extensions`).
+    pub(crate) context_in_extensions: bool,
     pub(crate) request_id_header: HeaderName,
     pub(crate) capture_headers: Vec<HeaderName>,
     pub(crate) trusted_proxies: Vec<IpNet>,
@@ -92,7 +94,20 @@ impl Core {
     /// by reason (`on_full` says which counter a full queue means).
     #[inline]
     pub(crate) fn push(&self, event: AuditEvent, slot: Option<Slot>, on_full: OnFull) -> bool {
-        let queued = self.enqueue(event, slot, on_full, false).is_ok();
+        self.push_with(event.heap_size(), slot, on_full, || event)
+    }
+
+    /// Queues the event `make` makes, admitted for `bytes` (its [`heap_size`](AuditEvent::heap_size)), like
+    /// [`push`](Self::push). It is made only once admitted, straight into the queue.
+    #[inline(always)]
+    pub(crate) fn push_with(
+        &self,
+        bytes: usize,
+        slot: Option<Slot>,
+        on_full: OnFull,
+        make: impl FnOnce() -> AuditEvent,
+    ) -> bool {
+        let queued = self.enqueue(bytes, make, slot, on_full, false).is_ok();
         if queued {
             self.wake_if_batch_waiting();
         }
@@ -102,17 +117,23 @@ impl Core {
     /// Queues a durable event like [`push`](Self::push), and wakes the worker at once. Its ticket, or why it
     /// was not queued.
     pub(crate) fn push_durable(&self, event: AuditEvent, slot: Option<Slot>, on_full: OnFull) -> Result<u64, Refusal> {
-        let ticket = self.enqueue(event, slot, on_full, true)?;
+        let ticket = self.enqueue(event.heap_size(), || event, slot, on_full, true)?;
         let shared = &*self.shared;
         shared.wake_pending.store(true, Relaxed);
         shared.wake.notify_one();
         Ok(ticket)
     }
 
-    /// Admits and sends an event (with a ticket when `durable`). The ticket, or 0.
-    #[inline]
-    fn enqueue(&self, event: AuditEvent, slot: Option<Slot>, on_full: OnFull, durable: bool) -> Result<u64, Refusal> {
-        let bytes = event.heap_size();
+    /// Admits and sends the event `make` makes (with a ticket when `durable`). The ticket, or 0.
+    #[inline(always)]
+    fn enqueue(
+        &self,
+        bytes: usize,
+        make: impl FnOnce() -> AuditEvent,
+        slot: Option<Slot>,
+        on_full: OnFull,
+        durable: bool,
+    ) -> Result<u64, Refusal> {
         let counters = &self.shared.counters;
         if let Err(refusal) = self.shared.gate.enter(bytes, slot.is_some()) {
             self.count_refusal(refusal, on_full);
@@ -127,7 +148,7 @@ impl Core {
         // A durable event's ticket is issued and pushed under one lock: the worker takes them in ticket order.
         let mut issued = durable.then(|| self.shared.watermark.issued.lock().unwrap_or_else(|e| e.into_inner()));
         let ticket = issued.as_deref().map_or(0, |last| last + 1);
-        let sent = self.shared.backlog.push(event, bytes, ticket);
+        let sent = self.shared.backlog.push(make, bytes, ticket);
         if let Some(issued) = issued.as_deref_mut() {
             *issued = ticket;
         }

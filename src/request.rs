@@ -17,7 +17,8 @@ use crate::pipeline::{Core, OnFull};
 use crate::policy::Delivery;
 use crate::sanitize::{bounded, bounded_bytes, bounded_bytes_ref, bounded_ref, redacted_path};
 
-/// What the layer read from the request, shared with the handler's [`AuditContext`](crate::AuditContext).
+/// What the layer read from the request, and what the handler set. In an `Arc` the handler's
+/// [`AuditContext`](crate::AuditContext) shares when it takes one.
 #[derive(Debug)]
 pub(crate) struct RequestState {
     pub(crate) core: Arc<Core>,
@@ -38,6 +39,14 @@ pub(crate) struct RequestInfo {
     pub(crate) user_agent: Option<String>,
 }
 
+/// What the handler sets.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct HandlerFields {
+    pub(crate) actor: Option<String>,
+    /// `None` while empty: what is left behind when the event takes the fields then needs no dropping.
+    pub(crate) attributes: Option<BTreeMap<String, String>>,
+}
+
 impl RequestInfo {
     /// Moves the captured strings out, leaving empty ones (which need no freeing).
     fn take(info: &mut RequestInfo) -> RequestInfo {
@@ -52,14 +61,6 @@ impl RequestInfo {
     }
 }
 
-/// What the handler sets.
-#[derive(Debug, Default)]
-pub(crate) struct HandlerFields {
-    pub(crate) actor: Option<String>,
-    /// `None` while empty: what is left behind when the event takes the fields then needs no dropping.
-    pub(crate) attributes: Option<BTreeMap<String, String>>,
-}
-
 impl HandlerFields {
     pub(crate) fn attributes(&mut self) -> &mut BTreeMap<String, String> {
         self.attributes.get_or_insert_default()
@@ -71,7 +72,21 @@ impl RequestState {
         let config = &core.config;
         let max = config.limits.max_field_len;
         let headers = req.headers();
-        let grpc = is_grpc(headers);
+        // One pass over the headers for the three the layer reads (the first value of each, as `get` gives).
+        let (mut content_type, mut request_id, mut user_agent) = (None, None, None);
+        for (name, value) in headers {
+            let found = if name == http::header::CONTENT_TYPE {
+                &mut content_type
+            } else if name == http::header::USER_AGENT {
+                &mut user_agent
+            } else if *name == config.request_id_header {
+                &mut request_id
+            } else {
+                continue;
+            };
+            found.get_or_insert(value);
+        }
+        let grpc = content_type.is_some_and(is_grpc_type);
         let uri = req.uri();
         let (target, query_at) = match uri.path_and_query() {
             // `as_str` is never empty when there is a query: it holds the `?`, just before the query.
@@ -79,8 +94,6 @@ impl RequestState {
             None => ("/", None),
         };
         let route = if grpc { None } else { matched_path(req) };
-        let request_id = headers.get(&config.request_id_header);
-        let user_agent = headers.get(http::header::USER_AGENT);
         // Into strings of written events where there are some (see `Recycled`).
         let [mut path, mut matched, id, agent] =
             core.shared.recycled.take([true, route.is_some(), request_id.is_some(), user_agent.is_some()]);
@@ -175,7 +188,11 @@ impl RequestState {
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(http::header::CONTENT_TYPE).is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"))
+    headers.get(http::header::CONTENT_TYPE).is_some_and(is_grpc_type)
+}
+
+fn is_grpc_type(content_type: &http::HeaderValue) -> bool {
+    content_type.as_bytes().starts_with(b"application/grpc")
 }
 
 /// What policy rules match a request against: a gRPC call's method path; else Axum's matched path, or the
@@ -196,6 +213,7 @@ fn matched_path<B>(req: &Request<B>) -> Option<&str> {
     None
 }
 
+#[inline]
 fn method_name(method: &Method, max: usize) -> Cow<'static, str> {
     Cow::Borrowed(match *method {
         Method::GET => "GET",
@@ -211,7 +229,8 @@ fn method_name(method: &Method, max: usize) -> Cow<'static, str> {
     })
 }
 
-/// Emits the request's event exactly once: through [`finish`](Self::finish), or when dropped before that.
+/// Emits the request's event exactly once: through [`finish`](Self::finish), or when dropped before that. A
+/// silent one (a request skipped or sampled out by the policy) only holds the state for the handler's context.
 #[derive(Debug)]
 pub(crate) struct Pending {
     state: Option<Arc<RequestState>>,
@@ -224,12 +243,45 @@ pub(crate) struct Pending {
     pub(crate) body_polled: bool,
     /// A panic unwound through the layer while it polled the inner future or body.
     panicked: bool,
+    /// Whether the request has an event of its own (not skipped or sampled out).
+    pub(crate) records: bool,
+    /// Whether it is a gRPC call, whose response carries a `grpc-status`.
+    grpc: bool,
     delivery: Delivery,
 }
 
-/// Held across a poll of the inner future or body: if a panic unwinds through that poll, the request's
-/// event says so, however late it is emitted (a catch-panic middleware outside the layer drops the future
-/// only after it has caught the panic).
+/// Held across a poll of the inner response future. The request's state moves into a thread-local for that
+/// time, where [`AuditContext::current`](crate::AuditContext::current) finds it, and back when the guard is
+/// dropped (the state before it is current again: layers nest). If a panic unwinds through the poll, the
+/// request's event says so, however late it is emitted (a catch-panic middleware outside the layer drops the
+/// future only after it has caught the panic).
+pub(crate) struct Polling<'a> {
+    pending: &'a mut Option<Pending>,
+    outer: Option<Arc<RequestState>>,
+}
+
+impl<'a> Polling<'a> {
+    #[inline]
+    pub(crate) fn enter(pending: &'a mut Option<Pending>) -> Polling<'a> {
+        let state = pending.as_mut().and_then(|pending| pending.state.take());
+        Polling { outer: crate::context::enter(state), pending }
+    }
+}
+
+impl Drop for Polling<'_> {
+    #[inline]
+    fn drop(&mut self) {
+        let state = crate::context::enter(self.outer.take());
+        if let Some(pending) = self.pending.as_mut() {
+            pending.state = state;
+            if std::thread::panicking() {
+                pending.panicked = true;
+            }
+        }
+    }
+}
+
+/// Held across a poll of the response body: if a panic unwinds through it, the request's event says so.
 pub(crate) struct UnwindGuard<'a>(pub(crate) &'a mut Option<Pending>);
 
 impl Drop for UnwindGuard<'_> {
@@ -246,6 +298,7 @@ impl Pending {
     pub(crate) fn new(state: Arc<RequestState>, slot: Option<Slot>, on_full: OnFull, delivery: Delivery) -> Self {
         Pending {
             delivery,
+            grpc: state.info.kind == kind::GRPC_CALL,
             state: Some(state),
             slot,
             on_full,
@@ -253,12 +306,23 @@ impl Pending {
             grpc_status: None,
             body_polled: false,
             panicked: false,
+            records: true,
         }
     }
 
-    /// Reads the gRPC status from response headers (trailers-only responses) or trailers.
+    /// Holds the state of a request that records no event of its own, for its handler's context.
+    pub(crate) fn silent(state: Arc<RequestState>) -> Self {
+        let mut pending = Pending::new(state, None, OnFull::QueueFull, Delivery::BestEffort);
+        pending.records = false;
+        pending
+    }
+
+    /// Reads the gRPC status from response headers (trailers-only responses) or trailers, of a gRPC call.
     pub(crate) fn read_grpc_status(&mut self, headers: &HeaderMap) {
         const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+        if !self.grpc {
+            return;
+        }
         if let Some(code) = headers.get(GRPC_STATUS).and_then(|v| v.to_str().ok()?.trim().parse().ok()) {
             self.grpc_status = Some(code);
         }
@@ -266,10 +330,56 @@ impl Pending {
 
     /// Emits the event. `outcome` overrides the outcome derived from the status codes.
     pub(crate) fn finish(&mut self, outcome: Option<Outcome>) {
-        if let Some(mut state) = self.state.take() {
-            let event = self.event(&mut state, outcome);
-            state.core.push(event, self.slot.take(), self.on_full);
+        let Some(mut state) = self.take_state() else { return };
+        let outcome = self.outcome(outcome);
+        let latency_us = state.info.start.elapsed().as_micros().try_into().unwrap_or(u64::MAX);
+        let (status, grpc_status, slot) = (self.status.map(|s| s.as_u16()), self.grpc_status, self.slot.take());
+        let Some(RequestState { core, info, fields }) = Arc::get_mut(&mut state) else {
+            // A handler still holds the context (it kept a clone, or handed it to a task): copy its texts.
+            let event = self.event(&mut state, Some(outcome));
+            state.core.push(event, slot, self.on_full);
+            return;
+        };
+        let fields = fields.get_mut().unwrap_or_else(|e| e.into_inner());
+        if self.panicked {
+            fields.attributes().insert("panic".to_owned(), "true".to_owned());
         }
+        let bytes = crate::event::heap_size(
+            [
+                if let Cow::Owned(method) = &info.method { Some(method) } else { None },
+                info.route.as_ref(),
+                Some(&info.path),
+                info.request_id.as_ref(),
+                fields.actor.as_ref(),
+                info.user_agent.as_ref(),
+            ],
+            fields.attributes.iter().flatten(),
+        );
+        // Made only once admitted, straight into the queue: the captured strings move in, and no copy of the whole
+        // event is made on the way. Every field spelt out (not `..AuditEvent::with_time(…)`) for the same reason.
+        core.push_with(bytes, slot, self.on_full, || AuditEvent {
+            version: crate::event::SCHEMA_VERSION,
+            id: uuid::Uuid::nil(),
+            instance: None,
+            boot: None,
+            seq: 0,
+            time: info.time,
+            kind: Cow::Borrowed(info.kind),
+            outcome,
+            method: Some(std::mem::take(&mut info.method)),
+            route: info.route.take(),
+            path: Some(std::mem::take(&mut info.path)),
+            status,
+            grpc_status,
+            latency_us: Some(latency_us),
+            request_id: info.request_id.take(),
+            actor: fields.actor.take(),
+            client_addr: info.client_addr,
+            user_agent: info.user_agent.take(),
+            attributes: fields.attributes.take().unwrap_or_default(),
+            prev_hash: None,
+            hash: None,
+        });
     }
 
     /// Whether the response waits for the event to be durable, and how long.
@@ -295,9 +405,11 @@ impl Pending {
     /// Emits a durable event, now (at the response head): its ticket, or why it was not queued. What the
     /// response was withheld for is recorded by [`Withheld::record`].
     pub(crate) fn finish_durable(&mut self) -> (Result<u64, Refusal>, Option<Withheld>) {
-        let Some((core, mut event)) = self.take_event(None) else {
+        let Some(mut state) = self.take_state() else {
             return (Err(Refusal::Closed), None);
         };
+        let mut event = self.event(&mut state, None);
+        let core = Arc::clone(&state.core);
         let delivery =
             if matches!(self.delivery, Delivery::DurableIntent { .. }) { "durable_intent" } else { "durable" };
         event.attributes.insert("delivery".to_owned(), delivery.to_owned());
@@ -318,34 +430,36 @@ impl Pending {
         (queued, Some(Withheld { core, event: withheld }))
     }
 
-    /// Takes the event, built, with the pipeline it goes to; `None` once taken.
-    fn take_event(&mut self, outcome: Option<Outcome>) -> Option<(Arc<Core>, AuditEvent)> {
-        let mut state = self.state.take()?;
-        let event = self.event(&mut state, outcome);
-        Some((Arc::clone(&state.core), event))
+    /// The state, to build the event from; `None` once taken, or for a silent request.
+    fn take_state(&mut self) -> Option<Arc<RequestState>> {
+        if self.records { self.state.take() } else { None }
     }
 
-    /// The request's event. `outcome` overrides the outcome derived from the status codes.
-    #[inline]
-    fn event(&self, state: &mut Arc<RequestState>, outcome: Option<Outcome>) -> AuditEvent {
-        let outcome = outcome.unwrap_or_else(|| match (self.grpc_status, self.status) {
+    /// The outcome: `outcome`, or the one the status codes give.
+    fn outcome(&self, outcome: Option<Outcome>) -> Outcome {
+        outcome.unwrap_or_else(|| match (self.grpc_status, self.status) {
             (Some(code), _) => Outcome::from_grpc_code(code),
             (None, Some(status)) => Outcome::from_http_status(status),
             (None, None) => Outcome::Error,
-        });
+        })
+    }
+
+    /// The request's event. `outcome` overrides the outcome derived from the status codes.
+    fn event(&self, state: &mut Arc<RequestState>, outcome: Option<Outcome>) -> AuditEvent {
+        let outcome = self.outcome(outcome);
         let latency_us = state.info.start.elapsed().as_micros().try_into().unwrap_or(u64::MAX);
-        // Usually the handler's context is gone by now, so the captured strings move into the event.
+        // Usually no handler holds the context any more, so the captured strings move into the event.
         let (info, mut fields) = match Arc::get_mut(state) {
             Some(state) => {
                 let fields = state.fields.get_mut().unwrap_or_else(|e| e.into_inner());
                 (RequestInfo::take(&mut state.info), std::mem::take(fields))
             }
-            None => (state.info.clone(), std::mem::take(&mut *state.fields())),
+            // A handler still holds its context: it may record more events, which inherit these fields.
+            None => (state.info.clone(), state.fields().clone()),
         };
         if self.panicked {
             fields.attributes().insert("panic".to_owned(), "true".to_owned());
         }
-        // Every field spelt out (not `..AuditEvent::with_time(…)`), so no whole temporary event is made and copied.
         AuditEvent {
             version: crate::event::SCHEMA_VERSION,
             id: uuid::Uuid::nil(),

@@ -59,16 +59,12 @@ pub(crate) fn printable_ascii(bytes: &[u8]) -> bool {
     // Whether a word holds a byte below 0x20 or above 0x7e. Both tests are exact as a yes/no (a borrow or carry
     // only reaches a byte above one that already answers yes).
     let unprintable = |w: u64| (w.wrapping_sub(ONES * 0x20) & !w | (w.wrapping_add(ONES) | w)) & HIGH != 0;
-    let mut words = bytes.chunks_exact(8);
-    for word in &mut words {
-        if unprintable(u64::from_le_bytes(word.try_into().expect("eight bytes"))) {
-            return false;
-        }
+    let word = |eight: &[u8]| u64::from_le_bytes(eight.try_into().expect("eight bytes"));
+    if bytes.len() < 8 {
+        return bytes.iter().all(|b| (0x20..=0x7e).contains(b));
     }
-    let rest = words.remainder();
-    let mut last = [b' '; 8];
-    last[..rest.len()].copy_from_slice(rest);
-    !unprintable(u64::from_le_bytes(last))
+    // The whole words, then the last eight bytes (which may overlap the last whole word).
+    bytes.chunks_exact(8).all(|eight| !unprintable(word(eight))) && !unprintable(word(&bytes[bytes.len() - 8..]))
 }
 
 /// Control characters (C0, DEL, C1), which can forge a line or a terminal escape; the Unicode line and

@@ -98,6 +98,15 @@ fn wait_for_room(shared: Arc<Shared>, limit: std::time::Duration) -> WaitForRoom
 }
 
 impl<S> AuditService<S> {
+    /// Reads the request's state; with `context_in_extensions`, shares it with the handler at once.
+    fn capture<B>(&self, req: &mut Request<B>) -> Arc<RequestState> {
+        let state = Arc::new(RequestState::capture(req, Arc::clone(&self.core)));
+        if self.core.config.context_in_extensions {
+            req.extensions_mut().insert(AuditContext::new(Arc::clone(&state)));
+        }
+        state
+    }
+
     /// Answers 503 without calling the inner service: the request's event could not be queued.
     fn refuse<F: Future>(&self) -> ResponseFuture<F> {
         add(&self.core.shared.counters.refused, 1);
@@ -174,9 +183,8 @@ where
                 let counters = &self.core.shared.counters;
                 add(if decision == Decision::Skip { &counters.skipped } else { &counters.sampled_out }, 1);
                 // No request event; the handler's own events are still recorded.
-                let state = Arc::new(RequestState::capture(&req, Arc::clone(&self.core)));
-                req.extensions_mut().insert(AuditContext::new(state));
-                return ResponseFuture::new(self.inner.call(req), None, None);
+                let pending = Pending::silent(self.capture(&mut req));
+                return ResponseFuture::new(self.inner.call(req), Some(pending), None);
             }
         };
         let (slot, on_full): (Option<Slot>, OnFull) = match (overflow, ready) {
@@ -189,8 +197,7 @@ where
             // `Drop`, or `call` without `poll_ready` (a contract breach).
             _ => (None, OnFull::QueueFull),
         };
-        let state = Arc::new(RequestState::capture(&req, Arc::clone(&self.core)));
-        req.extensions_mut().insert(AuditContext::new(Arc::clone(&state)));
+        let state = self.capture(&mut req);
         let intent = match delivery {
             Delivery::DurableIntent { timeout } => Some(Intent::new(&self.core, state.push_intent(), timeout)),
             Delivery::BestEffort | Delivery::Durable { .. } => None,

@@ -163,7 +163,8 @@ async fn missing_layer_gives_a_clear_extractor_error() {
     assert_eq!(res.status(), 500);
     assert_eq!(
         res.text().await.unwrap(),
-        "AuditContext is missing: add tower_audit::AuditLayer to this route (Router::layer)"
+        "AuditContext is missing: add tower_audit::AuditLayer to this route (Router::layer), or turn on \
+         context_in_extensions when the handler runs on another task"
     );
 }
 

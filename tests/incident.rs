@@ -29,10 +29,7 @@ struct App {
     inline_audit_table: Option<&'static str>,
 }
 
-async fn login(
-    State(app): State<App>,
-    audit: Option<axum::Extension<AuditContext>>,
-) -> Result<&'static str, (StatusCode, String)> {
+async fn login(State(app): State<App>, audit: Option<AuditContext>) -> Result<&'static str, (StatusCode, String)> {
     let fail = |e: sqlx::Error| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     // The handler's own connection, held across awaits, as the incident's handler held its session.
     let mut conn = app.pool.acquire().await.map_err(fail)?;
@@ -44,7 +41,7 @@ async fn login(
             .await
             .map_err(fail)?;
     }
-    if let Some(axum::Extension(audit)) = audit {
+    if let Some(audit) = audit {
         audit.set_actor("user@example.com");
     }
     drop(conn);

@@ -248,8 +248,8 @@ async fn poll_ready_delegates_and_clones_share_the_pipeline() {
 #[tokio::test]
 async fn handler_sets_actor_and_attributes_and_records_security_events() {
     let (layer, handle, sink) = pipeline();
-    let svc = layer.layer_ready(service_fn(|req: Request<Full<Bytes>>| async move {
-        let audit = req.extensions().get::<AuditContext>().unwrap().clone();
+    let svc = layer.layer_ready(service_fn(|_req: Request<Full<Bytes>>| async move {
+        let audit = AuditContext::current().unwrap();
         audit.set_actor("mallory@example.com");
         audit.set_attribute("tenant", "acme");
         let queued = audit
@@ -286,6 +286,7 @@ async fn secrets_never_reach_an_event_and_hostile_text_is_bounded() {
         .max_path_len(256)
         .max_field_len(64)
         .capture_header("x-tenant")
+        .context_in_extensions(true)
         .build()
         .unwrap();
     let svc = layer.layer_ready(service_fn(|req: Request<Full<Bytes>>| async move {

@@ -36,10 +36,6 @@ impl Kv {
     }
 }
 
-fn audit<T>(req: &Request<T>) -> Option<AuditContext> {
-    req.extensions().get::<AuditContext>().cloned()
-}
-
 #[tonic::async_trait]
 impl KeyValue for Kv {
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetReply>, Status> {
@@ -52,7 +48,7 @@ impl KeyValue for Kv {
     }
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutReply>, Status> {
-        let audit = audit(&req);
+        let audit = AuditContext::current();
         let presented = req.metadata().get("authorization").and_then(|v| v.to_str().ok());
         if presented.and_then(|v| v.strip_prefix("Bearer ")) != Some(&*self.token) {
             if let Some(audit) = &audit {

@@ -75,9 +75,9 @@ impl Backlog {
         self.chunks.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Appends an admitted event; `false` (and the event dropped) when the worker's end is gone.
-    #[inline]
-    pub(crate) fn push(&self, event: AuditEvent, bytes: usize, ticket: u64) -> bool {
+    /// Appends the event `make` makes, admitted; `false` (and `make` dropped, unused) when the worker's end is gone.
+    #[inline(always)]
+    pub(crate) fn push(&self, make: impl FnOnce() -> AuditEvent, bytes: usize, ticket: u64) -> bool {
         let mut chunks = self.lock();
         let chunks = &mut *chunks;
         if chunks.closed {
@@ -94,7 +94,7 @@ impl Backlog {
                 chunks.queue.back_mut().expect("just pushed")
             }
         };
-        last.events.push(event);
+        last.events.push(make());
         last.admitted.push((bytes, ticket));
         true
     }
@@ -195,7 +195,7 @@ mod tests {
     fn events_come_out_in_order_in_batches_up_to_the_limit() {
         let backlog = Backlog::new(4);
         for n in 0..10 {
-            assert!(backlog.push(event(n), n, 0));
+            assert!(backlog.push(|| event(n), n, 0));
         }
         let mut batch = Vec::new();
         let taken = backlog.take(&mut batch, 4);
@@ -219,7 +219,7 @@ mod tests {
     fn a_chunk_taken_all_but_one_leaves_the_last_event_first_in_line() {
         let backlog = Backlog::new(4);
         for n in 0..6 {
-            assert!(backlog.push(event(n), 10 + n, if n == 2 { 7 } else { 0 }));
+            assert!(backlog.push(|| event(n), 10 + n, if n == 2 { 7 } else { 0 }));
         }
         let mut batch = Vec::new();
         let taken = backlog.take(&mut batch, 3);
@@ -235,7 +235,7 @@ mod tests {
     fn the_last_ticket_taken_is_reported() {
         let backlog = Backlog::new(2);
         for (n, ticket) in [0, 1, 0, 2, 0].into_iter().enumerate() {
-            assert!(backlog.push(event(n), 1, ticket));
+            assert!(backlog.push(|| event(n), 1, ticket));
         }
         let mut batch = Vec::new();
         assert_eq!(backlog.take(&mut batch, 3).ticket, Some(1));
@@ -247,12 +247,12 @@ mod tests {
     #[test]
     fn a_disconnected_backlog_is_drained_before_it_says_so_and_a_closed_one_refuses() {
         let backlog = Backlog::new(8);
-        assert!(backlog.push(event(0), 10, 0));
+        assert!(backlog.push(|| event(0), 10, 0));
         backlog.disconnect();
         let mut batch = Vec::new();
         assert!(!backlog.take(&mut batch, 0).disconnected, "one event is left");
         let (rest, taken) = backlog.close();
         assert_eq!((kinds(&rest), taken.events, taken.bytes, taken.disconnected), (vec!["e0".to_owned()], 1, 10, true));
-        assert!(!backlog.push(event(1), 1, 0));
+        assert!(!backlog.push(|| event(1), 1, 0));
     }
 }

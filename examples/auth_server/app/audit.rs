@@ -202,8 +202,8 @@ pub(crate) struct Audit(Option<AuditContext>);
 impl<S: Send + Sync> FromRequestParts<S> for Audit {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        Ok(Audit(parts.extensions.get::<AuditContext>().cloned()))
+    async fn from_request_parts(_parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Audit(AuditContext::current()))
     }
 }
 
