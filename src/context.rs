@@ -82,7 +82,7 @@ impl AuditContext {
 
     /// Sets who acts in this request (a user id, an email, a service name). Bounded like every text field.
     pub fn set_actor(&self, actor: impl AsRef<str>) {
-        let actor = bounded(actor.as_ref(), self.state.core.config.limits.max_field_len);
+        let actor = bounded(actor.as_ref(), self.state.core().config.limits.max_field_len);
         self.state.fields().actor = Some(actor);
     }
 
@@ -93,7 +93,7 @@ impl AuditContext {
 
     /// Adds (or replaces) an attribute of this request's event. Past the attribute limit, new keys are ignored.
     pub fn set_attribute(&self, key: impl AsRef<str>, value: impl AsRef<str>) {
-        let limits = &self.state.core.config.limits;
+        let limits = &self.state.core().config.limits;
         let key = bounded(key.as_ref(), limits.max_field_len);
         let value = bounded(value.as_ref(), limits.max_field_len);
         let mut fields = self.state.fields();
@@ -110,7 +110,7 @@ impl AuditContext {
     /// by the next `audit.gap` event).
     pub fn record(&self, mut event: AuditEvent) -> bool {
         self.state.complete(&mut event);
-        self.state.core.record(event)
+        self.state.core().record(event)
     }
 }
 

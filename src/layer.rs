@@ -169,8 +169,9 @@ impl AuditLayerBuilder {
     }
 
     /// The most bytes the queued events may hold ([`DEFAULT_MAX_QUEUED_BYTES`]), estimated from their text.
-    /// Past it events are dropped and counted (`dropped_queue_bytes`). Besides the queue, the worker keeps the
-    /// strings of written events for the texts of requests to come: at most 512 KiB.
+    /// Past it events are dropped and counted (`dropped_queue_bytes`). Besides the queue, the pipeline keeps the
+    /// strings of written events for the texts of requests to come (at most 512 KiB), and the states of
+    /// finished requests for requests to come (at most 256, about 70 KiB).
     pub fn max_queued_bytes(mut self, bytes: usize) -> Self {
         self.max_queued_bytes = bytes;
         self

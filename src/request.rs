@@ -18,10 +18,13 @@ use crate::policy::Delivery;
 use crate::sanitize::{bounded, bounded_bytes, bounded_bytes_ref, bounded_ref, redacted_path};
 
 /// What the layer read from the request, and what the handler set. In an `Arc` the handler's
-/// [`AuditContext`](crate::AuditContext) shares when it takes one.
+/// [`AuditContext`](crate::AuditContext) shares when it takes one, which goes back to the pipeline's
+/// [`Recycled`](crate::intake::recycle::Recycled) for a request to come once nobody else holds it.
 #[derive(Debug)]
 pub(crate) struct RequestState {
-    pub(crate) core: Arc<Core>,
+    /// The pipeline the request's events go to. `None` only while the state is kept for reuse: a kept state
+    /// holds no reference to its pipeline, which would keep the pipeline alive.
+    core: Option<Arc<Core>>,
     pub(crate) info: RequestInfo,
     pub(crate) fields: Mutex<HandlerFields>,
 }
@@ -68,7 +71,8 @@ impl HandlerFields {
 }
 
 impl RequestState {
-    pub(crate) fn capture<B>(req: &Request<B>, core: Arc<Core>) -> Self {
+    /// Reads the request into a state: a kept one when the pipeline has one, else a new one.
+    pub(crate) fn capture<B>(req: &Request<B>, core: &Arc<Core>) -> Arc<Self> {
         let config = &core.config;
         let max = config.limits.max_field_len;
         let headers = req.headers();
@@ -95,7 +99,7 @@ impl RequestState {
         };
         let route = if grpc { None } else { matched_path(req) };
         // Into strings of written events where there are some (see `Recycled`).
-        let [mut path, mut matched, id, agent] =
+        let ([mut path, mut matched, id, agent], kept) =
             core.shared.recycled.take([true, route.is_some(), request_id.is_some(), user_agent.is_some()]);
         path.push_str(&redacted_path(
             target,
@@ -129,21 +133,32 @@ impl RequestState {
                 attributes.insert(format!("header.{name}"), bounded_bytes(value.as_bytes(), max));
             }
         }
-        RequestState {
-            info: RequestInfo {
-                time: SystemTime::now(),
-                start: Instant::now(),
-                kind: if grpc { kind::GRPC_CALL } else { kind::HTTP_REQUEST },
-                method: method_name(req.method(), max),
-                route,
-                path,
-                request_id,
-                client_addr: crate::client_addr::resolve(req, &config.client_addr_source, &config.trusted_proxies),
-                user_agent,
-            },
-            fields: Mutex::new(HandlerFields { actor: None, attributes }),
-            core,
+        let info = RequestInfo {
+            time: SystemTime::now(),
+            start: Instant::now(),
+            kind: if grpc { kind::GRPC_CALL } else { kind::HTTP_REQUEST },
+            method: method_name(req.method(), max),
+            route,
+            path,
+            request_id,
+            client_addr: crate::client_addr::resolve(req, &config.client_addr_source, &config.trusted_proxies),
+            user_agent,
+        };
+        let fields = HandlerFields { actor: None, attributes };
+        if let Some(mut state) = kept
+            && let Some(reused) = Arc::get_mut(&mut state)
+        {
+            reused.info = info;
+            *reused.fields.get_mut().unwrap_or_else(|e| e.into_inner()) = fields;
+            reused.core = Some(Arc::clone(core));
+            return state;
         }
+        Arc::new(RequestState { core: Some(Arc::clone(core)), info, fields: Mutex::new(fields) })
+    }
+
+    /// The pipeline the request's events go to.
+    pub(crate) fn core(&self) -> &Arc<Core> {
+        self.core.as_ref().expect("a state in use has its pipeline (only a kept one has none)")
     }
 
     pub(crate) fn fields(&self) -> std::sync::MutexGuard<'_, HandlerFields> {
@@ -163,7 +178,7 @@ impl RequestState {
             fields.attributes().insert("intent_id".to_owned(), intent_id);
         }
         self.complete(&mut event);
-        self.core.push_durable(event, None, OnFull::QueueFull)
+        self.core().push_durable(event, None, OnFull::QueueFull)
     }
 
     /// Fills what a custom event recorded during this request left unset.
@@ -334,12 +349,14 @@ impl Pending {
         let outcome = self.outcome(outcome);
         let latency_us = state.info.start.elapsed().as_micros().try_into().unwrap_or(u64::MAX);
         let (status, grpc_status, slot) = (self.status.map(|s| s.as_u16()), self.grpc_status, self.slot.take());
-        let Some(RequestState { core, info, fields }) = Arc::get_mut(&mut state) else {
+        let Some(RequestState { core: pipeline @ Some(_), info, fields }) = Arc::get_mut(&mut state) else {
             // A handler still holds the context (it kept a clone, or handed it to a task): copy its texts.
             let event = self.event(&mut state, Some(outcome));
-            state.core.push(event, slot, self.on_full);
+            state.core().push(event, slot, self.on_full);
             return;
         };
+        // Taken out: the state is kept for reuse without it.
+        let Some(core) = pipeline.take() else { return };
         let fields = fields.get_mut().unwrap_or_else(|e| e.into_inner());
         if self.panicked {
             fields.attributes().insert("panic".to_owned(), "true".to_owned());
@@ -380,6 +397,8 @@ impl Pending {
             prev_hash: None,
             hash: None,
         });
+        // Emptied, and nobody else holds it: kept for a request to come.
+        core.shared.recycled.keep(state);
     }
 
     /// Whether the response waits for the event to be durable, and how long.
@@ -391,7 +410,7 @@ impl Pending {
     /// response is withheld and its handler never ran.
     pub(crate) fn withhold_intent(&mut self, reason: &'static str, timeout: Duration) {
         if let Some(state) = &self.state {
-            crate::stats::add(&state.core.shared.counters.durable_withheld, 1);
+            crate::stats::add(&state.core().shared.counters.durable_withheld, 1);
             let mut fields = state.fields();
             let attributes = fields.attributes();
             attributes.insert("withheld".to_owned(), "intent".to_owned());
@@ -409,7 +428,7 @@ impl Pending {
             return (Err(Refusal::Closed), None);
         };
         let mut event = self.event(&mut state, None);
-        let core = Arc::clone(&state.core);
+        let core = Arc::clone(state.core());
         let delivery =
             if matches!(self.delivery, Delivery::DurableIntent { .. }) { "durable_intent" } else { "durable" };
         event.attributes.insert("delivery".to_owned(), delivery.to_owned());

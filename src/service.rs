@@ -100,7 +100,7 @@ fn wait_for_room(shared: Arc<Shared>, limit: std::time::Duration) -> WaitForRoom
 impl<S> AuditService<S> {
     /// Reads the request's state; with `context_in_extensions`, shares it with the handler at once.
     fn capture<B>(&self, req: &mut Request<B>) -> Arc<RequestState> {
-        let state = Arc::new(RequestState::capture(req, Arc::clone(&self.core)));
+        let state = RequestState::capture(req, &self.core);
         if self.core.config.context_in_extensions {
             req.extensions_mut().insert(AuditContext::new(Arc::clone(&state)));
         }

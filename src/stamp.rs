@@ -18,14 +18,12 @@ pub(crate) struct Stamper {
     instance: Arc<str>,
     boot: Uuid,
     seq: u64,
-    /// The random bits of the ids: the stamper's own generator (no thread-local to reach per event).
-    rng: fastrand::Rng,
 }
 
 impl Stamper {
     /// A stamper for the run `boot` (see [`new_boot`]) of a pipeline in the process `instance`.
     pub(crate) fn new(instance: Arc<str>, boot: Uuid) -> Self {
-        Self { instance, boot, seq: 0, rng: fastrand::Rng::new() }
+        Self { instance, boot, seq: 0 }
     }
 
     /// The seq of the last event stamped.
@@ -44,7 +42,7 @@ impl Stamper {
         event.instance = Some(Arc::clone(&self.instance));
         event.boot = Some(self.boot);
         event.seq = self.seq;
-        event.id = id_from(event.time, self.rng.u128(..));
+        event.id = new_id(event.time);
     }
 }
 
@@ -100,13 +98,8 @@ pub(crate) fn instance_name(name: &str, max: usize) -> Result<Arc<str>, ConfigEr
 
 /// A UUIDv7 from the event's time and random bits (made here on the worker, never on the request path).
 pub(crate) fn new_id(time: SystemTime) -> uuid::Uuid {
-    id_from(time, fastrand::u128(..))
-}
-
-/// A UUIDv7 from `time` and the bits of `random`.
-fn id_from(time: SystemTime, random: u128) -> uuid::Uuid {
     let millis = time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let random: [u8; 16] = random.to_le_bytes();
+    let random: [u8; 16] = fastrand::u128(..).to_le_bytes();
     let mut bytes = [0u8; 10];
     bytes.copy_from_slice(&random[..10]);
     uuid::Builder::from_unix_timestamp_millis(millis, &bytes).into_uuid()

@@ -171,3 +171,48 @@ async fn a_handler_on_another_task_reads_the_context_from_the_extensions_when_as
         assert_eq!(events[0].actor.as_deref(), in_extensions.then_some("dave"));
     }
 }
+
+/// A finished request's state is reused by the next one: nothing the first handler set reaches the second
+/// request's event.
+#[tokio::test]
+async fn a_reused_state_carries_nothing_over() {
+    let (layer, handle, sink) = pipeline();
+    let svc = layer.layer(service_fn(|req: Request<Full<Bytes>>| async move {
+        if req.uri().path() == "/first" {
+            let audit = AuditContext::current().unwrap();
+            audit.set_actor("erin");
+            audit.set_attribute("tenant", "acme");
+        }
+        answer(200, "ok").await
+    }));
+    for (path, id) in [("/first", Some("r-1")), ("/second", None), ("/third", Some("r-3"))] {
+        let mut req = Request::get(path);
+        if let Some(id) = id {
+            req = req.header("x-request-id", id).header("user-agent", "probe/1");
+        }
+        let res = svc.clone().oneshot(req.body(Full::default()).unwrap()).await.unwrap();
+        read_body(res.into_body()).await.unwrap();
+    }
+
+    let events = drained(&handle, &sink).await;
+    let seen: Vec<_> = events
+        .iter()
+        .map(|e| {
+            (
+                e.path.as_deref(),
+                e.request_id.as_deref(),
+                e.user_agent.as_deref(),
+                e.actor.as_deref(),
+                e.attributes.len(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (Some("/first"), Some("r-1"), Some("probe/1"), Some("erin"), 1),
+            (Some("/second"), None, None, None, 0),
+            (Some("/third"), Some("r-3"), Some("probe/1"), None, 0),
+        ]
+    );
+}

@@ -346,6 +346,28 @@ async fn dropping_every_layer_and_handle_ends_the_worker_after_draining() {
     assert_eq!(ended_cleanly(memory.events()).len(), 3);
 }
 
+/// The states of finished requests are kept for reuse without a reference to their pipeline: after requests,
+/// dropping every layer, service and handle still ends the worker.
+#[tokio::test(start_paused = true)]
+async fn dropping_every_layer_after_requests_ends_the_worker_after_draining() {
+    use tower::{Layer, ServiceExt};
+    let memory = MemorySink::new();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let (layer, handle) = AuditLayer::builder(DropSignal { inner: memory.clone(), dropped: Some(tx) })
+        .flush_interval(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let svc =
+        layer.layer(tower::service_fn(|_req: http::Request<http_body_util::Full<bytes::Bytes>>| answer(200, "ok")));
+    for _ in 0..3 {
+        let res = svc.clone().oneshot(get("/")).await.unwrap();
+        read_body(res.into_body()).await.unwrap();
+    }
+    drop((layer, svc, handle));
+    tokio::time::timeout(LIMIT, rx).await.expect("worker did not end").unwrap();
+    assert_eq!(ended_cleanly(memory.events()).len(), 3);
+}
+
 /// Counts `WARN` events from the worker about lost events.
 #[derive(Clone, Default)]
 struct LossWarnings(Arc<Mutex<Vec<String>>>);

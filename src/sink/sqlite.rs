@@ -162,6 +162,13 @@ fn added_column(statement: &str) -> Option<&str> {
 
 impl AuditSink for SqliteSink {
     async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
+        if batch.len() <= ROWS_PER_STATEMENT {
+            // One statement is a transaction of its own (SQLite commits it whole or not at all): one round trip
+            // to sqlx's thread, not three (`BEGIN`, the insert, `COMMIT`).
+            let (sql, args) = insert(&self.table, batch)?;
+            sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&self.pool).await.map_err(SinkError::backend)?;
+            return Ok(());
+        }
         let mut tx = self.pool.begin().await.map_err(SinkError::backend)?;
         for chunk in batch.chunks(ROWS_PER_STATEMENT) {
             let (sql, args) = insert(&self.table, chunk)?;
