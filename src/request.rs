@@ -374,7 +374,7 @@ impl Pending {
         );
         // Made only once admitted, straight into the queue: the captured strings move in, and no copy of the whole
         // event is made on the way. Every field spelt out (not `..AuditEvent::with_time(…)`) for the same reason.
-        core.push_with(bytes, slot, self.on_full, || AuditEvent {
+        let queued = core.push_with(bytes, slot, self.on_full, || AuditEvent {
             version: crate::event::SCHEMA_VERSION,
             id: uuid::Uuid::nil(),
             instance: None,
@@ -397,8 +397,11 @@ impl Pending {
             prev_hash: None,
             hash: None,
         });
-        // Emptied, and nobody else holds it: kept for a request to come.
-        core.shared.recycled.keep(state);
+        // Emptied (the event took its strings), and nobody else holds it: kept for a request to come. A refused
+        // event's state still holds its strings; it is freed, so no kept state holds more than its emptied self.
+        if queued {
+            core.shared.recycled.keep(state);
+        }
     }
 
     /// Whether the response waits for the event to be durable, and how long.

@@ -399,3 +399,31 @@ async fn two_boots_count_from_one_and_boot_seq_is_unique() {
     assert_eq!(refused(&err), unique_violation, "{err}");
     assert_eq!(count().await, 9);
 }
+
+/// A batch that fits one statement is written without `BEGIN`/`COMMIT`: the statement alone must still be all or
+/// nothing. The third row breaks the unique `(boot, seq)` index; none of the three is stored, and the error says so.
+#[tokio::test]
+async fn a_batch_in_one_statement_is_written_whole_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sqlite, reader) = sink(&dir).await;
+    let boot = Uuid::now_v7();
+    let event = |seq: u64| {
+        let mut e = AuditEvent::new("one.statement");
+        e.id = Uuid::now_v7();
+        e.boot = Some(boot);
+        e.seq = seq;
+        e
+    };
+    sqlite.write_batch(&[event(1)]).await.unwrap();
+    let batch = [event(2), event(3), event(1)];
+    let error = sqlite.write_batch(&batch).await.unwrap_err();
+    let chain = format!("{error} {:?}", std::error::Error::source(&error));
+    assert!(chain.contains("UNIQUE"), "{chain}");
+    let seqs = async || -> Vec<i64> {
+        sqlx::query_scalar("SELECT seq FROM audit_events ORDER BY seq").fetch_all(&reader).await.unwrap()
+    };
+    assert_eq!(seqs().await, [1]);
+    // The rows that break nothing go in once sent alone.
+    sqlite.write_batch(&batch[..2]).await.unwrap();
+    assert_eq!(seqs().await, [1, 2, 3]);
+}
