@@ -771,3 +771,41 @@ mod sqlite {
         assert_eq!(names(&reader).await, ["a", "b", "c", "d"]);
     }
 }
+
+/// A service that does its work in `call` (a custom `Service`, or the synchronous part of a `service_fn`), behind
+/// a layer whose request is made inside another audited request's handler: in `call` it must not find the
+/// outer handler's request (the thread-local is documented as the request "whose inner service is being called
+/// or polled").
+#[tokio::test(flavor = "current_thread")]
+async fn a_service_s_call_made_inside_another_handler_does_not_find_that_handler_s_request() {
+    let (layer, handle, sink) = pipeline();
+    let inner = layer.layer(service_fn(|req: Request<Full<Bytes>>| {
+        // Synchronous, in `call`: the work is moved to a task with the context found here.
+        let audit = AuditContext::current();
+        let path = req.uri().path().to_owned();
+        async move {
+            if let Some(audit) = audit {
+                audit.set_attribute("found_in_call", path);
+            }
+            answer(200, "inner").await
+        }
+    }));
+    let outer = layer.layer(service_fn(move |_req: Request<Full<Bytes>>| {
+        let inner = inner.clone();
+        async move {
+            let res = inner.oneshot(get("/inner")).await.unwrap();
+            read_body(res.into_body()).await.unwrap();
+            answer(200, "outer").await
+        }
+    }));
+    let res = outer.oneshot(get("/outer")).await.unwrap();
+    read_body(res.into_body()).await.unwrap();
+
+    let mut events = drained(&handle, &sink).await;
+    events.sort_by(|a, b| a.path.cmp(&b.path));
+    let found: Vec<_> =
+        events.iter().map(|e| (e.path.clone().unwrap(), e.attributes.get("found_in_call").cloned())).collect();
+    // The outer request got nothing from the inner service's call; the inner one, if anything, its own.
+    assert_eq!(found[1], ("/outer".to_owned(), None), "{found:?}");
+    assert!(matches!(found[0].1.as_deref(), None | Some("/inner")), "{found:?}");
+}
