@@ -78,17 +78,17 @@ impl RequestState {
         let headers = req.headers();
         // One pass over the headers for the three the layer reads (the first value of each, as `get` gives).
         let (mut content_type, mut request_id, mut user_agent) = (None, None, None);
+        // The request id header may be one of the other two (any recordable header may be named): each is
+        // checked on its own.
         for (name, value) in headers {
-            let found = if name == http::header::CONTENT_TYPE {
-                &mut content_type
+            if *name == config.request_id_header {
+                request_id.get_or_insert(value);
+            }
+            if name == http::header::CONTENT_TYPE {
+                content_type.get_or_insert(value);
             } else if name == http::header::USER_AGENT {
-                &mut user_agent
-            } else if *name == config.request_id_header {
-                &mut request_id
-            } else {
-                continue;
-            };
-            found.get_or_insert(value);
+                user_agent.get_or_insert(value);
+            }
         }
         let grpc = content_type.is_some_and(is_grpc_type);
         let uri = req.uri();
