@@ -68,9 +68,10 @@ impl<B: Body> Body for ResponseBody<B> {
         if let Some(pending) = this.pending.as_mut() {
             pending.body_polled = true;
         }
-        let guard = UnwindGuard(this.pending);
+        let guard = UnwindGuard::enter(this.pending);
         let frame = ready!(body.as_mut().poll_frame(cx));
-        if let Some(pending) = guard.0 {
+        drop(guard);
+        if let Some(pending) = this.pending {
             match &frame {
                 Some(Ok(frame)) => {
                     if let Some(trailers) = frame.trailers_ref() {

@@ -296,13 +296,27 @@ impl Drop for Polling<'_> {
     }
 }
 
-/// Held across a poll of the response body: if a panic unwinds through it, the request's event says so.
-pub(crate) struct UnwindGuard<'a>(pub(crate) &'a mut Option<Pending>);
+/// Held across a poll of the response body: if a panic unwinds through it, the request's event says so. No
+/// request is current on the thread for that time (a body's stream is no handler's code): not even the one
+/// whose handler reads this body, when it is read inside another request's poll; that request is current
+/// again after.
+pub(crate) struct UnwindGuard<'a> {
+    pending: &'a mut Option<Pending>,
+    outer: Option<Arc<RequestState>>,
+}
+
+impl<'a> UnwindGuard<'a> {
+    #[inline]
+    pub(crate) fn enter(pending: &'a mut Option<Pending>) -> UnwindGuard<'a> {
+        UnwindGuard { outer: crate::context::enter(None), pending }
+    }
+}
 
 impl Drop for UnwindGuard<'_> {
     fn drop(&mut self) {
+        crate::context::enter(self.outer.take());
         if std::thread::panicking()
-            && let Some(pending) = self.0.as_mut()
+            && let Some(pending) = self.pending.as_mut()
         {
             pending.panicked = true;
         }
