@@ -12,9 +12,9 @@ use crate::sanitize::bounded;
 ///
 /// With the `axum` feature it is an extractor. Elsewhere (a Tonic method, a `service_fn`) call
 /// [`AuditContext::current`] from the handler's code. [`AuditService`](crate::AuditService) makes its request
-/// current on the thread while it polls the inner service's response future, where handlers run (as `tracing`'s
-/// `Instrumented` enters its span on each poll). Nothing is put into the request's extensions for it, so a
-/// request whose handler never asks pays nothing for it. Code that runs elsewhere finds no current request: a
+/// current on the thread while it calls the inner service and while it polls its response future, where
+/// handlers run (as `tracing`'s `Instrumented` enters its span on each poll). Nothing is put into the request's
+/// extensions for it, so a request whose handler never asks pays nothing for it. Code that runs elsewhere finds no current request: a
 /// task the handler spawns, a service that spawns its work, the stream of a response body. Take the context in
 /// the handler and move it there, or turn on
 /// [`context_in_extensions`](crate::AuditLayerBuilder::context_in_extensions) and read it from the request's
