@@ -59,33 +59,14 @@ impl<B: Body> Body for ResponseBody<B> {
     type Data = B::Data;
     type Error = B::Error;
 
+    #[inline]
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        let mut body = match this.kind.project() {
-            KindProj::Inner { body } => body,
-            KindProj::Empty => return Poll::Ready(None),
-        };
-        if let Some(pending) = this.pending.as_mut() {
-            pending.body_polled = true;
+        // No request is current while the body is polled (a body's stream is no handler's code): not even the one
+        // whose handler reads this body inside its own poll; that one is current again after.
+        if crate::context::is_active() {
+            return self.poll_frame_cleared(cx);
         }
-        let guard = UnwindGuard::enter(this.pending);
-        let frame = ready!(body.as_mut().poll_frame(cx));
-        drop(guard);
-        if let Some(pending) = this.pending {
-            match &frame {
-                Some(Ok(frame)) => {
-                    if let Some(trailers) = frame.trailers_ref() {
-                        pending.read_grpc_status(trailers);
-                    }
-                    if body.is_end_stream() {
-                        pending.finish(None);
-                    }
-                }
-                Some(Err(_)) => pending.finish(Some(Outcome::Error)),
-                None => pending.finish(None),
-            }
-        }
-        Poll::Ready(frame)
+        self.poll_audited(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -100,6 +81,48 @@ impl<B: Body> Body for ResponseBody<B> {
             Kind::Inner { body } => body.size_hint(),
             Kind::Empty => SizeHint::with_exact(0),
         }
+    }
+}
+
+/// What [`Body::poll_frame`] gives.
+type PolledFrame<B> = Poll<Option<Result<Frame<<B as Body>::Data>, <B as Body>::Error>>>;
+
+impl<B: Body> ResponseBody<B> {
+    /// [`poll_frame`](Body::poll_frame) read inside a request's poll: with no request current.
+    #[cold]
+    #[inline(never)]
+    fn poll_frame_cleared(self: Pin<&mut Self>, cx: &mut Context<'_>) -> PolledFrame<B> {
+        let _cleared = crate::context::Cleared::new();
+        self.poll_audited(cx)
+    }
+
+    #[inline(always)]
+    fn poll_audited(self: Pin<&mut Self>, cx: &mut Context<'_>) -> PolledFrame<B> {
+        let this = self.project();
+        let mut body = match this.kind.project() {
+            KindProj::Inner { body } => body,
+            KindProj::Empty => return Poll::Ready(None),
+        };
+        if let Some(pending) = this.pending.as_mut() {
+            pending.body_polled = true;
+        }
+        let guard = UnwindGuard(this.pending);
+        let frame = ready!(body.as_mut().poll_frame(cx));
+        if let Some(pending) = guard.0 {
+            match &frame {
+                Some(Ok(frame)) => {
+                    if let Some(trailers) = frame.trailers_ref() {
+                        pending.read_grpc_status(trailers);
+                    }
+                    if body.is_end_stream() {
+                        pending.finish(None);
+                    }
+                }
+                Some(Err(_)) => pending.finish(Some(Outcome::Error)),
+                None => pending.finish(None),
+            }
+        }
+        Poll::Ready(frame)
     }
 }
 

@@ -12,13 +12,19 @@ use crate::sanitize::bounded;
 ///
 /// With the `axum` feature it is an extractor. Elsewhere (a Tonic method, a `service_fn`) call
 /// [`AuditContext::current`] from the handler's code. [`AuditService`](crate::AuditService) makes its request
-/// current on the thread while it calls the inner service and while it polls its response future, where
-/// handlers run (as `tracing`'s `Instrumented` enters its span on each poll). Nothing is put into the request's
-/// extensions for it, so a request whose handler never asks pays nothing for it. Code that runs elsewhere finds no current request: a
-/// task the handler spawns, a service that spawns its work, the stream of a response body. Take the context in
+/// current on the thread while it polls the inner service's response future, where handlers run (as `tracing`'s
+/// `Instrumented` enters its span on each poll). Nothing is put into the request's extensions for it, so a
+/// request whose handler never asks pays nothing for it. Code that runs elsewhere finds no current request (not
+/// even an outer request's, when it runs inside that request's handler): a task the handler spawns, a service
+/// that spawns its work, the inner service's `call` itself, the stream of a response body. Take the context in
 /// the handler and move it there, or turn on
 /// [`context_in_extensions`](crate::AuditLayerBuilder::context_in_extensions) and read it from the request's
 /// extensions (`req.extensions().get::<AuditContext>()`).
+///
+/// The current request is the one whose handler is being polled on this thread. A handler that serves a
+/// sub-request inline through a service *without* an `AuditLayer` (an internal `Router::oneshot`) runs that
+/// service's handlers inside its own poll: they find the outer request's context. Put the layer on that service
+/// too if its requests are to be recorded as their own.
 ///
 /// ```
 /// use tower_audit::{AuditContext, AuditEvent, Outcome};
@@ -42,12 +48,40 @@ pub struct AuditContext {
 thread_local! {
     /// The state of the request whose inner service is being called or polled on this thread, while it is.
     static CURRENT: Cell<Option<Arc<RequestState>>> = const { Cell::new(None) };
+    /// Whether `CURRENT` holds a state: a plain flag, read without the checks a thread-local with a destructor
+    /// takes, so code that clears the current request pays one load when there is none (the usual case).
+    static ACTIVE: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Makes `state` current on this thread; returns the state that was (see [`Polling`](crate::request::Polling)).
 #[inline]
 pub(crate) fn enter(state: Option<Arc<RequestState>>) -> Option<Arc<RequestState>> {
+    ACTIVE.set(state.is_some());
     CURRENT.replace(state)
+}
+
+/// Whether a request is current on this thread (one load of a plain flag).
+#[inline]
+pub(crate) fn is_active() -> bool {
+    ACTIVE.get()
+}
+
+/// Makes no request current on this thread until dropped, then the one before again. Held across code that is
+/// no handler's but runs inside a handler's poll (an inner service's `call`, a response body's poll), only when
+/// a request is current ([`is_active`]): otherwise there is nothing to clear.
+pub(crate) struct Cleared(Option<Arc<RequestState>>);
+
+impl Cleared {
+    pub(crate) fn new() -> Cleared {
+        Cleared(enter(None))
+    }
+}
+
+impl Drop for Cleared {
+    fn drop(&mut self) {
+        // Whatever ran meanwhile left nothing current (each guard restores what it found).
+        enter(self.0.take());
+    }
 }
 
 impl AuditContext {
@@ -74,10 +108,14 @@ impl AuditContext {
     /// # }
     /// ```
     pub fn current() -> Option<AuditContext> {
-        let state = CURRENT.take();
-        let shared = state.clone();
-        CURRENT.set(state);
-        shared.map(AuditContext::new)
+        // `try_with`: during the thread's teardown there is no current request, rather than a panic.
+        let shared = CURRENT.try_with(|current| {
+            let state = current.take();
+            let shared = state.clone();
+            current.set(state);
+            shared
+        });
+        shared.ok().flatten().map(AuditContext::new)
     }
 
     /// Sets who acts in this request (a user id, an email, a service name). Bounded like every text field.

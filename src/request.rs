@@ -78,17 +78,24 @@ impl RequestState {
         let headers = req.headers();
         // One pass over the headers for the three the layer reads (the first value of each, as `get` gives).
         let (mut content_type, mut request_id, mut user_agent) = (None, None, None);
-        // The request id header may be one of the other two (any recordable header may be named): each is
-        // checked on its own.
+        let id_header = &config.request_id_header;
         for (name, value) in headers {
-            if *name == config.request_id_header {
-                request_id.get_or_insert(value);
-            }
-            if name == http::header::CONTENT_TYPE {
-                content_type.get_or_insert(value);
+            let found = if name == http::header::CONTENT_TYPE {
+                &mut content_type
             } else if name == http::header::USER_AGENT {
-                user_agent.get_or_insert(value);
-            }
+                &mut user_agent
+            } else if name == id_header {
+                &mut request_id
+            } else {
+                continue;
+            };
+            found.get_or_insert(value);
+        }
+        // The request id header may be one of the other two (any recordable header may be named).
+        if id_header == http::header::CONTENT_TYPE {
+            request_id = content_type;
+        } else if id_header == http::header::USER_AGENT {
+            request_id = user_agent;
         }
         let grpc = content_type.is_some_and(is_grpc_type);
         let uri = req.uri();
@@ -296,27 +303,13 @@ impl Drop for Polling<'_> {
     }
 }
 
-/// Held across a poll of the response body: if a panic unwinds through it, the request's event says so. No
-/// request is current on the thread for that time (a body's stream is no handler's code): not even the one
-/// whose handler reads this body, when it is read inside another request's poll; that request is current
-/// again after.
-pub(crate) struct UnwindGuard<'a> {
-    pending: &'a mut Option<Pending>,
-    outer: Option<Arc<RequestState>>,
-}
-
-impl<'a> UnwindGuard<'a> {
-    #[inline]
-    pub(crate) fn enter(pending: &'a mut Option<Pending>) -> UnwindGuard<'a> {
-        UnwindGuard { outer: crate::context::enter(None), pending }
-    }
-}
+/// Held across a poll of the response body: if a panic unwinds through it, the request's event says so.
+pub(crate) struct UnwindGuard<'a>(pub(crate) &'a mut Option<Pending>);
 
 impl Drop for UnwindGuard<'_> {
     fn drop(&mut self) {
-        crate::context::enter(self.outer.take());
         if std::thread::panicking()
-            && let Some(pending) = self.pending.as_mut()
+            && let Some(pending) = self.0.as_mut()
         {
             pending.panicked = true;
         }

@@ -17,7 +17,7 @@ use crate::future::{Intent, ResponseFuture};
 use crate::intake::{Refusal, Slot};
 use crate::pipeline::{Core, OnFull, Shared};
 use crate::policy::{Decision, Delivery, Policy};
-use crate::request::{Pending, Polling, RequestState, policy_route};
+use crate::request::{Pending, RequestState, policy_route};
 use crate::stats::add;
 
 /// Records one audit event per request. Made by [`AuditLayer`](crate::AuditLayer).
@@ -183,9 +183,8 @@ where
                 let counters = &self.core.shared.counters;
                 add(if decision == Decision::Skip { &counters.skipped } else { &counters.sampled_out }, 1);
                 // No request event; the handler's own events are still recorded.
-                let mut pending = Some(Pending::silent(self.capture(&mut req)));
-                let future = call_current(&mut self.inner, req, &mut pending);
-                return ResponseFuture::new(future, pending, None);
+                let pending = Pending::silent(self.capture(&mut req));
+                return ResponseFuture::new(call_cleared(&mut self.inner, req), Some(pending), None);
             }
         };
         let (slot, on_full): (Option<Slot>, OnFull) = match (overflow, ready) {
@@ -203,17 +202,24 @@ where
             Delivery::DurableIntent { timeout } => Some(Intent::new(&self.core, state.push_intent(), timeout)),
             Delivery::BestEffort | Delivery::Durable { .. } => None,
         };
-        let mut pending = Some(Pending::new(state, slot, on_full, delivery));
-        let future = call_current(&mut self.inner, req, &mut pending);
-        ResponseFuture::new(future, pending, intent)
+        let pending = Pending::new(state, slot, on_full, delivery);
+        ResponseFuture::new(call_cleared(&mut self.inner, req), Some(pending), intent)
     }
 }
-
-/// Calls `inner` with the request of `pending` current on the thread, as when its response future is polled: a
-/// service that does its work (or takes its context) in `call` finds its own request, not the request of a
-/// handler it is called from.
+/// Calls `inner` with no request current on the thread: a service that takes a context in `call` (not in its
+/// response future, where handlers run) finds none, rather than the request of a handler it is called from.
 #[inline]
-fn call_current<S: Service<R>, R>(inner: &mut S, req: R, pending: &mut Option<Pending>) -> S::Future {
-    let _current = Polling::enter(pending);
+fn call_cleared<S: Service<R>, R>(inner: &mut S, req: R) -> S::Future {
+    if crate::context::is_active() {
+        return call_inside_a_request(inner, req);
+    }
+    inner.call(req)
+}
+
+/// [`call_cleared`] inside another request's poll.
+#[cold]
+#[inline(never)]
+fn call_inside_a_request<S: Service<R>, R>(inner: &mut S, req: R) -> S::Future {
+    let _cleared = crate::context::Cleared::new();
     inner.call(req)
 }

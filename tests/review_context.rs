@@ -287,9 +287,8 @@ async fn skipped_durable_and_intent_requests_leave_nothing_behind() {
             attributes.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>(),
         )
     };
-    let intent_id = events.iter().find(|e| e.kind == kind::HTTP_INTENT).expect("an intent event").attributes
-        ["intent_id"]
-        .clone();
+    let intent_id =
+        events.iter().find(|e| e.kind == kind::HTTP_INTENT).expect("an intent event").attributes["intent_id"].clone();
     let intent_attr = format!("intent_id={intent_id}");
     assert_eq!(
         requests,
@@ -654,7 +653,7 @@ async fn many_interleaved_requests_each_have_exactly_one_event_with_their_own_fi
                 tokio::task::yield_now().await;
             }
             AuditContext::current().unwrap().set_attribute("n", &id);
-            if n % 5 == 0 {
+            if n.is_multiple_of(5) {
                 hold.lock().unwrap().push(audit);
             }
             if n % 7 == 3 {
@@ -696,7 +695,7 @@ async fn many_interleaved_requests_each_have_exactly_one_event_with_their_own_fi
         let n: usize = id.parse().unwrap();
         assert_eq!(e.path.as_deref(), Some(format!("/r/{n}").as_str()));
         assert_eq!(e.actor.as_deref(), Some(format!("actor-{id}").as_str()));
-        let expected_n = if n % 7 == 3 && n % 4 != 0 { None } else { Some(id) };
+        let expected_n = if n % 7 == 3 && !n.is_multiple_of(4) { None } else { Some(id) };
         assert_eq!(e.attributes.get("n").map(String::as_str), expected_n, "{e:?}");
         assert_eq!(e.outcome, if n % 7 == 3 { Outcome::Cancelled } else { Outcome::Success });
         assert_eq!(e.attributes.len(), usize::from(expected_n.is_some()), "{e:?}");
