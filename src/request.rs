@@ -140,27 +140,26 @@ impl RequestState {
                 attributes.insert(format!("header.{name}"), bounded_bytes(value.as_bytes(), max));
             }
         }
-        let info = RequestInfo {
-            time: SystemTime::now(),
-            start: Instant::now(),
-            kind: if grpc { kind::GRPC_CALL } else { kind::HTTP_REQUEST },
-            method: method_name(req.method(), max),
-            route,
-            path,
-            request_id,
-            client_addr: crate::client_addr::resolve(req, &config.client_addr_source, &config.trusted_proxies),
-            user_agent,
-        };
-        let fields = HandlerFields { actor: None, attributes };
+        let kind = if grpc { kind::GRPC_CALL } else { kind::HTTP_REQUEST };
+        let method = method_name(req.method(), max);
+        let client_addr = crate::client_addr::resolve(req, &config.client_addr_source, &config.trusted_proxies);
+        let (time, start) = (SystemTime::now(), Instant::now());
         if let Some(mut state) = kept
             && let Some(reused) = Arc::get_mut(&mut state)
         {
-            reused.info = info;
-            *reused.fields.get_mut().unwrap_or_else(|e| e.into_inner()) = fields;
+            // Field by field: the kept state's own are empty, so nothing is freed, and nothing is copied twice.
+            let info = &mut reused.info;
+            (info.time, info.start, info.kind, info.method) = (time, start, kind, method);
+            (info.route, info.path, info.request_id) = (route, path, request_id);
+            (info.client_addr, info.user_agent) = (client_addr, user_agent);
+            let fields = reused.fields.get_mut().unwrap_or_else(|e| e.into_inner());
+            (fields.actor, fields.attributes) = (None, attributes);
             reused.core = Some(Arc::clone(core));
             return state;
         }
-        Arc::new(RequestState { core: Some(Arc::clone(core)), info, fields: Mutex::new(fields) })
+        let info = RequestInfo { time, start, kind, method, route, path, request_id, client_addr, user_agent };
+        let fields = Mutex::new(HandlerFields { actor: None, attributes });
+        Arc::new(RequestState { core: Some(Arc::clone(core)), info, fields })
     }
 
     /// The pipeline the request's events go to.
@@ -207,6 +206,11 @@ impl RequestState {
             event.actor.clone_from(&self.fields().actor);
         }
     }
+}
+
+/// Whole microseconds, in 64 bits (no 128-bit arithmetic; saturates after 584,000 years).
+fn micros(elapsed: Duration) -> u64 {
+    elapsed.as_secs().saturating_mul(1_000_000).saturating_add(u64::from(elapsed.subsec_micros()))
 }
 
 fn is_grpc(headers: &HeaderMap) -> bool {
@@ -354,7 +358,7 @@ impl Pending {
     pub(crate) fn finish(&mut self, outcome: Option<Outcome>) {
         let Some(mut state) = self.take_state() else { return };
         let outcome = self.outcome(outcome);
-        let latency_us = state.info.start.elapsed().as_micros().try_into().unwrap_or(u64::MAX);
+        let latency_us = micros(state.info.start.elapsed());
         let (status, grpc_status, slot) = (self.status.map(|s| s.as_u16()), self.grpc_status, self.slot.take());
         let Some(RequestState { core: pipeline @ Some(_), info, fields }) = Arc::get_mut(&mut state) else {
             // A handler still holds the context (it kept a clone, or handed it to a task): copy its texts.
@@ -476,7 +480,7 @@ impl Pending {
     /// The request's event. `outcome` overrides the outcome derived from the status codes.
     fn event(&self, state: &mut Arc<RequestState>, outcome: Option<Outcome>) -> AuditEvent {
         let outcome = self.outcome(outcome);
-        let latency_us = state.info.start.elapsed().as_micros().try_into().unwrap_or(u64::MAX);
+        let latency_us = micros(state.info.start.elapsed());
         // Usually no handler holds the context any more, so the captured strings move into the event.
         let (info, mut fields) = match Arc::get_mut(state) {
             Some(state) => {
@@ -552,5 +556,17 @@ impl Drop for Pending {
         } else {
             self.finish(Some(Outcome::Cancelled));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_is_whole_microseconds_and_saturates() {
+        assert_eq!(micros(Duration::new(2, 345_678_999)), 2_345_678);
+        assert_eq!(micros(Duration::from_nanos(999)), 0);
+        assert_eq!(micros(Duration::MAX), u64::MAX);
     }
 }
