@@ -208,6 +208,42 @@ impl RequestState {
     }
 }
 
+/// A request's event, from what the layer read and what the handler set, taking their strings. Every field spelt
+/// out (not `..AuditEvent::with_time(…)`), so no whole temporary event is made and copied.
+#[inline(always)]
+fn request_event(
+    info: &mut RequestInfo,
+    fields: &mut HandlerFields,
+    outcome: Outcome,
+    latency_us: u64,
+    status: Option<u16>,
+    grpc_status: Option<i32>,
+) -> AuditEvent {
+    AuditEvent {
+        version: crate::event::SCHEMA_VERSION,
+        id: uuid::Uuid::nil(),
+        instance: None,
+        boot: None,
+        seq: 0,
+        time: info.time,
+        kind: Cow::Borrowed(info.kind),
+        outcome,
+        method: Some(std::mem::take(&mut info.method)),
+        route: info.route.take(),
+        path: Some(std::mem::take(&mut info.path)),
+        status,
+        grpc_status,
+        latency_us: Some(latency_us),
+        request_id: info.request_id.take(),
+        actor: fields.actor.take(),
+        client_addr: info.client_addr,
+        user_agent: info.user_agent.take(),
+        attributes: fields.attributes.take().unwrap_or_default(),
+        prev_hash: None,
+        hash: None,
+    }
+}
+
 /// Whole microseconds, in 64 bits (no 128-bit arithmetic; saturates after 584,000 years).
 fn micros(elapsed: Duration) -> u64 {
     elapsed.as_secs().saturating_mul(1_000_000).saturating_add(u64::from(elapsed.subsec_micros()))
@@ -384,29 +420,9 @@ impl Pending {
             fields.attributes.iter().flatten(),
         );
         // Made only once admitted, straight into the queue: the captured strings move in, and no copy of the whole
-        // event is made on the way. Every field spelt out (not `..AuditEvent::with_time(…)`) for the same reason.
-        let queued = core.push_with(bytes, slot, self.on_full, || AuditEvent {
-            version: crate::event::SCHEMA_VERSION,
-            id: uuid::Uuid::nil(),
-            instance: None,
-            boot: None,
-            seq: 0,
-            time: info.time,
-            kind: Cow::Borrowed(info.kind),
-            outcome,
-            method: Some(std::mem::take(&mut info.method)),
-            route: info.route.take(),
-            path: Some(std::mem::take(&mut info.path)),
-            status,
-            grpc_status,
-            latency_us: Some(latency_us),
-            request_id: info.request_id.take(),
-            actor: fields.actor.take(),
-            client_addr: info.client_addr,
-            user_agent: info.user_agent.take(),
-            attributes: fields.attributes.take().unwrap_or_default(),
-            prev_hash: None,
-            hash: None,
+        // event is made on the way.
+        let queued = core.push_with(bytes, slot, self.on_full, || {
+            request_event(info, fields, outcome, latency_us, status, grpc_status)
         });
         // Emptied (the event took its strings), and nobody else holds it: kept for a request to come. A refused
         // event's state still holds its strings; it is freed, so no kept state holds more than its emptied self.
@@ -482,7 +498,7 @@ impl Pending {
         let outcome = self.outcome(outcome);
         let latency_us = micros(state.info.start.elapsed());
         // Usually no handler holds the context any more, so the captured strings move into the event.
-        let (info, mut fields) = match Arc::get_mut(state) {
+        let (mut info, mut fields) = match Arc::get_mut(state) {
             Some(state) => {
                 let fields = state.fields.get_mut().unwrap_or_else(|e| e.into_inner());
                 (RequestInfo::take(&mut state.info), std::mem::take(fields))
@@ -493,29 +509,8 @@ impl Pending {
         if self.panicked {
             fields.attributes().insert("panic".to_owned(), "true".to_owned());
         }
-        AuditEvent {
-            version: crate::event::SCHEMA_VERSION,
-            id: uuid::Uuid::nil(),
-            instance: None,
-            boot: None,
-            seq: 0,
-            time: info.time,
-            kind: Cow::Borrowed(info.kind),
-            outcome,
-            method: Some(info.method),
-            route: info.route,
-            path: Some(info.path),
-            status: self.status.map(|s| s.as_u16()),
-            grpc_status: self.grpc_status,
-            latency_us: Some(latency_us),
-            request_id: info.request_id,
-            actor: fields.actor,
-            client_addr: info.client_addr,
-            user_agent: info.user_agent,
-            attributes: fields.attributes.unwrap_or_default(),
-            prev_hash: None,
-            hash: None,
-        }
+        let status = self.status.map(|s| s.as_u16());
+        request_event(&mut info, &mut fields, outcome, latency_us, status, self.grpc_status)
     }
 }
 

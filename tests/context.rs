@@ -6,7 +6,6 @@ mod common;
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -14,20 +13,6 @@ use http::Request;
 use http_body_util::Full;
 use tower::{Layer, ServiceExt, service_fn};
 use tower_audit::{AuditContext, AuditEvent, AuditLayer, MemorySink, kind};
-
-const LIMIT: Duration = Duration::from_secs(10);
-
-fn pipeline() -> (AuditLayer, tower_audit::AuditHandle, MemorySink) {
-    let sink = MemorySink::new();
-    let (layer, handle) = AuditLayer::builder(sink.clone()).flush_interval(Duration::from_secs(3600)).build().unwrap();
-    (layer, handle, sink)
-}
-
-async fn drained(handle: &tower_audit::AuditHandle, sink: &MemorySink) -> Vec<AuditEvent> {
-    let report = handle.shutdown(LIMIT).await;
-    assert!(report.drained, "{report:?}");
-    ended_cleanly(sink.events())
-}
 
 #[tokio::test]
 async fn only_the_handler_of_a_request_finds_it_current() {

@@ -19,20 +19,6 @@ use tower_audit::{AuditContext, AuditEvent, AuditLayer, AuditSink, MemorySink, O
 
 const LIMIT: Duration = Duration::from_secs(10);
 
-/// Builds a pipeline into a memory sink with a long flush interval; `shutdown` then drains it.
-fn pipeline() -> (AuditLayer, tower_audit::AuditHandle, MemorySink) {
-    let sink = MemorySink::new();
-    let (layer, handle) = AuditLayer::builder(sink.clone()).flush_interval(Duration::from_secs(3600)).build().unwrap();
-    (layer, handle, sink)
-}
-
-/// Shuts the pipeline down and returns what it wrote between its boot and shutdown events.
-async fn drained(handle: &tower_audit::AuditHandle, sink: &MemorySink) -> Vec<AuditEvent> {
-    let report = handle.shutdown(LIMIT).await;
-    assert!(report.drained, "{report:?}");
-    ended_cleanly(sink.events())
-}
-
 #[tokio::test]
 async fn one_event_when_the_body_ends_with_request_fields() {
     let (layer, handle, sink) = pipeline();

@@ -26,19 +26,6 @@ use tower_audit::{
 
 const LIMIT: Duration = Duration::from_secs(10);
 
-fn pipeline() -> (AuditLayer, tower_audit::AuditHandle, MemorySink) {
-    let sink = MemorySink::new();
-    let (layer, handle) = AuditLayer::builder(sink.clone()).flush_interval(Duration::from_secs(3600)).build().unwrap();
-    (layer, handle, sink)
-}
-
-async fn drained(handle: &tower_audit::AuditHandle, sink: &MemorySink) -> Vec<AuditEvent> {
-    let report = handle.shutdown(LIMIT).await;
-    assert!(report.drained, "{report:?}");
-    assert_identity(&report.stats);
-    ended_cleanly(sink.events())
-}
-
 /// Every field of an event a request could leak into another's, the time and latency aside.
 #[derive(Debug, PartialEq, Eq)]
 struct Seen {

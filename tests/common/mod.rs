@@ -15,7 +15,7 @@ use http::{Request, Response};
 use http_body::{Body, Frame};
 use http_body_util::Full;
 use tokio::sync::{Notify, mpsc};
-use tower_audit::{AuditEvent, AuditSink, MemorySink, SinkError, kind};
+use tower_audit::{AuditEvent, AuditLayer, AuditSink, MemorySink, SinkError, kind};
 
 /// Polls `condition` until it holds, yielding to other tasks in between; fails the test after `limit` of real
 /// time (so it also works, and stays bounded, under a paused Tokio clock).
@@ -459,4 +459,20 @@ pub fn assert_identity(s: &tower_audit::Stats) {
     let settled = s.written + s.fallback_written + s.lost + s.abandoned + s.spill_full + s.left_in_spill + s.corrupt;
     assert_eq!(s.accepted + s.recovered, settled + s.queued, "{s:?}");
     assert!(settled <= s.accepted + s.recovered, "{s:?}");
+}
+
+/// A pipeline into a memory sink with a long flush interval (nothing is written before [`drained`] drains it).
+pub fn pipeline() -> (AuditLayer, tower_audit::AuditHandle, MemorySink) {
+    let sink = MemorySink::new();
+    let (layer, handle) = AuditLayer::builder(sink.clone()).flush_interval(Duration::from_secs(3600)).build().unwrap();
+    (layer, handle, sink)
+}
+
+/// Shuts the pipeline down (10 s at most), checks that it drained and that its counts add up, and returns what
+/// it wrote between its boot and shutdown events.
+pub async fn drained(handle: &tower_audit::AuditHandle, sink: &MemorySink) -> Vec<AuditEvent> {
+    let report = handle.shutdown(Duration::from_secs(10)).await;
+    assert!(report.drained, "{report:?}");
+    assert_identity(&report.stats);
+    ended_cleanly(sink.events())
 }
