@@ -46,7 +46,7 @@ pub struct AuditContext {
 }
 
 thread_local! {
-    /// The state of the request whose inner service is being called or polled on this thread, while it is.
+    /// The state of the request whose inner response future is being polled on this thread, while it is.
     static CURRENT: Cell<Option<Arc<RequestState>>> = const { Cell::new(None) };
     /// Whether `CURRENT` holds a state: a plain flag, read without the checks a thread-local with a destructor
     /// takes, so code that clears the current request pays one load when there is none (the usual case).
@@ -153,12 +153,20 @@ impl AuditContext {
 }
 
 #[cfg(feature = "axum")]
+impl AuditContext {
+    /// The request's context for an extractor: the current one, else one put into the extensions.
+    fn found(parts: &http::request::Parts) -> Option<AuditContext> {
+        AuditContext::current().or_else(|| parts.extensions.get::<AuditContext>().cloned())
+    }
+}
+
+#[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for AuditContext {
     type Rejection = (http::StatusCode, &'static str);
 
     async fn from_request_parts(parts: &mut http::request::Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        AuditContext::current().or_else(|| parts.extensions.get::<AuditContext>().cloned()).ok_or((
+        AuditContext::found(parts).ok_or((
             http::StatusCode::INTERNAL_SERVER_ERROR,
             "AuditContext is missing: add tower_audit::AuditLayer to this route (Router::layer), or turn on \
              context_in_extensions when the handler runs on another task",
@@ -174,6 +182,6 @@ impl<S: Send + Sync> axum::extract::OptionalFromRequestParts<S> for AuditContext
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(parts: &mut http::request::Parts, _state: &S) -> Result<Option<Self>, Self::Rejection> {
-        Ok(AuditContext::current().or_else(|| parts.extensions.get::<AuditContext>().cloned()))
+        Ok(AuditContext::found(parts))
     }
 }

@@ -397,11 +397,10 @@ impl AuditEvent {
 impl AuditEvent {
     /// An estimate of the memory this event holds (its own size plus its text), for the queue's byte budget.
     pub(crate) fn heap_size(&self) -> usize {
-        let owned = |s: &Cow<'static, str>| if let Cow::Owned(s) = s { s.len() } else { 0 };
-        owned(&self.kind)
+        owned(&self.kind).map_or(0, String::len)
             + heap_size(
                 [
-                    self.method.as_ref().and_then(|method| if let Cow::Owned(s) = method { Some(s) } else { None }),
+                    self.method.as_ref().and_then(owned),
                     self.route.as_ref(),
                     self.path.as_ref(),
                     self.request_id.as_ref(),
@@ -411,6 +410,12 @@ impl AuditEvent {
                 &self.attributes,
             )
     }
+}
+
+/// A text the event owns (none when it borrows a `'static` one).
+#[allow(clippy::ptr_arg, reason = "which variant it is, is the question")]
+pub(crate) fn owned<'a>(text: &'a Cow<'static, str>) -> Option<&'a String> {
+    if let Cow::Owned(text) = text { Some(text) } else { None }
 }
 
 /// [`AuditEvent::heap_size`] of an event with these owned texts and attributes (and a borrowed kind).

@@ -50,20 +50,6 @@ pub(crate) struct HandlerFields {
     pub(crate) attributes: Option<BTreeMap<String, String>>,
 }
 
-impl RequestInfo {
-    /// Moves the captured strings out, leaving empty ones (which need no freeing).
-    fn take(info: &mut RequestInfo) -> RequestInfo {
-        RequestInfo {
-            method: std::mem::take(&mut info.method),
-            route: info.route.take(),
-            path: std::mem::take(&mut info.path),
-            request_id: info.request_id.take(),
-            user_agent: info.user_agent.take(),
-            ..*info
-        }
-    }
-}
-
 impl HandlerFields {
     pub(crate) fn attributes(&mut self) -> &mut BTreeMap<String, String> {
         self.attributes.get_or_insert_default()
@@ -410,7 +396,7 @@ impl Pending {
         }
         let bytes = crate::event::heap_size(
             [
-                if let Cow::Owned(method) = &info.method { Some(method) } else { None },
+                crate::event::owned(&info.method),
                 info.route.as_ref(),
                 Some(&info.path),
                 info.request_id.as_ref(),
@@ -497,20 +483,26 @@ impl Pending {
     fn event(&self, state: &mut Arc<RequestState>, outcome: Option<Outcome>) -> AuditEvent {
         let outcome = self.outcome(outcome);
         let latency_us = micros(state.info.start.elapsed());
-        // Usually no handler holds the context any more, so the captured strings move into the event.
-        let (mut info, mut fields) = match Arc::get_mut(state) {
+        let status = self.status.map(|s| s.as_u16());
+        let mark_panic = |fields: &mut HandlerFields| {
+            if self.panicked {
+                fields.attributes().insert("panic".to_owned(), "true".to_owned());
+            }
+        };
+        match Arc::get_mut(state) {
+            // Usually no handler holds the context any more, so the captured strings move into the event.
             Some(state) => {
                 let fields = state.fields.get_mut().unwrap_or_else(|e| e.into_inner());
-                (RequestInfo::take(&mut state.info), std::mem::take(fields))
+                mark_panic(fields);
+                request_event(&mut state.info, fields, outcome, latency_us, status, self.grpc_status)
             }
             // A handler still holds its context: it may record more events, which inherit these fields.
-            None => (state.info.clone(), state.fields().clone()),
-        };
-        if self.panicked {
-            fields.attributes().insert("panic".to_owned(), "true".to_owned());
+            None => {
+                let (mut info, mut fields) = (state.info.clone(), state.fields().clone());
+                mark_panic(&mut fields);
+                request_event(&mut info, &mut fields, outcome, latency_us, status, self.grpc_status)
+            }
         }
-        let status = self.status.map(|s| s.as_u16());
-        request_event(&mut info, &mut fields, outcome, latency_us, status, self.grpc_status)
     }
 }
 

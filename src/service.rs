@@ -206,6 +206,7 @@ where
         ResponseFuture::new(call_cleared(&mut self.inner, req), Some(pending), intent)
     }
 }
+
 /// Calls `inner` with no request current on the thread: a service that takes a context in `call` (not in its
 /// response future, where handlers run) finds none, rather than the request of a handler it is called from.
 #[inline]

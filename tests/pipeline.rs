@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use tokio::time::Instant;
-use tower_audit::{AuditEvent, AuditLayer, AuditSink, MemorySink, Outcome, Retry, SinkError, kind};
+use tower_audit::{AuditEvent, AuditLayer, MemorySink, Outcome, Retry, kind};
 
 const LIMIT: Duration = Duration::from_secs(10);
 
@@ -310,32 +310,11 @@ async fn shutdown_deadline_bounds_a_stalled_sink_and_reports_what_was_left() {
     assert_eq!(stats.accepted, 25);
 }
 
-/// A sink that says when it is dropped, i.e. when the worker has ended.
-struct DropSignal {
-    inner: MemorySink,
-    dropped: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl AuditSink for DropSignal {
-    async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
-        self.inner.write_batch(batch).await
-    }
-}
-
-impl Drop for DropSignal {
-    fn drop(&mut self) {
-        let _ = self.dropped.take().unwrap().send(());
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn dropping_every_layer_and_handle_ends_the_worker_after_draining() {
     let memory = MemorySink::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (layer, handle) = AuditLayer::builder(DropSignal { inner: memory.clone(), dropped: Some(tx) })
-        .flush_interval(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let (sink, rx) = DropSignal::new(memory.clone());
+    let (layer, handle) = AuditLayer::builder(sink).flush_interval(Duration::from_secs(5)).build().unwrap();
     let layer2 = layer.clone();
     for e in events(3) {
         handle.record(e);
@@ -352,11 +331,8 @@ async fn dropping_every_layer_and_handle_ends_the_worker_after_draining() {
 async fn dropping_every_layer_after_requests_ends_the_worker_after_draining() {
     use tower::{Layer, ServiceExt};
     let memory = MemorySink::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (layer, handle) = AuditLayer::builder(DropSignal { inner: memory.clone(), dropped: Some(tx) })
-        .flush_interval(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let (sink, rx) = DropSignal::new(memory.clone());
+    let (layer, handle) = AuditLayer::builder(sink).flush_interval(Duration::from_secs(5)).build().unwrap();
     let svc =
         layer.layer(tower::service_fn(|_req: http::Request<http_body_util::Full<bytes::Bytes>>| answer(200, "ok")));
     for _ in 0..3 {

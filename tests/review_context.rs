@@ -21,7 +21,7 @@ use http_body::{Body, Frame};
 use http_body_util::Full;
 use tower::{Layer, ServiceExt, service_fn};
 use tower_audit::{
-    AuditContext, AuditEvent, AuditLayer, AuditSink, ClientAddr, MemorySink, Outcome, Policy, Rule, SinkError, kind,
+    AuditContext, AuditEvent, AuditLayer, AuditSink, ClientAddr, MemorySink, Outcome, Policy, Rule, kind,
 };
 
 const LIMIT: Duration = Duration::from_secs(10);
@@ -563,31 +563,13 @@ async fn a_request_id_header_that_is_also_a_header_the_layer_reads_is_still_foun
     }
 }
 
-/// A sink that says when the worker dropped it.
-struct DropSignal {
-    inner: MemorySink,
-    dropped: Option<tokio::sync::oneshot::Sender<()>>,
-}
-
-impl AuditSink for DropSignal {
-    async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
-        self.inner.write_batch(batch).await
-    }
-}
-
-impl Drop for DropSignal {
-    fn drop(&mut self) {
-        let _ = self.dropped.take().unwrap().send(());
-    }
-}
-
 /// After skipped requests, a context kept past its response and then dropped, a cancelled request and a
 /// panic, dropping every layer, service and handle still ends the worker, with every event written.
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn the_worker_ends_after_every_way_a_request_can_end() {
     let memory = MemorySink::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (layer, handle) = AuditLayer::builder(DropSignal { inner: memory.clone(), dropped: Some(tx) })
+    let (sink, rx) = DropSignal::new(memory.clone());
+    let (layer, handle) = AuditLayer::builder(sink)
         .flush_interval(Duration::from_secs(5))
         .policy(Policy::new().rule(Rule::route("/skip").skip()))
         .build()

@@ -38,8 +38,7 @@ struct Kept {
 impl Recycled {
     /// Strings for the fields `wanted` (path, route, request id, user agent, in this order): a kept one
     /// (empty) where there is one; otherwise (and for fields not wanted) a new empty one, which has not
-    /// allocated yet.
-    /// With them, a kept request state, if there is one.
+    /// allocated yet. With them, a kept request state, if there is one.
     pub(crate) fn take(&self, wanted: [bool; FIELDS]) -> ([String; FIELDS], Option<Arc<RequestState>>) {
         let Ok(mut kept) = self.kept.try_lock() else { return Default::default() };
         let kept = &mut *kept;

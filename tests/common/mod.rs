@@ -476,3 +476,29 @@ pub async fn drained(handle: &tower_audit::AuditHandle, sink: &MemorySink) -> Ve
     assert_identity(&report.stats);
     ended_cleanly(sink.events())
 }
+
+/// A memory sink that says when the worker dropped it, i.e. when the worker has ended.
+pub struct DropSignal {
+    inner: MemorySink,
+    dropped: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl DropSignal {
+    /// The sink, writing into `inner`, and what resolves when it is dropped.
+    pub fn new(inner: MemorySink) -> (DropSignal, tokio::sync::oneshot::Receiver<()>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (DropSignal { inner, dropped: Some(tx) }, rx)
+    }
+}
+
+impl AuditSink for DropSignal {
+    async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
+        self.inner.write_batch(batch).await
+    }
+}
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        let _ = self.dropped.take().unwrap().send(());
+    }
+}
