@@ -98,6 +98,13 @@ for endpoint in "${ENDPOINTS[@]}"; do
   done
   for mode in "${MODES[@]}"; do
     echo "$mode	rss_$endpoint	0	RESULT rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/${PIDS[$mode]}/status")" >> "$results"
+    # The pipeline's counters so far: what was written, and what was not (dropped, lost, abandoned, spill full).
+    counters=$(curl -s "http://127.0.0.1:${PORTS[$mode]}/api/audit/stats" | python3 -c 'import json, sys
+try: s = json.load(sys.stdin).get("stats") or {}
+except ValueError: s = {}
+not_written = sum(v for k, v in s.items() if k.startswith("dropped_") or k in ("lost", "abandoned", "spill_full"))
+print("written=%d not_written=%d" % (s.get("written", 0), not_written))')
+    echo "$mode	audit_$endpoint	0	RESULT $counters" >> "$results"
   done
 done
 for mode in "${MODES[@]}"; do kill -INT "${PIDS[$mode]}" 2>/dev/null || true; done
@@ -109,24 +116,40 @@ import sys, statistics, collections
 path, duration, repeats, conns = sys.argv[1:]
 runs = collections.defaultdict(list)
 rss = {}
+audit = {}
 for line in open(path):
     label, endpoint, _, result = line.rstrip("\n").split("\t")
     fields = dict(kv.split("=") for kv in result.split()[1:])
     if endpoint.startswith("rss_"):
         rss[(label, endpoint[4:])] = int(fields["rss_kib"])
+    elif endpoint.startswith("audit_"):
+        audit[(label, endpoint[6:])] = {k: int(v) for k, v in fields.items()}
     else:
         runs[(label, endpoint)].append({k: float(v) for k, v in fields.items()})
 labels = list(dict.fromkeys(l for l, _ in runs))
+order = ["me", "login", "me1"]
+
+
+def counted(label, endpoint, key):
+    """A counter's growth over the runs on `endpoint` (the counters are cumulative over the endpoints, in order)."""
+    done = [e for e in order if (label, e) in audit]
+    if (label, endpoint) not in audit:
+        return 0
+    before = done[done.index(endpoint) - 1] if done.index(endpoint) > 0 else None
+    return audit[(label, endpoint)][key] - (audit[(label, before)][key] if before else 0)
 print(f"wrk -t1 -c{conns} -d{duration}s, {repeats} interleaved runs per mode, medians; servers on CPU 0, wrk on CPU 1.")
-print("Peak RSS is the server's VmHWM after all runs on that endpoint (the login runs come second).\n")
+print("Peak RSS is the server's VmHWM after all runs on that endpoint (the login runs come second).")
+print("Audit events: written, and not written (dropped at a full queue, lost, abandoned), over all runs on that")
+print("endpoint, from the server's /api/audit/stats; a healthy sink that did not write everything did less work.\n")
 titles = {"me": "GET /api/auth/me", "login": "POST /api/auth/login",
           "me1": "GET /api/auth/me, one connection (wrk -c1)"}
 for endpoint, title in titles.items():
     if not any(e == endpoint for _, e in runs):
         continue
     print(f"### {title}\n")
-    print("| mode | req/s | vs off | vs layer | p50 ms | p99 ms | p99 vs off | p99 vs layer | p99.9 ms | errors | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| mode | req/s | vs off | vs layer | p50 ms | p99 ms | p99 vs off | p99 vs layer | p99.9 ms | errors | peak RSS MiB "
+          "| audit written | audit not written |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     med = lambda l, k: statistics.median(r[k] for r in runs[(l, endpoint)])
     ratio = lambda l, k, base: med(l, k) / med(base, k) if (base, endpoint) in runs else float("nan")
     for label in labels:
@@ -137,7 +160,8 @@ for endpoint, title in titles.items():
               f"{ratio(label, 'rps', 'layer'):.3f} | {med(label, 'p50_us') / 1000:.2f} | "
               f"{med(label, 'p99_us') / 1000:.2f} | {ratio(label, 'p99_us', 'off'):.2f} | "
               f"{ratio(label, 'p99_us', 'layer'):.2f} | {med(label, 'p999_us') / 1000:.2f} | {errors} | "
-              f"{rss.get((label, endpoint), 0) / 1024:.1f} |")
+              f"{rss.get((label, endpoint), 0) / 1024:.1f} | {counted(label, endpoint, 'written'):,} | "
+              f"{counted(label, endpoint, 'not_written'):,} |")
     print()
 PY
 cat "$OUT"

@@ -139,6 +139,16 @@ async fn main() {
             let report = handle.shutdown(std::time::Duration::from_secs(10)).await;
             eprintln!("written {} (sink saw {})", report.stats.written, sink.0.load(Ordering::Relaxed));
         }
+        "sqlite" => {
+            let dir = tempfile::tempdir().unwrap();
+            let sink = tower_audit::SqliteSink::connect(dir.path().join("audit.db").to_str().unwrap()).await.unwrap();
+            sink.ensure_schema().await.unwrap();
+            let (layer, handle) = AuditLayer::builder(sink).capacity(1 << 16).build().unwrap();
+            run(layer.layer(service_fn(hello)), n).await;
+            drop(layer);
+            let report = handle.shutdown(std::time::Duration::from_secs(60)).await;
+            eprintln!("written {}", report.stats.written);
+        }
         "naive" => {
             let (tx, mut rx) = mpsc::channel::<NaiveEvent>(1 << 16);
             let drain = tokio::spawn(async move {

@@ -193,6 +193,66 @@ fn ceiling_sqlite(c: &mut Criterion, rt: &tokio::runtime::Runtime, dir: &std::pa
     conn.query_row("SELECT count(*) FROM audit_events", [], |row| row.get(0)).unwrap()
 }
 
+/// What each index of the default schema costs, and what a larger page would save: the ceiling's inserts (the
+/// C API, one prepared statement, one transaction per batch) into tables made by `SqliteSink::ensure_schema`
+/// with one index dropped, all but the primary key dropped, and every index kept in a database of 8 KiB and
+/// 16 KiB pages (SQLite's default is 4 KiB), each table fresh and in a file of its own, measured one after the
+/// other in the same run.
+fn index_cost_sqlite(c: &mut Criterion, rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
+    let all_query_indexes = ["audit_events_time_idx", "audit_events_actor_time_idx", "audit_events_kind_time_idx"];
+    let variants: [(&str, &[&str], u32); 8] = [
+        ("all", &[], 4096),
+        ("without_time", &all_query_indexes[..1], 4096),
+        ("without_actor_time", &all_query_indexes[1..2], 4096),
+        ("without_kind_time", &all_query_indexes[2..], 4096),
+        ("without_boot_seq", &["audit_events_boot_seq_key"], 4096),
+        ("primary_key_and_boot_seq_only", &all_query_indexes, 4096),
+        ("all_page_8k", &[], 8192),
+        ("all_page_16k", &[], 16384),
+    ];
+    let mut group = ceiling_group(c, "sqlite_index_cost");
+    for (name, dropped, page_size) in variants {
+        let path = dir.join(format!("index_{name}.db"));
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        // The page size holds only if set before the first table is made.
+        conn.pragma_update(None, "page_size", page_size).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
+        rt.block_on(async {
+            let sink = SqliteSink::connect(path.to_str().unwrap()).await.unwrap();
+            sink.ensure_schema().await.unwrap();
+        });
+        let actual: u32 = conn.query_row("PRAGMA page_size", [], |row| row.get(0)).unwrap();
+        assert_eq!(actual, page_size, "{name}");
+        for index in dropped {
+            conn.execute_batch(&format!("DROP INDEX {index}")).unwrap();
+        }
+        let insert = format!(
+            "INSERT INTO audit_events ({COLUMNS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
+            vec!["?"; 21].join(", ")
+        );
+        let (boot, mut seq) = (uuid::Uuid::now_v7(), 0);
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    let rows: Vec<_> = batch(CEILING_BATCH, boot, &mut seq).iter().map(sqlite_values).collect();
+                    let start = Instant::now();
+                    conn.execute_batch("BEGIN").unwrap();
+                    let mut statement = conn.prepare_cached(&insert).unwrap();
+                    for row in &rows {
+                        statement.execute(rusqlite::params_from_iter(row)).unwrap();
+                    }
+                    conn.execute_batch("COMMIT").unwrap();
+                    spent += start.elapsed();
+                }
+                spent
+            })
+        });
+    }
+    group.finish();
+}
+
 /// The same rows moved by the server alone: staged beforehand (by the sink, into a table without indexes),
 /// then one `INSERT … SELECT` per batch into a table the sink's own schema made.
 fn ceiling_postgres(c: &mut Criterion, rt: &tokio::runtime::Runtime, admin: &sqlx::PgPool, schema: &str) {
@@ -323,6 +383,7 @@ fn sinks(c: &mut Criterion) {
             sink
         })
     };
+    index_cost_sqlite(c, &rt, dir.path());
     let ceiling_rows = ceiling_sqlite(c, &rt, dir.path());
     bench_sink(c, &rt, "sqlite", &sqlite_sink("audit_512.db"), &at_512);
     let sink_rows: i64 = {

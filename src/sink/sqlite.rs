@@ -21,7 +21,7 @@ const SCHEMA_V3: &str = include_str!("../../migrations/sqlite/0003_chain.sql");
 
 /// SQLite's limit on bound parameters in one statement (since 3.32, as bundled).
 const MAX_BINDS: usize = 32_766;
-const ROWS_PER_STATEMENT: usize = MAX_BINDS / COLUMN_COUNT;
+const ROWS_PER_STATEMENT: usize = (MAX_BINDS - SHARED.len()) / COLUMN_COUNT;
 
 /// Writes batches into an SQLite table: one transaction per batch, multi-row `INSERT … VALUES` statements
 /// chunked under SQLite's bound-parameter limit, idempotent on the event id (`ON CONFLICT (id) DO NOTHING`). An
@@ -162,6 +162,9 @@ fn added_column(statement: &str) -> Option<&str> {
 
 impl AuditSink for SqliteSink {
     async fn write_batch(&self, batch: &[AuditEvent]) -> Result<(), SinkError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
         if batch.len() <= ROWS_PER_STATEMENT {
             // One statement is a transaction of its own (SQLite commits it whole or not at all): one round trip
             // to sqlx's thread, not three (`BEGIN`, the insert, `COMMIT`).
@@ -179,54 +182,131 @@ impl AuditSink for SqliteSink {
     }
 }
 
+/// The columns whose text is often the same down a whole batch (kind, outcome, method, route, path, actor,
+/// client, user agent, attributes, instance, boot), by their place in [`COLUMNS`].
+const SHARED: [usize; 11] = [3, 4, 5, 6, 7, 12, 13, 14, 15, 17, 18];
+
 /// One multi-row `INSERT … ON CONFLICT (id) DO NOTHING` of `rows`, with its arguments (reserved at once).
+///
+/// SQLite copies every text bound to a statement, and frees it after: the dearest part of an insert after the
+/// B-tree work itself. So a text the whole batch shares is bound once: the statement reads each row from a
+/// `VALUES` list and takes [`SHARED`] columns as `ifnull(<the row's>, <the batch's>)`. The batch's value is the
+/// first row's, and only for a column no row leaves NULL (so a NULL in a row always means "the batch's"); a row
+/// binds NULL where its text equals the batch's, its own text elsewhere.
 ///
 /// Every text is bound as an `Arc<str>`, which sqlx takes as it is: one allocation per text, made on the worker
 /// and freed by sqlx's own thread. A text equal to the one in the row above (the same kind, method, route, user
 /// agent, client, boot; a row's `prev_hash` is the `hash` above it) is that row's `Arc` again, not a new one.
 fn insert(table: &Table, rows: &[AuditEvent]) -> Result<(String, SqliteArguments), SinkError> {
+    use std::fmt::Write as _;
     const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
-    let mut sql = String::with_capacity(120 + rows.len() * (ROW.len() + 2) + COLUMNS.len());
+    let mut sql = String::with_capacity(400 + rows.len() * (ROW.len() + 2) + COLUMNS.len());
     sql.push_str("INSERT INTO ");
     sql.push_str(table.qualified());
     sql.push_str(" (");
     sql.push_str(COLUMNS);
-    sql.push_str(") VALUES ");
+    // The shared texts' parameters come first in the text, so they are parameters 1 to 11.
+    sql.push_str(") SELECT ");
+    for column in 1..=COLUMN_COUNT {
+        if column > 1 {
+            sql.push_str(", ");
+        }
+        let _ = if SHARED.contains(&(column - 1)) {
+            write!(sql, "ifnull(column{column}, ?)")
+        } else {
+            write!(sql, "column{column}")
+        };
+    }
+    sql.push_str(" FROM (VALUES ");
     for i in 0..rows.len() {
         if i > 0 {
             sql.push_str(", ");
         }
         sql.push_str(ROW);
     }
-    sql.push_str(" ON CONFLICT (id) DO NOTHING");
+    // `WHERE true` tells SQLite's parser that `ON CONFLICT` is the upsert's, not a join's.
+    sql.push_str(") WHERE true ON CONFLICT (id) DO NOTHING");
+    let encode = |e| SinkError::backend(sqlx::Error::Encode(e));
     let mut args = SqliteArguments::default();
-    args.reserve(rows.len() * COLUMN_COUNT, 0);
+    args.reserve(SHARED.len() + rows.len() * COLUMN_COUNT, 0);
+    let mut scratch = Scratch::default();
     let mut texts = Texts::default();
+    if let Some(first) = rows.first() {
+        let firsts = scratch.shared_texts(first).map_err(encode)?;
+        for (k, first) in firsts.into_iter().enumerate() {
+            let everywhere = rows.iter().all(|e| has_text(e, k));
+            texts.shared[k] = first.filter(|_| everywhere).map(Arc::from);
+            args.add(texts.shared[k].clone()).map_err(encode)?;
+        }
+    }
     for event in rows {
-        texts.bind(event, &mut args).map_err(|e| SinkError::backend(sqlx::Error::Encode(e)))?;
+        texts.bind(event, &mut scratch, &mut args).map_err(encode)?;
     }
     Ok((sql, args))
 }
 
-/// The texts of the row above, column by column, and a buffer to format into.
-#[derive(Default)]
-struct Texts {
-    kind: Above,
-    outcome: Above,
-    method: Above,
-    route: Above,
-    path: Above,
-    actor: Above,
-    client_addr: Above,
-    user_agent: Above,
-    attributes: Above,
-    boot: Above,
-    /// `hash` and `prev_hash`: the hash of the row above is this row's `prev_hash`.
-    hash: Above,
-    /// Buffers the time, the client address and the attributes are written into before they are compared.
-    time: String,
+/// Whether `e` has a text in the `k`th of the [`SHARED`] columns.
+fn has_text(e: &AuditEvent, k: usize) -> bool {
+    match k {
+        2 => e.method.is_some(),
+        3 => e.route.is_some(),
+        4 => e.path.is_some(),
+        5 => e.actor.is_some(),
+        6 => e.client_addr.is_some(),
+        7 => e.user_agent.is_some(),
+        9 => e.instance.is_some(),
+        10 => e.boot.is_some(),
+        // Kind, outcome and attributes are never NULL.
+        _ => true,
+    }
+}
+
+/// Buffers the client address, the attributes and the boot are written into.
+struct Scratch {
     addr: String,
     json: Vec<u8>,
+    boot: [u8; uuid::fmt::Hyphenated::LENGTH],
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch { addr: String::new(), json: Vec::new(), boot: [0; uuid::fmt::Hyphenated::LENGTH] }
+    }
+}
+
+impl Scratch {
+    /// `e`'s texts in the [`SHARED`] columns, in their order.
+    fn shared_texts<'a>(&'a mut self, e: &'a AuditEvent) -> Result<[Option<&'a str>; 11], sqlx::error::BoxDynError> {
+        let addr = e.client_addr.map(|ip| write(&mut self.addr, ip));
+        self.json.clear();
+        serde_json::to_writer(&mut self.json, &e.attributes)?;
+        let boot = e.boot.map(|b| &*b.hyphenated().encode_lower(&mut self.boot));
+        Ok([
+            Some(&*e.kind),
+            Some(e.outcome.as_str()),
+            e.method.as_deref(),
+            e.route.as_deref(),
+            e.path.as_deref(),
+            e.actor.as_deref(),
+            addr,
+            e.user_agent.as_deref(),
+            Some(std::str::from_utf8(&self.json)?),
+            e.instance.as_deref(),
+            boot,
+        ])
+    }
+}
+
+/// The batch's shared texts, the texts of the row above, column by column, and a buffer for the time.
+#[derive(Default)]
+struct Texts {
+    /// The batch's text in each of the [`SHARED`] columns (`None`: each row binds its own).
+    shared: [Option<Arc<str>>; 11],
+    /// The row above's text in each of the [`SHARED`] columns.
+    above: [Above; 11],
+    /// `hash` and `prev_hash`: the hash of the row above is this row's `prev_hash`.
+    hash: Above,
+    time: String,
 }
 
 /// A column's text in the row above.
@@ -241,37 +321,42 @@ impl Above {
             _ => Arc::clone(self.0.insert(Arc::from(text))),
         }
     }
-
-    fn opt(&mut self, text: Option<&str>) -> Option<Arc<str>> {
-        text.map(|text| self.text(text))
-    }
 }
 
 impl Texts {
-    fn bind(&mut self, e: &AuditEvent, args: &mut SqliteArguments) -> Result<(), sqlx::error::BoxDynError> {
+    fn bind(
+        &mut self,
+        e: &AuditEvent,
+        scratch: &mut Scratch,
+        args: &mut SqliteArguments,
+    ) -> Result<(), sqlx::error::BoxDynError> {
+        let shared = scratch.shared_texts(e)?;
+        let mut shared = shared.into_iter().enumerate().map(|(k, text)| match (text, &self.shared[k]) {
+            // The batch's text: NULL here, the batch's in the table.
+            (Some(text), Some(batch)) if **batch == *text => None,
+            (text, _) => text.map(|text| self.above[k].text(text)),
+        });
+        let mut next = || shared.next().expect("one value per shared column");
         let mut id = [0; uuid::fmt::Hyphenated::LENGTH];
         args.add(Arc::<str>::from(&*e.id.hyphenated().encode_lower(&mut id)))?;
         args.add(i64::try_from(e.seq).unwrap_or(i64::MAX))?;
         args.add(Arc::<str>::from(write(&mut self.time, humantime::format_rfc3339_micros(e.time))))?;
-        args.add(self.kind.text(&e.kind))?;
-        args.add(self.outcome.text(e.outcome.as_str()))?;
-        args.add(self.method.opt(e.method.as_deref()))?;
-        args.add(self.route.opt(e.route.as_deref()))?;
-        args.add(self.path.opt(e.path.as_deref()))?;
+        for _ in 3..=7 {
+            // kind, outcome, method, route, path
+            args.add(next())?;
+        }
         args.add(e.status.map(i32::from))?;
         args.add(e.grpc_status)?;
         args.add(e.latency_us.map(|l| i64::try_from(l).unwrap_or(i64::MAX)))?;
         args.add(e.request_id.as_deref().map(Arc::<str>::from))?;
-        args.add(self.actor.opt(e.actor.as_deref()))?;
-        args.add(self.client_addr.opt(e.client_addr.map(|ip| write(&mut self.addr, ip))))?;
-        args.add(self.user_agent.opt(e.user_agent.as_deref()))?;
-        self.json.clear();
-        serde_json::to_writer(&mut self.json, &e.attributes)?;
-        args.add(self.attributes.text(std::str::from_utf8(&self.json)?))?;
+        for _ in 12..=15 {
+            // actor, client address, user agent, attributes
+            args.add(next())?;
+        }
         args.add(i16::try_from(e.version).unwrap_or(i16::MAX))?;
-        args.add(e.instance.clone())?;
-        let mut boot = [0; uuid::fmt::Hyphenated::LENGTH];
-        args.add(e.boot.map(|b| self.boot.text(b.hyphenated().encode_lower(&mut boot))))?;
+        // instance, boot
+        args.add(next())?;
+        args.add(next())?;
         let mut hex = const_hex::Buffer::<32>::new();
         args.add(e.prev_hash.map(|h| self.hash.text(hex.format(&h.0))))?;
         args.add(e.hash.map(|h| self.hash.text(hex.format(&h.0))))
