@@ -2,13 +2,15 @@
 //! slope, so that setup cancels out):
 //!
 //! ```sh
-//! reqcost MODE N        # MODE: bare | naive | layer | trace
+//! reqcost MODE N        # MODE: bare | naive | layer | trace | sqlite
 //! ```
 //!
 //! N requests through a bare `service_fn` answering "hello" (`bare`); through a naive audit layer that copies
 //! seven fields and `try_send`s them into a channel drained by a task, without sanitising (`naive`); through
 //! `AuditLayer` into a sink that discards (`layer`); through tower-http's `TraceLayer` at INFO with a JSON
-//! formatter writing through `tracing-appender`'s non-blocking writer to `io::sink()` (`trace`). Everything runs
+//! formatter writing through `tracing-appender`'s non-blocking writer to `io::sink()` (`trace`); through
+//! `AuditLayer` into the SQLite sink, in a file of its own (`sqlite`: SQLite's own work, on sqlx's thread,
+//! included; `valgrind --tool=callgrind --separate-threads=yes` splits it by thread). Everything runs
 //! on one current-thread runtime, so the audit worker's share (stamping, batching, the sink call, dropping the
 //! events) is counted too. The same program as the issue's `reqcost` tool, built with this crate's
 //! dev-dependencies (`tokio/test-util` among them, which makes `tokio::time::Instant::now()` look at the
@@ -124,7 +126,7 @@ async fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let Some(mode) = args.first().map(String::as_str) else {
         eprintln!(
-            "usage: reqcost MODE N (MODE: bare | naive | layer | trace), under callgrind: bash benches/reqcost.sh"
+            "usage: reqcost MODE N (MODE: bare | naive | layer | trace | sqlite), under callgrind: bash benches/reqcost.sh"
         );
         return;
     };
@@ -173,6 +175,6 @@ async fn main() {
                 .on_response(tower_http::trace::DefaultOnResponse::new().level(tracing::Level::INFO));
             run(traced.layer(service_fn(hello)), n).await;
         }
-        other => panic!("unknown mode {other} (bare | naive | layer | trace)"),
+        other => panic!("unknown mode {other} (bare | naive | layer | trace | sqlite)"),
     }
 }
