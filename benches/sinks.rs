@@ -155,24 +155,36 @@ fn sqlite_values(e: &AuditEvent) -> Vec<rusqlite::types::Value> {
     ]
 }
 
-/// The same rows through SQLite's C API: one prepared statement, one transaction per batch, into a table the
-/// sink's own schema made (in a file of its own, with the sink's settings: WAL, `synchronous = NORMAL`).
-fn ceiling_sqlite(c: &mut Criterion, rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> i64 {
-    let path = dir.join("ceiling.db");
+/// A database file with the sink's schema and settings (WAL, `synchronous = NORMAL`), of `page_size` bytes a
+/// page, opened through the C API (rusqlite).
+fn c_api_database(rt: &tokio::runtime::Runtime, path: &std::path::Path, page_size: u32) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    // The page size holds only if set before the first table is made.
+    conn.pragma_update(None, "page_size", page_size).unwrap();
+    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+    conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
     rt.block_on(async {
         let sink = SqliteSink::connect(path.to_str().unwrap()).await.unwrap();
         sink.ensure_schema().await.unwrap();
     });
-    let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.pragma_update(None, "journal_mode", "WAL").unwrap();
-    conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
+    let actual: u32 = conn.query_row("PRAGMA page_size", [], |row| row.get(0)).unwrap();
+    assert_eq!(actual, page_size, "{}", path.display());
+    conn
+}
+
+/// Benchmarks `name`: batches of [`CEILING_BATCH`] fresh rows inserted through the C API into `conn`, one
+/// prepared `INSERT … ON CONFLICT (id) DO NOTHING`, one transaction per batch.
+fn c_api_inserts(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    conn: &rusqlite::Connection,
+) {
     let insert = format!(
         "INSERT INTO audit_events ({COLUMNS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
         vec!["?"; 21].join(", ")
     );
-    let mut group = ceiling_group(c, "ceiling_sqlite");
     let (boot, mut seq) = (uuid::Uuid::now_v7(), 0);
-    group.bench_function(format!("batch_{CEILING_BATCH}"), |b| {
+    group.bench_function(name, |b| {
         b.iter_custom(|iters| {
             let mut spent = Duration::ZERO;
             for _ in 0..iters {
@@ -189,15 +201,23 @@ fn ceiling_sqlite(c: &mut Criterion, rt: &tokio::runtime::Runtime, dir: &std::pa
             spent
         })
     });
+}
+
+/// The same rows through SQLite's C API: one prepared statement, one transaction per batch, into a table the
+/// sink's own schema made (in a file of its own, with the sink's settings: WAL, `synchronous = NORMAL`).
+fn ceiling_sqlite(c: &mut Criterion, rt: &tokio::runtime::Runtime, dir: &std::path::Path) -> i64 {
+    let conn = c_api_database(rt, &dir.join("ceiling.db"), 4096);
+    let mut group = ceiling_group(c, "ceiling_sqlite");
+    c_api_inserts(&mut group, &format!("batch_{CEILING_BATCH}"), &conn);
     group.finish();
     conn.query_row("SELECT count(*) FROM audit_events", [], |row| row.get(0)).unwrap()
 }
 
 /// What each index of the default schema costs, and what a larger page would save: the ceiling's inserts (the
 /// C API, one prepared statement, one transaction per batch) into tables made by `SqliteSink::ensure_schema`
-/// with one index dropped, all but the primary key dropped, and every index kept in a database of 8 KiB and
-/// 16 KiB pages (SQLite's default is 4 KiB), each table fresh and in a file of its own, measured one after the
-/// other in the same run.
+/// with one index dropped, all but the primary key and `(boot, seq)` dropped, and every index kept in a
+/// database of 8 KiB and 16 KiB pages (SQLite's default is 4 KiB), each table fresh and in a file of its own,
+/// measured one after the other in the same run.
 fn index_cost_sqlite(c: &mut Criterion, rt: &tokio::runtime::Runtime, dir: &std::path::Path) {
     let all_query_indexes = ["audit_events_time_idx", "audit_events_actor_time_idx", "audit_events_kind_time_idx"];
     let variants: [(&str, &[&str], u32); 8] = [
@@ -212,43 +232,11 @@ fn index_cost_sqlite(c: &mut Criterion, rt: &tokio::runtime::Runtime, dir: &std:
     ];
     let mut group = ceiling_group(c, "sqlite_index_cost");
     for (name, dropped, page_size) in variants {
-        let path = dir.join(format!("index_{name}.db"));
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        // The page size holds only if set before the first table is made.
-        conn.pragma_update(None, "page_size", page_size).unwrap();
-        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
-        conn.pragma_update(None, "synchronous", "NORMAL").unwrap();
-        rt.block_on(async {
-            let sink = SqliteSink::connect(path.to_str().unwrap()).await.unwrap();
-            sink.ensure_schema().await.unwrap();
-        });
-        let actual: u32 = conn.query_row("PRAGMA page_size", [], |row| row.get(0)).unwrap();
-        assert_eq!(actual, page_size, "{name}");
+        let conn = c_api_database(rt, &dir.join(format!("index_{name}.db")), page_size);
         for index in dropped {
             conn.execute_batch(&format!("DROP INDEX {index}")).unwrap();
         }
-        let insert = format!(
-            "INSERT INTO audit_events ({COLUMNS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
-            vec!["?"; 21].join(", ")
-        );
-        let (boot, mut seq) = (uuid::Uuid::now_v7(), 0);
-        group.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let mut spent = Duration::ZERO;
-                for _ in 0..iters {
-                    let rows: Vec<_> = batch(CEILING_BATCH, boot, &mut seq).iter().map(sqlite_values).collect();
-                    let start = Instant::now();
-                    conn.execute_batch("BEGIN").unwrap();
-                    let mut statement = conn.prepare_cached(&insert).unwrap();
-                    for row in &rows {
-                        statement.execute(rusqlite::params_from_iter(row)).unwrap();
-                    }
-                    conn.execute_batch("COMMIT").unwrap();
-                    spent += start.elapsed();
-                }
-                spent
-            })
-        });
+        c_api_inserts(&mut group, name, &conn);
     }
     group.finish();
 }
