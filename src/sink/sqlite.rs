@@ -28,8 +28,11 @@ const ROWS_PER_STATEMENT: usize = (MAX_BINDS - SHARED.len()) / COLUMN_COUNT;
 /// event with another id under a `(boot, seq)` already stored fails the batch (the table's unique index).
 ///
 /// [`connect`](Self::connect) opens a dedicated pool of one connection (SQLite serialises writers anyway) in WAL
-/// mode with `synchronous = NORMAL`, creating the database file if needed. Keep the audit database apart from
-/// your application's: a long application transaction would otherwise hold the single writer lock.
+/// mode with `synchronous = NORMAL`, creating the database file if needed. That connection never checkpoints
+/// the WAL: a second connection of the sink's own does, in the background after a batch (at most every 2 s), so
+/// the checkpoint's `fsync` never holds a batch up; the writer checkpoints itself only once the WAL has passed
+/// 10,000 frames. Keep the audit database apart from your application's: a long application transaction would
+/// otherwise hold the single writer lock.
 ///
 /// ```no_run
 /// # #[tokio::main(flavor = "current_thread")]
@@ -48,6 +51,8 @@ const ROWS_PER_STATEMENT: usize = (MAX_BINDS - SHARED.len()) / COLUMN_COUNT;
 pub struct SqliteSink {
     pool: SqlitePool,
     table: Table,
+    /// With a pool the sink opened itself: checkpoints the WAL from a connection of its own.
+    checkpoints: Option<Arc<Checkpointer>>,
 }
 
 impl SqliteSink {
@@ -82,18 +87,29 @@ impl SqliteSink {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5));
+        // The writer never checkpoints on its own: SQLite's automatic checkpoint runs inside the commit that
+        // fills the WAL, and its `fsync` can wait seconds on a disk's cache flush, with the queue filling
+        // meanwhile. A connection of the sink's own does it instead (see `Checkpointer`).
+        let writer = options.clone().pragma("wal_autocheckpoint", "0");
         let pool = SqlitePoolOptions::new()
             .max_connections(max_connections.max(1))
             .test_before_acquire(false)
-            .connect_with(options)
+            .connect_with(writer)
             .await
             .map_err(SinkError::backend)?;
-        Ok(Self::from_pool(pool))
+        let checkpointer =
+            SqlitePoolOptions::new().max_connections(1).test_before_acquire(false).connect_lazy_with(options);
+        Ok(Self { checkpoints: Some(Arc::new(Checkpointer::new(checkpointer))), ..Self::from_pool(pool) })
     }
 
-    /// Writes through a pool you own.
+    /// Writes through a pool you own. Its connections checkpoint the WAL as you configured them (SQLite's
+    /// default: automatically, inside the commit that fills it), not the way [`connect`](Self::connect)'s do.
     pub fn from_pool(pool: SqlitePool) -> Self {
-        Self { pool, table: Table::parse(DEFAULT_TABLE, false).expect("the default table name is valid") }
+        Self {
+            pool,
+            table: Table::parse(DEFAULT_TABLE, false).expect("the default table name is valid"),
+            checkpoints: None,
+        }
     }
 
     /// Writes into `table` (`[a-z_][a-z0-9_]*`) instead of `audit_events`.
@@ -170,16 +186,96 @@ impl AuditSink for SqliteSink {
             // to sqlx's thread, not three (`BEGIN`, the insert, `COMMIT`).
             let (sql, args) = insert(&self.table, batch)?;
             sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&self.pool).await.map_err(SinkError::backend)?;
-            return Ok(());
+        } else {
+            let mut tx = self.pool.begin().await.map_err(SinkError::backend)?;
+            for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+                let (sql, args) = insert(&self.table, chunk)?;
+                sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&mut *tx).await.map_err(SinkError::backend)?;
+            }
+            tx.commit().await.map_err(SinkError::backend)?;
         }
-        let mut tx = self.pool.begin().await.map_err(SinkError::backend)?;
-        for chunk in batch.chunks(ROWS_PER_STATEMENT) {
-            let (sql, args) = insert(&self.table, chunk)?;
-            sqlx::query_with(sqlx::AssertSqlSafe(sql), args).execute(&mut *tx).await.map_err(SinkError::backend)?;
+        if let Some(checkpoints) = &self.checkpoints {
+            // The batch is stored: a failed checkpoint is logged, and tried again after the next batch.
+            checkpoints.after_write(&self.pool).await;
         }
-        tx.commit().await.map_err(SinkError::backend)?;
         Ok(())
     }
+}
+
+/// WAL frames (pages) past which the writer checkpoints itself, as SQLite's automatic checkpoint would: the
+/// background checkpoints have not kept the WAL short (with continuous writes, the WAL restarts from its start
+/// only after a checkpoint that no write overlapped). 10,000 frames: 40 MiB with 4 KiB pages.
+const WAL_GUARD_FRAMES: i64 = 10_000;
+/// The least time between the starts of two background checkpoints.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
+
+/// Checkpoints the WAL of a sink that [`connect`](SqliteSink::connect) opened, from a connection of its own and
+/// a task of its own, so the writer never waits for the checkpoint's `fsync`: after a batch is written, it starts
+/// one (`PRAGMA wal_checkpoint(PASSIVE)`, which never blocks the writer) unless one runs or one started less
+/// than [`CHECKPOINT_EVERY`] ago. If the last one found the WAL over [`WAL_GUARD_FRAMES`] frames, the writer
+/// checkpoints itself before it goes on, as SQLite would have: the WAL stays bounded.
+#[derive(Debug)]
+struct Checkpointer {
+    pool: SqlitePool,
+    state: std::sync::Mutex<CheckpointState>,
+}
+
+#[derive(Debug, Default)]
+struct CheckpointState {
+    running: bool,
+    last_start: Option<std::time::Instant>,
+    /// The WAL's frames when the last checkpoint ended.
+    wal_frames: i64,
+}
+
+impl Checkpointer {
+    fn new(pool: SqlitePool) -> Self {
+        Self { pool, state: Default::default() }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, CheckpointState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn after_write(self: &Arc<Self>, writer: &SqlitePool) {
+        let (inline, start) = {
+            let mut state = self.state();
+            if state.wal_frames > WAL_GUARD_FRAMES {
+                (true, false)
+            } else if !state.running && state.last_start.is_none_or(|t| t.elapsed() >= CHECKPOINT_EVERY) {
+                state.running = true;
+                state.last_start = Some(std::time::Instant::now());
+                (false, true)
+            } else {
+                (false, false)
+            }
+        };
+        if inline {
+            let result = checkpoint(writer).await;
+            self.ended(result, "the writer's");
+        }
+        if start {
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                let result = checkpoint(&this.pool).await;
+                this.state().running = false;
+                this.ended(result, "a background");
+            });
+        }
+    }
+
+    fn ended(&self, result: Result<(i64, i64, i64), sqlx::Error>, which: &str) {
+        match result {
+            Ok((_busy, log, _checkpointed)) => self.state().wal_frames = log,
+            Err(error) => tracing::warn!(%error, "{which} checkpoint of the SQLite audit WAL failed"),
+        }
+    }
+}
+
+/// A passive checkpoint: what it can copy from the WAL without waiting for anyone. `(busy, WAL frames, frames
+/// checkpointed)`.
+async fn checkpoint(pool: &SqlitePool) -> Result<(i64, i64, i64), sqlx::Error> {
+    sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(pool).await
 }
 
 /// The columns whose text is often the same down a whole batch (kind, outcome, method, route, path, actor,
@@ -374,6 +470,79 @@ fn write(buf: &mut String, value: impl std::fmt::Display) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fresh events of one boot, numbered on from `*seq`.
+    fn events(n: usize, seq: &mut u64) -> Vec<AuditEvent> {
+        (0..n)
+            .map(|i| {
+                let mut e = AuditEvent::new("http.request").actor("alice");
+                e.id = uuid::Uuid::now_v7();
+                e.boot = Some(uuid::Uuid::from_u128(7));
+                e.request_id = Some(format!("req-{i}-{seq}"));
+                *seq += 1;
+                e.seq = *seq;
+                e
+            })
+            .collect()
+    }
+
+    async fn wal_autocheckpoint(pool: &SqlitePool) -> i64 {
+        sqlx::query_scalar("PRAGMA wal_autocheckpoint").fetch_one(pool).await.unwrap()
+    }
+
+    /// Polls until no background checkpoint runs (bounded).
+    async fn idle(checkpoints: &Checkpointer) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while checkpoints.state().running {
+            assert!(std::time::Instant::now() < deadline, "the background checkpoint never ended");
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_never_checkpoints_a_connection_of_its_own_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.db");
+        let sink = SqliteSink::connect(path.to_str().unwrap()).await.unwrap();
+        sink.ensure_schema().await.unwrap();
+        assert_eq!(wal_autocheckpoint(&sink.pool).await, 0, "the writer leaves checkpoints to the sink");
+        let checkpoints = sink.checkpoints.clone().expect("connect checkpoints in the background");
+        assert_eq!(wal_autocheckpoint(&checkpoints.pool).await, 1000, "SQLite's default, unused: it never writes");
+        let db_bytes = || std::fs::metadata(&path).unwrap().len();
+        let before = db_bytes();
+        let mut seq = 0;
+        // The first write starts a checkpoint at once; it copies what the WAL holds into the database file.
+        sink.write_batch(&events(512, &mut seq)).await.unwrap();
+        idle(&checkpoints).await;
+        assert!(db_bytes() > before + 100 * 1024, "{} bytes, {before} before: nothing was checkpointed", db_bytes());
+        let frames = checkpoints.state().wal_frames;
+        assert!(frames > 0 && frames < WAL_GUARD_FRAMES, "{frames} frames");
+
+        // Past the guard (as if background checkpoints had fallen behind), the writer checkpoints itself after
+        // its batch, even while a background one is counted as running.
+        {
+            let mut state = checkpoints.state();
+            state.wal_frames = WAL_GUARD_FRAMES + 1;
+            state.running = true;
+        }
+        let before = db_bytes();
+        sink.write_batch(&events(512, &mut seq)).await.unwrap();
+        assert!(db_bytes() > before, "the writer's own checkpoint copied the batch into the database file");
+        let frames = checkpoints.state().wal_frames;
+        assert!(frames <= WAL_GUARD_FRAMES, "{frames} frames after the writer's checkpoint");
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&sink.pool).await.unwrap();
+        assert_eq!(stored, 1024);
+    }
+
+    #[tokio::test]
+    async fn a_pool_you_own_checkpoints_as_you_configured_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("own.db").display());
+        let pool = SqlitePool::connect(&url).await.unwrap();
+        let sink = SqliteSink::from_pool(pool.clone());
+        assert!(sink.checkpoints.is_none());
+        assert_eq!(wal_autocheckpoint(&pool).await, 1000);
+    }
 
     #[test]
     fn the_version_2_file_is_read_as_two_added_columns_and_an_index() {
