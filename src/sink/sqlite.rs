@@ -328,10 +328,12 @@ fn insert(table: &Table, rows: &[AuditEvent]) -> Result<(String, SqliteArguments
     let mut scratch = Scratch::default();
     let mut texts = Texts::default();
     if let Some(first) = rows.first() {
+        // One pass: which shared columns every row has a text in.
+        let everywhere =
+            rows.iter().map(present).fold([true; 11], |all, row| std::array::from_fn(|k| all[k] && row[k]));
         let firsts = scratch.shared_texts(first).map_err(encode)?;
         for (k, first) in firsts.into_iter().enumerate() {
-            let everywhere = rows.iter().all(|e| has_text(e, k));
-            texts.shared[k] = first.filter(|_| everywhere).map(Arc::from);
+            texts.shared[k] = first.filter(|_| everywhere[k]).map(Arc::from);
             args.add(texts.shared[k].clone()).map_err(encode)?;
         }
     }
@@ -341,20 +343,22 @@ fn insert(table: &Table, rows: &[AuditEvent]) -> Result<(String, SqliteArguments
     Ok((sql, args))
 }
 
-/// Whether `e` has a text in the `k`th of the [`SHARED`] columns.
-fn has_text(e: &AuditEvent, k: usize) -> bool {
-    match k {
-        2 => e.method.is_some(),
-        3 => e.route.is_some(),
-        4 => e.path.is_some(),
-        5 => e.actor.is_some(),
-        6 => e.client_addr.is_some(),
-        7 => e.user_agent.is_some(),
-        9 => e.instance.is_some(),
-        10 => e.boot.is_some(),
-        // Kind, outcome and attributes are never NULL.
-        _ => true,
-    }
+/// Whether `e` has a text in each of the [`SHARED`] columns, in the order of [`Scratch::shared_texts`] (kind,
+/// outcome and attributes always do).
+fn present(e: &AuditEvent) -> [bool; 11] {
+    [
+        true,
+        true,
+        e.method.is_some(),
+        e.route.is_some(),
+        e.path.is_some(),
+        e.actor.is_some(),
+        e.client_addr.is_some(),
+        e.user_agent.is_some(),
+        true,
+        e.instance.is_some(),
+        e.boot.is_some(),
+    ]
 }
 
 /// Buffers the client address, the attributes and the boot are written into.
