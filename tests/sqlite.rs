@@ -148,6 +148,42 @@ async fn repeated_and_changing_texts_down_a_batch_are_each_stored_as_given() {
     assert_eq!(rows[6].get::<Option<String>, _>("prev_hash"), Some("ee".repeat(32)));
 }
 
+/// Columns the whole batch holds one value in (a text, or none) leave the statement's rows: each row is still
+/// stored with that value, beside columns that change down the batch; a batch of one row holds every column
+/// that way.
+#[tokio::test]
+async fn values_the_whole_batch_shares_are_stored_in_every_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sqlite, reader) = sink(&dir).await;
+    let events: Vec<AuditEvent> = (0..9usize)
+        .map(|i| {
+            // Shared by all: kind, outcome, actor, client, user agent, attributes, instance, boot (texts);
+            // method (none). Changing: route, path (absent in one row).
+            let mut e = AuditEvent::new("auth.login").actor("carol");
+            e.id = Uuid::from_u128(5000 + i as u128);
+            e.seq = i as u64 + 1;
+            e.boot = Some(Uuid::from_u128(0xc));
+            e.instance = Some("shared-instance".into());
+            e.client_addr = Some("198.51.100.7".parse().unwrap());
+            e.user_agent = Some("agent/1".into());
+            e.attributes.insert("tenant".into(), "initech".into());
+            e.route = Some(format!("/r{}", i % 2));
+            e.path = (i != 4).then(|| format!("/p{i}"));
+            e
+        })
+        .collect();
+    sqlite.write_batch(&events[..8]).await.unwrap();
+    sqlite.write_batch(&events[8..]).await.unwrap();
+    let rows = read_rows(&reader).await;
+    assert_eq!(rows.len(), 9);
+    for (row, e) in rows.iter().zip(&events) {
+        assert_row(row, e);
+    }
+    assert_eq!(rows[3].get::<Option<String>, _>("actor").as_deref(), Some("carol"));
+    assert_eq!(rows[3].get::<Option<String>, _>("method"), None);
+    assert_eq!(rows[4].get::<Option<String>, _>("path"), None);
+}
+
 #[tokio::test]
 async fn a_batch_over_the_bind_limit_is_chunked_in_one_transaction_and_retries_never_duplicate() {
     let dir = tempfile::tempdir().unwrap();

@@ -285,53 +285,33 @@ const SHARED: [usize; 11] = [3, 4, 5, 6, 7, 12, 13, 14, 15, 17, 18];
 /// One multi-row `INSERT … ON CONFLICT (id) DO NOTHING` of `rows`, with its arguments (reserved at once).
 ///
 /// SQLite copies every text bound to a statement, and frees it after: the dearest part of an insert after the
-/// B-tree work itself. So a text the whole batch shares is bound once: the statement reads each row from a
-/// `VALUES` list and takes [`SHARED`] columns as `ifnull(<the row's>, <the batch's>)`. The batch's value is the
-/// first row's, and only for a column no row leaves NULL (so a NULL in a row always means "the batch's"); a row
-/// binds NULL where its text equals the batch's, its own text elsewhere.
+/// B-tree work itself. So a text the whole batch shares is bound once, as one of the statement's first
+/// [`SHARED`]`.len()` parameters (the first row's text, or NULL), and the statement reads the rows from a
+/// `VALUES` list:
+/// - a [`SHARED`] column in which every row holds the first row's value (the same text, or no text) has no
+///   place in the `VALUES` rows at all: the statement takes the batch's parameter for every row;
+/// - any other [`SHARED`] column is `ifnull(<the row's>, <the batch's>)`. The batch's parameter is the first
+///   row's text only if no row leaves the column NULL (so a NULL in a row always means "the batch's"); a row
+///   binds NULL where its text equals the batch's, its own text elsewhere.
 ///
 /// Every text is bound as an `Arc<str>`, which sqlx takes as it is: one allocation per text, made on the worker
 /// and freed by sqlx's own thread. A text equal to the one in the row above (the same kind, method, route, user
 /// agent, client, boot; a row's `prev_hash` is the `hash` above it) is that row's `Arc` again, not a new one.
 fn insert(table: &Table, rows: &[AuditEvent]) -> Result<(String, SqliteArguments), SinkError> {
-    use std::fmt::Write as _;
-    const ROW: &str = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
-    let mut sql = String::with_capacity(400 + rows.len() * (ROW.len() + 2) + COLUMNS.len());
-    sql.push_str("INSERT INTO ");
-    sql.push_str(table.qualified());
-    sql.push_str(" (");
-    sql.push_str(COLUMNS);
-    // The shared texts' parameters come first in the text, so they are parameters 1 to 11.
-    sql.push_str(") SELECT ");
-    for column in 1..=COLUMN_COUNT {
-        if column > 1 {
-            sql.push_str(", ");
-        }
-        let _ = if SHARED.contains(&(column - 1)) {
-            write!(sql, "ifnull(column{column}, ?)")
-        } else {
-            write!(sql, "column{column}")
-        };
-    }
-    sql.push_str(" FROM (VALUES ");
-    for i in 0..rows.len() {
-        if i > 0 {
-            sql.push_str(", ");
-        }
-        sql.push_str(ROW);
-    }
-    // `WHERE true` tells SQLite's parser that `ON CONFLICT` is the upsert's, not a join's.
-    sql.push_str(") WHERE true ON CONFLICT (id) DO NOTHING");
     let encode = |e| SinkError::backend(sqlx::Error::Encode(e));
     let mut args = SqliteArguments::default();
-    args.reserve(SHARED.len() + rows.len() * COLUMN_COUNT, 0);
     let mut scratch = Scratch::default();
     let mut texts = Texts::default();
     if let Some(first) = rows.first() {
-        // One pass: which shared columns every row has a text in.
-        let everywhere =
-            rows.iter().map(present).fold([true; 11], |all, row| std::array::from_fn(|k| all[k] && row[k]));
-        let firsts = scratch.shared_texts(first).map_err(encode)?;
+        // One pass: which shared columns every row has a text in, and which hold the first row's everywhere.
+        let (everywhere, uniform) = rows.iter().fold(([true; 11], [true; 11]), |(everywhere, uniform), row| {
+            let (present, same) = (present(row), same_shared(row, first));
+            (std::array::from_fn(|k| everywhere[k] && present[k]), std::array::from_fn(|k| uniform[k] && same[k]))
+        });
+        texts.uniform = uniform;
+        let per_row = COLUMN_COUNT - uniform.iter().filter(|&&u| u).count();
+        args.reserve(SHARED.len() + rows.len() * per_row, 0);
+        let firsts = scratch.shared_texts(first, &[false; 11]).map_err(encode)?;
         for (k, first) in firsts.into_iter().enumerate() {
             texts.shared[k] = first.filter(|_| everywhere[k]).map(Arc::from);
             args.add(texts.shared[k].clone()).map_err(encode)?;
@@ -340,7 +320,67 @@ fn insert(table: &Table, rows: &[AuditEvent]) -> Result<(String, SqliteArguments
     for event in rows {
         texts.bind(event, &mut scratch, &mut args).map_err(encode)?;
     }
-    Ok((sql, args))
+    Ok((statement(table, rows.len(), &texts.uniform), args))
+}
+
+/// The SQL of [`insert`] for `rows` rows, with the [`SHARED`] columns marked in `uniform` left out of the
+/// `VALUES` rows.
+fn statement(table: &Table, rows: usize, uniform: &[bool; 11]) -> String {
+    use std::fmt::Write as _;
+    let per_row = COLUMN_COUNT - uniform.iter().filter(|&&u| u).count();
+    let mut sql = String::with_capacity(500 + COLUMNS.len() + rows * (3 * per_row + 2));
+    sql.push_str("INSERT INTO ");
+    sql.push_str(table.qualified());
+    sql.push_str(" (");
+    sql.push_str(COLUMNS);
+    // The shared texts' parameters come first in the text, so they are parameters 1 to 11.
+    sql.push_str(") SELECT ");
+    let mut value = 0;
+    for column in 0..COLUMN_COUNT {
+        if column > 0 {
+            sql.push_str(", ");
+        }
+        match SHARED.iter().position(|&c| c == column) {
+            Some(k) if uniform[k] => sql.push('?'),
+            Some(_) => {
+                value += 1;
+                let _ = write!(sql, "ifnull(column{value}, ?)");
+            }
+            None => {
+                value += 1;
+                let _ = write!(sql, "column{value}");
+            }
+        }
+    }
+    sql.push_str(" FROM (VALUES ");
+    for i in 0..rows {
+        sql.push_str(if i > 0 { ", (?" } else { "(?" });
+        for _ in 1..per_row {
+            sql.push_str(", ?");
+        }
+        sql.push(')');
+    }
+    // `WHERE true` tells SQLite's parser that `ON CONFLICT` is the upsert's, not a join's.
+    sql.push_str(") WHERE true ON CONFLICT (id) DO NOTHING");
+    sql
+}
+
+/// Whether `e` holds `first`'s value in each of the [`SHARED`] columns, in the order of
+/// [`Scratch::shared_texts`].
+fn same_shared(e: &AuditEvent, first: &AuditEvent) -> [bool; 11] {
+    [
+        e.kind == first.kind,
+        e.outcome == first.outcome,
+        e.method == first.method,
+        e.route == first.route,
+        e.path == first.path,
+        e.actor == first.actor,
+        e.client_addr == first.client_addr,
+        e.user_agent == first.user_agent,
+        e.attributes == first.attributes,
+        e.instance == first.instance,
+        e.boot == first.boot,
+    ]
 }
 
 /// Whether `e` has a text in each of the [`SHARED`] columns, in the order of [`Scratch::shared_texts`] (kind,
@@ -375,12 +415,21 @@ impl Default for Scratch {
 }
 
 impl Scratch {
-    /// `e`'s texts in the [`SHARED`] columns, in their order.
-    fn shared_texts<'a>(&'a mut self, e: &'a AuditEvent) -> Result<[Option<&'a str>; 11], sqlx::error::BoxDynError> {
-        let addr = e.client_addr.map(|ip| write(&mut self.addr, ip));
-        self.json.clear();
-        serde_json::to_writer(&mut self.json, &e.attributes)?;
-        let boot = e.boot.map(|b| &*b.hyphenated().encode_lower(&mut self.boot));
+    /// `e`'s texts in the [`SHARED`] columns, in their order; `None` in those marked in `skip`, not written.
+    fn shared_texts<'a>(
+        &'a mut self,
+        e: &'a AuditEvent,
+        skip: &[bool; 11],
+    ) -> Result<[Option<&'a str>; 11], sqlx::error::BoxDynError> {
+        let addr = e.client_addr.filter(|_| !skip[6]).map(|ip| write(&mut self.addr, ip));
+        let json = if skip[8] {
+            None
+        } else {
+            self.json.clear();
+            serde_json::to_writer(&mut self.json, &e.attributes)?;
+            Some(std::str::from_utf8(&self.json)?)
+        };
+        let boot = e.boot.filter(|_| !skip[10]).map(|b| &*b.hyphenated().encode_lower(&mut self.boot));
         Ok([
             Some(&*e.kind),
             Some(e.outcome.as_str()),
@@ -390,7 +439,7 @@ impl Scratch {
             e.actor.as_deref(),
             addr,
             e.user_agent.as_deref(),
-            Some(std::str::from_utf8(&self.json)?),
+            json,
             e.instance.as_deref(),
             boot,
         ])
@@ -402,6 +451,8 @@ impl Scratch {
 struct Texts {
     /// The batch's text in each of the [`SHARED`] columns (`None`: each row binds its own).
     shared: [Option<Arc<str>>; 11],
+    /// The [`SHARED`] columns in which every row holds the batch's value: no row binds them.
+    uniform: [bool; 11],
     /// The row above's text in each of the [`SHARED`] columns.
     above: [Above; 11],
     /// `hash` and `prev_hash`: the hash of the row above is this row's `prev_hash`.
@@ -430,20 +481,25 @@ impl Texts {
         scratch: &mut Scratch,
         args: &mut SqliteArguments,
     ) -> Result<(), sqlx::error::BoxDynError> {
-        let shared = scratch.shared_texts(e)?;
+        let shared = scratch.shared_texts(e, &self.uniform)?;
         let mut shared = shared.into_iter().enumerate().map(|(k, text)| match (text, &self.shared[k]) {
+            // The whole batch's value: not in the row at all.
+            _ if self.uniform[k] => None,
             // The batch's text: NULL here, the batch's in the table.
-            (Some(text), Some(batch)) if **batch == *text => None,
-            (text, _) => text.map(|text| self.above[k].text(text)),
+            (Some(text), Some(batch)) if **batch == *text => Some(None),
+            (text, _) => Some(text.map(|text| self.above[k].text(text))),
         });
-        let mut next = || shared.next().expect("one value per shared column");
+        let mut next = |args: &mut SqliteArguments| match shared.next().expect("one value per shared column") {
+            Some(value) => args.add(value),
+            None => Ok(()),
+        };
         let mut id = [0; uuid::fmt::Hyphenated::LENGTH];
         args.add(Arc::<str>::from(&*e.id.hyphenated().encode_lower(&mut id)))?;
         args.add(i64::try_from(e.seq).unwrap_or(i64::MAX))?;
         args.add(Arc::<str>::from(write(&mut self.time, humantime::format_rfc3339_micros(e.time))))?;
         for _ in 3..=7 {
             // kind, outcome, method, route, path
-            args.add(next())?;
+            next(args)?;
         }
         args.add(e.status.map(i32::from))?;
         args.add(e.grpc_status)?;
@@ -451,12 +507,12 @@ impl Texts {
         args.add(e.request_id.as_deref().map(Arc::<str>::from))?;
         for _ in 12..=15 {
             // actor, client address, user agent, attributes
-            args.add(next())?;
+            next(args)?;
         }
         args.add(i16::try_from(e.version).unwrap_or(i16::MAX))?;
         // instance, boot
-        args.add(next())?;
-        args.add(next())?;
+        next(args)?;
+        next(args)?;
         let mut hex = const_hex::Buffer::<32>::new();
         args.add(e.prev_hash.map(|h| self.hash.text(hex.format(&h.0))))?;
         args.add(e.hash.map(|h| self.hash.text(hex.format(&h.0))))
@@ -488,6 +544,21 @@ mod tests {
                 e
             })
             .collect()
+    }
+
+    #[test]
+    fn a_value_the_whole_batch_shares_is_bound_once_not_in_every_row() {
+        let table = Table::parse(DEFAULT_TABLE, false).unwrap();
+        let mut rows = events(3, &mut 0);
+        // Every shared column holds one value down the batch: each row binds its ten columns of its own only.
+        let (sql, args) = insert(&table, &rows).unwrap();
+        assert_eq!(args.len(), SHARED.len() + 3 * (COLUMN_COUNT - SHARED.len()));
+        assert!(sql.contains("FROM (VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?), (?"), "{sql}");
+        // An actor that changes down the batch takes its place in every row again (NULL where it is the batch's).
+        rows[1].actor = Some("bob".into());
+        let (sql, args) = insert(&table, &rows).unwrap();
+        assert_eq!(args.len(), SHARED.len() + 3 * (COLUMN_COUNT - SHARED.len() + 1));
+        assert!(sql.contains("ifnull(column8, ?)"), "{sql}");
     }
 
     async fn wal_autocheckpoint(pool: &SqlitePool) -> i64 {
