@@ -6,7 +6,8 @@
 # It starts one server per mode (fresh databases, all pinned to CPU 0), registers one user on each, then runs wrk
 # pinned to CPU 1 against GET /api/auth/me (bearer token) and POST /api/auth/login, then GET /api/auth/me over one
 # connection (the latency a durable event adds), REPEATS times per mode, interleaved, and reports the median requests/s, p50, p99 and p99.9 latency, errors (socket errors and non-2xx),
-# and each server's peak RSS. Installs wrk from Debian's packages if it is missing. Then, unless SPILL_OUTAGE=0, runs
+# and each server's peak RSS; and, with the servers pinned, the CPU each request cost: CPU 0's busy time (the kernel's
+# share included) and the server's threads by name (tokio's, sqlx's SQLite threads, the rest). Installs wrk from Debian's packages if it is missing. Then, unless SPILL_OUTAGE=0, runs
 # benches/load_spill_outage.sh: the spill with the Postgres audit sink frozen for 15 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,13 +35,15 @@ results="$work/results.tsv"
 
 # `layer` makes the auth actions durable (the default: register, login, refresh, logout) and /me best effort;
 # `layer-durable` makes /me durable too, and `layer-durable-batch-1` turns group commit off (one sink write per
-# event, Kubernetes' blocking-strict). MODES="off layer …" runs a subset.
+# event, Kubernetes' blocking-strict); `layer-jsonl` (not in the default set) writes JSON lines instead of SQLite.
+# MODES="off layer …" runs a subset.
 read -r -a MODES <<< "${MODES:-off layer layer-durable layer-durable-batch-1 layer-stalled-sink inline inline-pool-1}"
 declare -A ARGS=(
   [off]="--audit off --db-pool-size 5"
   [layer]="--audit layer --audit-sink sqlite --db-pool-size 5"
   [layer-durable]="--audit layer --audit-sink sqlite --durable all --db-pool-size 5"
   [layer-durable-batch-1]="--audit layer --audit-sink sqlite --durable all --audit-batch-size 1 --db-pool-size 5"
+  [layer-jsonl]="--audit layer --audit-sink jsonl --db-pool-size 5"
   [layer-stalled-sink]="--audit layer --audit-sink stalled --durable none --db-pool-size 5"
   [inline]="--audit inline --db-pool-size 5"
   [inline-pool-1]="--audit inline --db-pool-size 1"
@@ -75,12 +78,30 @@ done
 for mode in "${MODES[@]}"; do TOKENS[$mode]=${TOKENS[$mode]:-${TOKENS[off]}}; done
 cat benches/load/login.lua benches/load/report.lua > "$work/login.lua"
 
+# Where each request's CPU goes: CPU 0's busy time (user, system, interrupts: everything the server costs the
+# core it is pinned to, the kernel's share included), and the server's own threads' run time by name (tokio's
+# workers, sqlx's SQLite threads, the rest), from /proc. Printed as milliseconds over one wrk run.
+cpu0_ms() { awk '$1 == "cpu0" {print ($2 + $3 + $4 + $7 + $8 + $9) * 1000 / '"$(getconf CLK_TCK)"'}' /proc/stat; }
+threads_ms() {
+  for task in /proc/"$1"/task/*; do
+    echo "$(cat "$task/comm" 2>/dev/null) $(cut -d' ' -f1 "$task/schedstat" 2>/dev/null)"
+  done | awk '$2 == "" {next} $1 ~ /^tokio-rt/ {t += $2; next} $1 ~ /^sqlx-sqlite/ {q += $2; next} {o += $2}
+              END {printf "%.1f %.1f %.1f", t / 1e6, q / 1e6, o / 1e6}'
+}
+cpu_fields() {  # before-snapshot after-snapshot -> key=value pairs for the RESULT line
+  read -r c0 t0 q0 o0 <<< "$1"; read -r c1 t1 q1 o1 <<< "$2"
+  awk -v c="$c0 $c1" -v t="$t0 $t1" -v q="$q0 $q1" -v o="$o0 $o1" 'function d(p, a) {split(p, a, " "); return a[2] - a[1]}
+    BEGIN {printf "cpu0_ms=%.1f runtime_ms=%.1f sqlx_ms=%.1f other_ms=%.1f", d(c), d(t), d(q), d(o)}'
+}
+snapshot() { echo "$(cpu0_ms) $(threads_ms "$1")"; }
+
 # ENDPOINTS="me me1" runs a subset. me1: one connection, one request at a time: the latency a durable event adds (about one sink commit).
 read -r -a ENDPOINTS <<< "${ENDPOINTS:-me login me1}"
 for endpoint in "${ENDPOINTS[@]}"; do
   for r in $(seq 1 "$REPEATS"); do
     for mode in "${MODES[@]}"; do
       base="http://127.0.0.1:${PORTS[$mode]}"
+      before=$(snapshot "${PIDS[$mode]}")
       if [ "$endpoint" = me1 ]; then
         case $mode in inline*) continue ;; esac
         line=$("${PIN1[@]}" wrk -t1 -c1 -d"${DURATION}s" --timeout 10s \
@@ -92,6 +113,7 @@ for endpoint in "${ENDPOINTS[@]}"; do
         line=$("${PIN1[@]}" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" --timeout 10s -s "$work/login.lua" \
           "$base/api/auth/login" | grep '^RESULT')
       fi
+      line="$line $(cpu_fields "$before" "$(snapshot "${PIDS[$mode]}")")"
       echo "$mode	$endpoint	$r	$line" >> "$results"
       echo "$mode $endpoint run $r: $line" >&2
     done
@@ -111,9 +133,9 @@ for mode in "${MODES[@]}"; do kill -INT "${PIDS[$mode]}" 2>/dev/null || true; do
 wait 2>/dev/null || true
 servers=""
 
-python3 - "$results" "$DURATION" "$REPEATS" "$CONNECTIONS" > "$OUT" <<'PY'
+python3 - "$results" "$DURATION" "$REPEATS" "$CONNECTIONS" "${#PIN0[@]}" > "$OUT" <<'PY'
 import sys, statistics, collections
-path, duration, repeats, conns = sys.argv[1:]
+path, duration, repeats, conns, pinned = sys.argv[1:]
 runs = collections.defaultdict(list)
 rss = {}
 audit = {}
@@ -162,6 +184,21 @@ for endpoint, title in titles.items():
               f"{ratio(label, 'p99_us', 'layer'):.2f} | {med(label, 'p999_us') / 1000:.2f} | {errors} | "
               f"{rss.get((label, endpoint), 0) / 1024:.1f} | {counted(label, endpoint, 'written'):,} | "
               f"{counted(label, endpoint, 'not_written'):,} |")
+    print()
+    if pinned == "0":
+        continue
+    # CPU per request, median over the runs: what the whole of CPU 0 spent (the kernel's share included), and
+    # the server's threads by name. "vs off" is the extra CPU 0 time per request, against off's median.
+    per = lambda l, k: statistics.median(r[k] * 1000 / r["requests"] for r in runs[(l, endpoint)])
+    print("CPU per request, µs (medians over the runs): CPU 0 in all, then the server's threads by name.\n")
+    print("| mode | CPU 0 | extra vs off | tokio's threads | sqlx's SQLite threads | other threads |")
+    print("|---|---|---|---|---|---|")
+    for label in labels:
+        if (label, endpoint) not in runs:
+            continue
+        extra = per(label, "cpu0_ms") - per("off", "cpu0_ms") if ("off", endpoint) in runs else float("nan")
+        print(f"| {label} | {per(label, 'cpu0_ms'):.1f} | {extra:+.1f} | {per(label, 'runtime_ms'):.1f} | "
+              f"{per(label, 'sqlx_ms'):.1f} | {per(label, 'other_ms'):.1f} |")
     print()
 PY
 cat "$OUT"
