@@ -463,3 +463,74 @@ async fn a_batch_in_one_statement_is_written_whole_or_not_at_all() {
     sqlite.write_batch(&batch[..2]).await.unwrap();
     assert_eq!(seqs().await, [1, 2, 3]);
 }
+
+/// The sink's WAL guard (README, "`SqliteSink` and slow disks"): past 40 MiB the writer checkpoints itself.
+const WAL_GUARD: u64 = 40 << 20;
+
+fn wal_bytes(db: &std::path::Path) -> u64 {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    std::fs::metadata(std::path::PathBuf::from(wal)).map_or(0, |m| m.len())
+}
+
+/// `rows` events of one batch, each with ~2 KiB of attributes (about one WAL page per two rows).
+fn fat_batch(rows: usize) -> Vec<AuditEvent> {
+    (0..rows)
+        .map(|i| {
+            let mut e = AuditEvent::new("http.request").actor("alice");
+            e.id = Uuid::now_v7();
+            e.attributes.insert("pad".into(), format!("{i:02000}"));
+            e
+        })
+        .collect()
+}
+
+/// Writes `batches` fat batches of 250 rows back to back: the WAL file's largest size, and how often it was cut
+/// back (the WAL started over).
+async fn write_fat(sink: &SqliteSink, db: &std::path::Path, batches: usize) -> (u64, usize) {
+    let (mut largest, mut cuts, mut last) = (0, 0, 0);
+    for _ in 0..batches {
+        sink.write_batch(&fat_batch(250)).await.unwrap();
+        let now = wal_bytes(db);
+        cuts += usize::from(now < last);
+        (largest, last) = (largest.max(now), now);
+    }
+    (largest, cuts)
+}
+
+async fn stored(reader: &SqlitePool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(reader).await.unwrap()
+}
+
+/// Writes without a pause (~150 MiB of WAL, far faster than the background checkpoints every 2 s keep up with):
+/// the WAL starts over and stays near the guard, and every row is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuous_writes_keep_the_wal_near_its_guard() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sink, reader) = sink(&dir).await;
+    let db = dir.path().join("audit.db");
+    let (largest, cuts) = write_fat(&sink, &db, 300).await;
+    assert_eq!(stored(&reader).await, 300 * 250);
+    assert!(cuts >= 1, "the WAL never started over (largest {largest} bytes)");
+    assert!(largest <= WAL_GUARD + (WAL_GUARD / 4), "the WAL file reached {largest} bytes, guard {WAL_GUARD}");
+}
+
+/// Background checkpoints that all fail (the database's path turned into a directory after `connect`, so the
+/// checkpointing connection cannot open it) never fail a batch, and the writer's guard still bounds the WAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_background_checkpoints_fail_no_batch_and_leave_the_wal_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("audit.db");
+    let moved = dir.path().join("moved.db");
+    let sink = SqliteSink::connect(db.to_str().unwrap()).await.unwrap();
+    sink.ensure_schema().await.unwrap();
+    std::fs::rename(&db, &moved).unwrap();
+    std::fs::create_dir(&db).unwrap();
+    let (largest, cuts) = write_fat(&sink, &db, 250).await;
+    std::fs::remove_dir(&db).unwrap();
+    std::fs::rename(&moved, &db).unwrap();
+    let reader = SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
+    assert_eq!(stored(&reader).await, 250 * 250);
+    assert!(cuts >= 1, "the WAL never started over (largest {largest} bytes)");
+    assert!(largest <= WAL_GUARD + (WAL_GUARD / 4), "the WAL file reached {largest} bytes, guard {WAL_GUARD}");
+}

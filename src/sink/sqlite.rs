@@ -30,9 +30,12 @@ const ROWS_PER_STATEMENT: usize = (MAX_BINDS - SHARED.len()) / COLUMN_COUNT;
 /// [`connect`](Self::connect) opens a dedicated pool of one connection (SQLite serialises writers anyway) in WAL
 /// mode with `synchronous = NORMAL`, creating the database file if needed. That connection never checkpoints
 /// the WAL: a second connection of the sink's own does, in the background after a batch (at most every 2 s), so
-/// the checkpoint's `fsync` never holds a batch up; the writer checkpoints itself only once the WAL has passed
-/// 10,000 frames. Keep the audit database apart from your application's: a long application transaction would
-/// otherwise hold the single writer lock.
+/// the checkpoint's `fsync` never holds a batch up; the writer checkpoints itself only once the WAL file has
+/// passed 40 MiB (the background checkpoints fell behind, or failed), so the WAL stays bounded. A relative path
+/// is made absolute when the sink connects: a connection opened later opens the same file, even after the
+/// process changes directory. An in-memory database (`sqlite::memory:`) has no WAL and no checkpoints. Keep the
+/// audit database apart from your application's: a long application transaction would otherwise hold the single
+/// writer lock.
 ///
 /// ```no_run
 /// # #[tokio::main(flavor = "current_thread")]
@@ -82,24 +85,36 @@ impl SqliteSink {
         } else {
             SqliteConnectOptions::new().filename(url)
         };
-        let options = options
+        let in_memory = url.contains(":memory:") || url.contains("mode=memory");
+        let mut options = options
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5));
+        if in_memory {
+            // No file, no WAL: nothing to checkpoint.
+            let pool = Self::pool(max_connections).connect_with(options).await.map_err(SinkError::backend)?;
+            return Ok(Self::from_pool(pool));
+        }
+        // Every connection, opened now or later, opens this very file, even after the process changes directory.
+        let path = std::path::absolute(options.get_filename()).map_err(SinkError::backend)?;
+        options = options.filename(&path);
         // The writer never checkpoints on its own: SQLite's automatic checkpoint runs inside the commit that
         // fills the WAL, and its `fsync` can wait seconds on a disk's cache flush, with the queue filling
-        // meanwhile. A connection of the sink's own does it instead (see `Checkpointer`).
-        let writer = options.clone().pragma("wal_autocheckpoint", "0");
-        let pool = SqlitePoolOptions::new()
-            .max_connections(max_connections.max(1))
-            .test_before_acquire(false)
-            .connect_with(writer)
-            .await
-            .map_err(SinkError::backend)?;
-        let checkpointer =
-            SqlitePoolOptions::new().max_connections(1).test_before_acquire(false).connect_lazy_with(options);
-        Ok(Self { checkpoints: Some(Arc::new(Checkpointer::new(checkpointer))), ..Self::from_pool(pool) })
+        // meanwhile. A connection of the sink's own does it instead (see `Checkpointer`). When the WAL starts
+        // over, SQLite cuts its file back to the guard, so the file's size tells how far the WAL has grown.
+        let writer =
+            options.clone().pragma("wal_autocheckpoint", "0").pragma("journal_size_limit", WAL_GUARD_BYTES.to_string());
+        let pool = Self::pool(max_connections).connect_with(writer).await.map_err(SinkError::backend)?;
+        let checkpointer = Self::pool(1).connect_lazy_with(options);
+        let mut wal = path.into_os_string();
+        wal.push("-wal");
+        let checkpoints = Checkpointer::new(checkpointer, wal.into());
+        Ok(Self { checkpoints: Some(Arc::new(checkpoints)), ..Self::from_pool(pool) })
+    }
+
+    fn pool(max_connections: u32) -> SqlitePoolOptions {
+        SqlitePoolOptions::new().max_connections(max_connections.max(1)).test_before_acquire(false)
     }
 
     /// Writes through a pool you own. Its connections checkpoint the WAL as you configured them (SQLite's
@@ -202,21 +217,29 @@ impl AuditSink for SqliteSink {
     }
 }
 
-/// WAL frames (pages) past which the writer checkpoints itself, as SQLite's automatic checkpoint would: the
-/// background checkpoints have not kept the WAL short (with continuous writes, the WAL restarts from its start
-/// only after a checkpoint that no write overlapped). 10,000 frames: 40 MiB with 4 KiB pages.
-const WAL_GUARD_FRAMES: i64 = 10_000;
+/// The WAL file's size past which the writer checkpoints itself, as SQLite's automatic checkpoint would (40 MiB:
+/// 10,000 pages of 4 KiB). The background checkpoints copy the WAL into the database, but with writes going on
+/// the WAL starts over from its beginning only after a checkpoint that no write overlapped, which only the
+/// writer can run; and if the background checkpoints fail, nothing else keeps the WAL bounded. SQLite cuts the
+/// file back to this size when the WAL starts over (`journal_size_limit`), so the file passes it only while the
+/// WAL holds more.
+const WAL_GUARD_BYTES: u64 = 40 << 20;
 /// The least time between the starts of two background checkpoints.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 
 /// Checkpoints the WAL of a sink that [`connect`](SqliteSink::connect) opened, from a connection of its own and
 /// a task of its own, so the writer never waits for the checkpoint's `fsync`: after a batch is written, it starts
 /// one (`PRAGMA wal_checkpoint(PASSIVE)`, which never blocks the writer) unless one runs or one started less
-/// than [`CHECKPOINT_EVERY`] ago. If the last one found the WAL over [`WAL_GUARD_FRAMES`] frames, the writer
-/// checkpoints itself before it goes on, as SQLite would have: the WAL stays bounded.
+/// than [`CHECKPOINT_EVERY`] ago. If the WAL file has passed [`WAL_GUARD_BYTES`] all the same, the writer
+/// checkpoints itself before it goes on, as SQLite would have: the WAL stays bounded, whatever the background
+/// checkpoints manage.
 #[derive(Debug)]
 struct Checkpointer {
     pool: SqlitePool,
+    /// The WAL file (the database's absolute path and `-wal`).
+    wal: std::path::PathBuf,
+    /// [`WAL_GUARD_BYTES`] (lower in tests).
+    guard_bytes: u64,
     state: std::sync::Mutex<CheckpointState>,
 }
 
@@ -224,13 +247,11 @@ struct Checkpointer {
 struct CheckpointState {
     running: bool,
     last_start: Option<std::time::Instant>,
-    /// The WAL's frames when the last checkpoint ended.
-    wal_frames: i64,
 }
 
 impl Checkpointer {
-    fn new(pool: SqlitePool) -> Self {
-        Self { pool, state: Default::default() }
+    fn new(pool: SqlitePool, wal: std::path::PathBuf) -> Self {
+        Self { pool, wal, guard_bytes: WAL_GUARD_BYTES, state: Default::default() }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, CheckpointState> {
@@ -238,36 +259,32 @@ impl Checkpointer {
     }
 
     async fn after_write(self: &Arc<Self>, writer: &SqlitePool) {
-        let (inline, start) = {
+        // One `stat`: a file that is not there (yet) holds nothing.
+        let wal_bytes = std::fs::metadata(&self.wal).map_or(0, |m| m.len());
+        if wal_bytes > self.guard_bytes {
+            if let Err(error) = checkpoint(writer).await {
+                tracing::warn!(%error, wal_bytes, "the writer's checkpoint of the SQLite audit WAL failed");
+            }
+            return;
+        }
+        let start = {
             let mut state = self.state();
-            if state.wal_frames > WAL_GUARD_FRAMES {
-                (true, false)
-            } else if !state.running && state.last_start.is_none_or(|t| t.elapsed() >= CHECKPOINT_EVERY) {
+            let due = !state.running && state.last_start.is_none_or(|t| t.elapsed() >= CHECKPOINT_EVERY);
+            if due {
                 state.running = true;
                 state.last_start = Some(std::time::Instant::now());
-                (false, true)
-            } else {
-                (false, false)
             }
+            due
         };
-        if inline {
-            let result = checkpoint(writer).await;
-            self.ended(result, "the writer's");
-        }
         if start {
             let this = Arc::clone(self);
             tokio::spawn(async move {
                 let result = checkpoint(&this.pool).await;
                 this.state().running = false;
-                this.ended(result, "a background");
+                if let Err(error) = result {
+                    tracing::warn!(%error, "a background checkpoint of the SQLite audit WAL failed");
+                }
             });
-        }
-    }
-
-    fn ended(&self, result: Result<(i64, i64, i64), sqlx::Error>, which: &str) {
-        match result {
-            Ok((_busy, log, _checkpointed)) => self.state().wal_frames = log,
-            Err(error) => tracing::warn!(%error, "{which} checkpoint of the SQLite audit WAL failed"),
         }
     }
 }
@@ -581,6 +598,8 @@ mod tests {
         let sink = SqliteSink::connect(path.to_str().unwrap()).await.unwrap();
         sink.ensure_schema().await.unwrap();
         assert_eq!(wal_autocheckpoint(&sink.pool).await, 0, "the writer leaves checkpoints to the sink");
+        let limit: i64 = sqlx::query_scalar("PRAGMA journal_size_limit").fetch_one(&sink.pool).await.unwrap();
+        assert_eq!(limit, WAL_GUARD_BYTES as i64, "a WAL that starts over is cut back to the guard");
         let checkpoints = sink.checkpoints.clone().expect("connect checkpoints in the background");
         assert_eq!(wal_autocheckpoint(&checkpoints.pool).await, 1000, "SQLite's default, unused: it never writes");
         let db_bytes = || std::fs::metadata(&path).unwrap().len();
@@ -590,21 +609,24 @@ mod tests {
         sink.write_batch(&events(512, &mut seq)).await.unwrap();
         idle(&checkpoints).await;
         assert!(db_bytes() > before + 100 * 1024, "{} bytes, {before} before: nothing was checkpointed", db_bytes());
-        let frames = checkpoints.state().wal_frames;
-        assert!(frames > 0 && frames < WAL_GUARD_FRAMES, "{frames} frames");
+        assert!(checkpoints.wal.is_absolute() && checkpoints.wal.ends_with("audit.db-wal"), "{:?}", checkpoints.wal);
+        let wal_bytes = std::fs::metadata(&checkpoints.wal).unwrap().len();
+        assert!(wal_bytes > 0 && wal_bytes < WAL_GUARD_BYTES, "{wal_bytes} bytes of WAL");
 
-        // Past the guard (as if background checkpoints had fallen behind), the writer checkpoints itself after
-        // its batch, even while a background one is counted as running.
-        {
-            let mut state = checkpoints.state();
-            state.wal_frames = WAL_GUARD_FRAMES + 1;
-            state.running = true;
-        }
+        // Past the guard (as if background checkpoints had fallen behind, or failed), the writer checkpoints
+        // itself after its batch, even while a background one is counted as running.
+        let guarded = SqliteSink {
+            checkpoints: Some(Arc::new(Checkpointer {
+                guard_bytes: wal_bytes - 1,
+                ..Checkpointer::new(checkpoints.pool.clone(), checkpoints.wal.clone())
+            })),
+            ..sink.clone()
+        };
+        guarded.checkpoints.as_ref().unwrap().state().running = true;
         let before = db_bytes();
-        sink.write_batch(&events(512, &mut seq)).await.unwrap();
+        guarded.write_batch(&events(512, &mut seq)).await.unwrap();
         assert!(db_bytes() > before, "the writer's own checkpoint copied the batch into the database file");
-        let frames = checkpoints.state().wal_frames;
-        assert!(frames <= WAL_GUARD_FRAMES, "{frames} frames after the writer's checkpoint");
+        assert!(checkpoints.state().last_start.is_some() && !checkpoints.state().running);
         let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&sink.pool).await.unwrap();
         assert_eq!(stored, 1024);
     }
