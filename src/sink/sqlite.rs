@@ -632,6 +632,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_in_memory_database_has_no_checkpointer_and_stores_every_row() {
+        let sink = SqliteSink::connect("sqlite::memory:").await.unwrap();
+        assert!(sink.checkpoints.is_none(), "no file, no WAL to checkpoint");
+        sink.ensure_schema().await.unwrap();
+        sink.write_batch(&events(300, &mut 0)).await.unwrap();
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&sink.pool).await.unwrap();
+        assert_eq!(stored, 300);
+    }
+
+    #[tokio::test]
     async fn a_pool_you_own_checkpoints_as_you_configured_it() {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("own.db").display());
