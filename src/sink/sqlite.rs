@@ -230,7 +230,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 /// Checkpoints the WAL of a sink that [`connect`](SqliteSink::connect) opened, from a connection of its own and
 /// a task of its own, so the writer never waits for the checkpoint's `fsync`: after a batch is written, it starts
 /// one (`PRAGMA wal_checkpoint(PASSIVE)`, which never blocks the writer) unless one runs or one started less
-/// than [`CHECKPOINT_EVERY`] ago. If the WAL file has passed [`WAL_GUARD_BYTES`] all the same, the writer
+/// than [`CHECKPOINT_EVERY`] ago (once the WAL file has passed half the guard, whenever none runs). If the WAL file has passed [`WAL_GUARD_BYTES`] all the same, the writer
 /// checkpoints itself before it goes on, as SQLite would have: the WAL stays bounded, whatever the background
 /// checkpoints manage.
 #[derive(Debug)]
@@ -269,7 +269,10 @@ impl Checkpointer {
         }
         let start = {
             let mut state = self.state();
-            let due = !state.running && state.last_start.is_none_or(|t| t.elapsed() >= CHECKPOINT_EVERY);
+            // Past half the guard, one after another: the writer's own checkpoint then finds little to copy.
+            let due = !state.running
+                && (wal_bytes > self.guard_bytes / 2
+                    || state.last_start.is_none_or(|t| t.elapsed() >= CHECKPOINT_EVERY));
             if due {
                 state.running = true;
                 state.last_start = Some(std::time::Instant::now());
@@ -629,6 +632,32 @@ mod tests {
         assert!(checkpoints.state().last_start.is_some() && !checkpoints.state().running);
         let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&sink.pool).await.unwrap();
         assert_eq!(stored, 1024);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn past_half_the_guard_background_checkpoints_run_one_after_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = SqliteSink::connect(dir.path().join("audit.db").to_str().unwrap()).await.unwrap();
+        sink.ensure_schema().await.unwrap();
+        let checkpoints = sink.checkpoints.clone().unwrap();
+        let mut seq = 0;
+        sink.write_batch(&events(512, &mut seq)).await.unwrap();
+        idle(&checkpoints).await;
+        let first = checkpoints.state().last_start.expect("the first batch starts a checkpoint");
+        // Under half the guard, a batch within 2 s of the last start starts none.
+        sink.write_batch(&events(16, &mut seq)).await.unwrap();
+        assert_eq!(checkpoints.state().last_start, Some(first));
+        // Past half of it (a guard of just under twice the WAL file), the next batch starts one at once.
+        let wal_bytes = std::fs::metadata(&checkpoints.wal).unwrap().len();
+        let eager = Arc::new(Checkpointer {
+            guard_bytes: 2 * wal_bytes - 1,
+            ..Checkpointer::new(checkpoints.pool.clone(), checkpoints.wal.clone())
+        });
+        eager.state().last_start = Some(first);
+        let eager_sink = SqliteSink { checkpoints: Some(Arc::clone(&eager)), ..sink.clone() };
+        eager_sink.write_batch(&events(16, &mut seq)).await.unwrap();
+        assert!(eager.state().last_start > Some(first), "no checkpoint started past half the guard");
+        idle(&eager).await;
     }
 
     #[tokio::test]
