@@ -28,10 +28,11 @@ const ROWS_PER_STATEMENT: usize = (MAX_BINDS - SHARED.len()) / COLUMN_COUNT;
 /// event with another id under a `(boot, seq)` already stored fails the batch (the table's unique index).
 ///
 /// [`connect`](Self::connect) opens a dedicated pool of one connection (SQLite serialises writers anyway) in WAL
-/// mode with `synchronous = NORMAL`, creating the database file if needed. That connection never checkpoints
-/// the WAL: a second connection of the sink's own does, in the background after a batch (at most every 2 s), so
-/// the checkpoint's `fsync` never holds a batch up; the writer checkpoints itself only once the WAL file has
-/// passed 40 MiB (the background checkpoints fell behind, or failed), so the WAL stays bounded. A relative path
+/// mode with `synchronous = NORMAL`, creating the database file if needed. That connection leaves checkpoints
+/// to a second connection of the sink's own, which runs them in the background after a batch (every 2 s, or one
+/// after another once the WAL file passes 20 MiB), so a checkpoint's `fsync` seldom holds a batch up. The writer
+/// checkpoints itself only once the WAL file has passed 40 MiB (under writes that never pause, that is how the
+/// WAL starts over; or the background checkpoints failed), so the WAL stays bounded. A relative path
 /// is made absolute when the sink connects: a connection opened later opens the same file, even after the
 /// process changes directory. An in-memory database (`sqlite::memory:`) has no WAL and no checkpoints. Keep the
 /// audit database apart from your application's: a long application transaction would otherwise hold the single
