@@ -229,11 +229,11 @@ const WAL_GUARD_BYTES: u64 = 40 << 20;
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
 
 /// Checkpoints the WAL of a sink that [`connect`](SqliteSink::connect) opened, from a connection of its own and
-/// a task of its own, so the writer never waits for the checkpoint's `fsync`: after a batch is written, it starts
-/// one (`PRAGMA wal_checkpoint(PASSIVE)`, which never blocks the writer) unless one runs or one started less
-/// than [`CHECKPOINT_EVERY`] ago (once the WAL file has passed half the guard, whenever none runs). If the WAL file has passed [`WAL_GUARD_BYTES`] all the same, the writer
-/// checkpoints itself before it goes on, as SQLite would have: the WAL stays bounded, whatever the background
-/// checkpoints manage.
+/// a task of its own, so the writer never waits for that checkpoint's `fsync`: after a batch is written, it
+/// starts one (`PRAGMA wal_checkpoint(PASSIVE)`, which never blocks the writer) unless one runs or one started
+/// less than [`CHECKPOINT_EVERY`] ago (once the WAL file has passed half the guard: whenever none runs). If the
+/// WAL file has passed [`WAL_GUARD_BYTES`] all the same, the writer checkpoints itself before it goes on, as
+/// SQLite would have: the WAL stays bounded, whatever the background checkpoints manage.
 #[derive(Debug)]
 struct Checkpointer {
     pool: SqlitePool,
