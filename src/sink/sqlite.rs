@@ -326,12 +326,11 @@ fn insert(table: &Table, rows: &[AuditEvent]) -> Result<(String, SqliteArguments
     if let Some(first) = rows.first() {
         // One pass: which shared columns every row has a text in, and which hold the first row's everywhere.
         let (everywhere, uniform) = rows.iter().fold(([true; 11], [true; 11]), |(everywhere, uniform), row| {
-            let (present, same) = (present(row), same_shared(row, first));
-            (std::array::from_fn(|k| everywhere[k] && present[k]), std::array::from_fn(|k| uniform[k] && same[k]))
+            let seen = against_first(row, first);
+            (std::array::from_fn(|k| everywhere[k] && seen[k].0), std::array::from_fn(|k| uniform[k] && seen[k].1))
         });
         texts.uniform = uniform;
-        let per_row = COLUMN_COUNT - uniform.iter().filter(|&&u| u).count();
-        args.reserve(SHARED.len() + rows.len() * per_row, 0);
+        args.reserve(SHARED.len() + rows.len() * values_per_row(&uniform), 0);
         let firsts = scratch.shared_texts(first, &[false; 11]).map_err(encode)?;
         for (k, first) in firsts.into_iter().enumerate() {
             texts.shared[k] = first.filter(|_| everywhere[k]).map(Arc::from);
@@ -348,7 +347,7 @@ fn insert(table: &Table, rows: &[AuditEvent]) -> Result<(String, SqliteArguments
 /// `VALUES` rows.
 fn statement(table: &Table, rows: usize, uniform: &[bool; 11]) -> String {
     use std::fmt::Write as _;
-    let per_row = COLUMN_COUNT - uniform.iter().filter(|&&u| u).count();
+    let per_row = values_per_row(uniform);
     let mut sql = String::with_capacity(500 + COLUMNS.len() + rows * (3 * per_row + 2));
     sql.push_str("INSERT INTO ");
     sql.push_str(table.qualified());
@@ -386,39 +385,29 @@ fn statement(table: &Table, rows: usize, uniform: &[bool; 11]) -> String {
     sql
 }
 
-/// Whether `e` holds `first`'s value in each of the [`SHARED`] columns, in the order of
-/// [`Scratch::shared_texts`].
-fn same_shared(e: &AuditEvent, first: &AuditEvent) -> [bool; 11] {
-    [
-        e.kind == first.kind,
-        e.outcome == first.outcome,
-        e.method == first.method,
-        e.route == first.route,
-        e.path == first.path,
-        e.actor == first.actor,
-        e.client_addr == first.client_addr,
-        e.user_agent == first.user_agent,
-        e.attributes == first.attributes,
-        e.instance == first.instance,
-        e.boot == first.boot,
-    ]
+/// The values each `VALUES` row of [`statement`] holds: every column but those in `uniform`.
+fn values_per_row(uniform: &[bool; 11]) -> usize {
+    COLUMN_COUNT - uniform.iter().filter(|&&u| u).count()
 }
 
-/// Whether `e` has a text in each of the [`SHARED`] columns, in the order of [`Scratch::shared_texts`] (kind,
-/// outcome and attributes always do).
-fn present(e: &AuditEvent) -> [bool; 11] {
+/// For each of the [`SHARED`] columns, in the order of [`Scratch::shared_texts`]: whether `e` has a text there
+/// (kind, outcome and attributes always do), and whether it holds `first`'s value (the same text, or none).
+fn against_first(e: &AuditEvent, first: &AuditEvent) -> [(bool, bool); 11] {
+    fn optional<T: PartialEq>(value: &Option<T>, first: &Option<T>) -> (bool, bool) {
+        (value.is_some(), value == first)
+    }
     [
-        true,
-        true,
-        e.method.is_some(),
-        e.route.is_some(),
-        e.path.is_some(),
-        e.actor.is_some(),
-        e.client_addr.is_some(),
-        e.user_agent.is_some(),
-        true,
-        e.instance.is_some(),
-        e.boot.is_some(),
+        (true, e.kind == first.kind),
+        (true, e.outcome == first.outcome),
+        optional(&e.method, &first.method),
+        optional(&e.route, &first.route),
+        optional(&e.path, &first.path),
+        optional(&e.actor, &first.actor),
+        optional(&e.client_addr, &first.client_addr),
+        optional(&e.user_agent, &first.user_agent),
+        (true, e.attributes == first.attributes),
+        optional(&e.instance, &first.instance),
+        optional(&e.boot, &first.boot),
     ]
 }
 
