@@ -3,7 +3,9 @@
 //! One test in a binary of its own, since it changes the process's working directory.
 #![cfg(feature = "sqlite")]
 
-use std::time::{Duration, Instant};
+mod common;
+
+use std::time::Duration;
 
 use sqlx::sqlite::SqlitePool;
 use tower_audit::{AuditEvent, AuditSink, SqliteSink};
@@ -29,11 +31,7 @@ async fn a_relative_path_is_the_same_file_after_a_change_of_directory() {
     // The first batch starts a background checkpoint (the checkpointing connection opens now, lazily): it copies
     // the batch into the database file in `home`.
     sink.write_batch(&batch).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while db_bytes() <= before {
-        assert!(Instant::now() < deadline, "no checkpoint reached {} ({before} bytes)", db.display());
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::eventually(Duration::from_secs(20), || db_bytes() > before).await;
     assert!(!elsewhere.path().join("audit.db").exists(), "a connection opened audit.db in the new directory");
     let reader = SqlitePool::connect(&format!("sqlite://{}", db.display())).await.unwrap();
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&reader).await.unwrap();
