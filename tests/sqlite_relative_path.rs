@@ -28,8 +28,7 @@ async fn a_relative_path_is_the_same_file_after_a_change_of_directory() {
             e
         })
         .collect();
-    // The first batch starts a background checkpoint (the checkpointing connection opens now, lazily): it copies
-    // the batch into the database file in `home`.
+    // The first batch starts a background checkpoint: it copies the batch into the database file in `home`.
     sink.write_batch(&batch).await.unwrap();
     common::eventually(Duration::from_secs(20), || db_bytes() > before).await;
     assert!(!elsewhere.path().join("audit.db").exists(), "a connection opened audit.db in the new directory");

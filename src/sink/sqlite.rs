@@ -32,9 +32,9 @@ const ROWS_PER_STATEMENT: usize = (MAX_BINDS - SHARED.len()) / COLUMN_COUNT;
 /// to a second connection of the sink's own, which runs them in the background after a batch (every 2 s, or one
 /// after another once the WAL file passes 20 MiB), so a checkpoint's `fsync` seldom holds a batch up. The writer
 /// checkpoints itself only once the WAL file has passed 40 MiB (under writes that never pause, that is how the
-/// WAL starts over; or the background checkpoints failed), so the WAL stays bounded. A relative path
-/// is made absolute when the sink connects: a connection opened later opens the same file, even after the
-/// process changes directory. An in-memory database (`sqlite::memory:`) has no WAL and no checkpoints. Keep the
+/// WAL starts over; or the background checkpoints failed), so the WAL stays bounded. Both connections open the
+/// file when the sink connects and keep it; a relative path is made absolute, so a connection sqlx must replace
+/// opens the same file, even after the process changes directory. An in-memory database (`sqlite::memory:`) has no WAL and no checkpoints. Keep the
 /// audit database apart from your application's: a long application transaction would otherwise hold the single
 /// writer lock.
 ///
@@ -107,15 +107,24 @@ impl SqliteSink {
         let writer =
             options.clone().pragma("wal_autocheckpoint", "0").pragma("journal_size_limit", WAL_GUARD_BYTES.to_string());
         let pool = Self::pool(max_connections).connect_with(writer).await.map_err(SinkError::backend)?;
-        let checkpointer = Self::pool(1).connect_lazy_with(options);
+        // Opened now, on the file the writer holds, and kept: a connection opened later to the same path could
+        // reach another file (one put there after this one moved) and checkpoint this WAL into it.
+        let checkpointer =
+            Self::pool(1).connect_with(options.create_if_missing(false)).await.map_err(SinkError::backend)?;
         let mut wal = path.into_os_string();
         wal.push("-wal");
         let checkpoints = Checkpointer::new(checkpointer, wal.into());
         Ok(Self { checkpoints: Some(Arc::new(checkpoints)), ..Self::from_pool(pool) })
     }
 
+    /// The sink's pools keep their connections (no idle timeout, no lifetime): each opens the file once. (An
+    /// in-memory database would vanish with its last connection.)
     fn pool(max_connections: u32) -> SqlitePoolOptions {
-        SqlitePoolOptions::new().max_connections(max_connections.max(1)).test_before_acquire(false)
+        SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .test_before_acquire(false)
+            .idle_timeout(None)
+            .max_lifetime(None)
     }
 
     /// Writes through a pool you own. Its connections checkpoint the WAL as you configured them (SQLite's
@@ -652,6 +661,30 @@ mod tests {
         eager_sink.write_batch(&events(16, &mut seq)).await.unwrap();
         assert!(eager.state().last_start > Some(first), "no checkpoint started past half the guard");
         idle(&eager).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn background_checkpoints_that_fail_leave_the_writer_to_bound_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = SqliteSink::connect(dir.path().join("audit.db").to_str().unwrap()).await.unwrap();
+        sink.ensure_schema().await.unwrap();
+        let wal = sink.checkpoints.as_ref().unwrap().wal.clone();
+        // A checkpointing connection that can never open (its directory does not exist), and a guard of 1 MiB.
+        let unreachable = SqliteConnectOptions::new().filename(dir.path().join("missing").join("audit.db"));
+        let failing = Arc::new(Checkpointer {
+            guard_bytes: 1 << 20,
+            ..Checkpointer::new(SqliteSink::pool(1).connect_lazy_with(unreachable), wal.clone())
+        });
+        let sink = SqliteSink { checkpoints: Some(Arc::clone(&failing)), ..sink };
+        let (mut seq, mut largest) = (0, 0);
+        for _ in 0..20 {
+            sink.write_batch(&events(512, &mut seq)).await.unwrap();
+            idle(&failing).await;
+            largest = largest.max(std::fs::metadata(&wal).unwrap().len());
+        }
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&sink.pool).await.unwrap();
+        assert_eq!(stored, 20 * 512);
+        assert!(largest <= 3 << 20, "the WAL file reached {largest} bytes, guard 1 MiB");
     }
 
     #[tokio::test]
