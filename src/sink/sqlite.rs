@@ -103,9 +103,11 @@ impl SqliteSink {
         // The writer never checkpoints on its own: SQLite's automatic checkpoint runs inside the commit that
         // fills the WAL, and its `fsync` can wait seconds on a disk's cache flush, with the queue filling
         // meanwhile. A connection of the sink's own does it instead (see `Checkpointer`). When the WAL starts
-        // over, SQLite cuts its file back to the guard, so the file's size tells how far the WAL has grown.
-        let writer =
-            options.clone().pragma("wal_autocheckpoint", "0").pragma("journal_size_limit", WAL_GUARD_BYTES.to_string());
+        // over, SQLite cuts its file back to half the guard, so past that the file's size is the WAL's own.
+        let writer = options
+            .clone()
+            .pragma("wal_autocheckpoint", "0")
+            .pragma("journal_size_limit", (WAL_GUARD_BYTES / 2).to_string());
         let pool = Self::pool(max_connections).connect_with(writer).await.map_err(SinkError::backend)?;
         // Opened now, on the file the writer holds, and kept: a connection opened later to the same path could
         // reach another file (one put there after this one moved) and checkpoint this WAL into it.
@@ -230,9 +232,14 @@ impl AuditSink for SqliteSink {
 /// The WAL file's size past which the writer checkpoints itself, as SQLite's automatic checkpoint would (40 MiB:
 /// 10,000 pages of 4 KiB). The background checkpoints copy the WAL into the database, but with writes going on
 /// the WAL starts over from its beginning only after a checkpoint that no write overlapped, which only the
-/// writer can run; and if the background checkpoints fail, nothing else keeps the WAL bounded. SQLite cuts the
-/// file back to this size when the WAL starts over (`journal_size_limit`), so the file passes it only while the
-/// WAL holds more.
+/// writer can run; and if the background checkpoints fail, nothing else keeps the WAL bounded.
+///
+/// Past half the guard, background checkpoints run one after another. When the WAL starts over, SQLite cuts the
+/// file back to that half (`journal_size_limit`): below it the file keeps the largest size the WAL reached, so
+/// only past it does the file's size tell what the WAL holds now. (Cut back to the whole guard, a file that had
+/// once passed half of it stayed there, and checkpoints ran one after another from then on: on the example
+/// server under load, 413 checkpoints in a run that needed 33, each a WAL `fsync` on the writer's path when the
+/// WAL started over, and writes stalled up to a second behind them.)
 const WAL_GUARD_BYTES: u64 = 40 << 20;
 /// The least time between the starts of two background checkpoints.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(2);
@@ -605,7 +612,7 @@ mod tests {
         sink.ensure_schema().await.unwrap();
         assert_eq!(wal_autocheckpoint(&sink.pool).await, 0, "the writer leaves checkpoints to the sink");
         let limit: i64 = sqlx::query_scalar("PRAGMA journal_size_limit").fetch_one(&sink.pool).await.unwrap();
-        assert_eq!(limit, WAL_GUARD_BYTES as i64, "a WAL that starts over is cut back to the guard");
+        assert_eq!(limit, (WAL_GUARD_BYTES / 2) as i64, "a WAL that starts over is cut back to half the guard");
         let checkpoints = sink.checkpoints.clone().expect("connect checkpoints in the background");
         assert_eq!(wal_autocheckpoint(&checkpoints.pool).await, 1000, "SQLite's default, unused: it never writes");
         let db_bytes = || std::fs::metadata(&path).unwrap().len();
@@ -661,6 +668,45 @@ mod tests {
         eager_sink.write_batch(&events(16, &mut seq)).await.unwrap();
         assert!(eager.state().last_start > Some(first), "no checkpoint started past half the guard");
         idle(&eager).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn once_the_wal_starts_over_checkpoints_keep_their_interval_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = SqliteSink::connect(dir.path().join("audit.db").to_str().unwrap()).await.unwrap();
+        sink.ensure_schema().await.unwrap();
+        let checkpoints = sink.checkpoints.clone().unwrap();
+        // The guard and the cut that `connect` set (40 and 20 MiB), scaled down to a guard of 2 MiB.
+        let guard: u64 = 2 << 20;
+        let cut: i64 = sqlx::query_scalar("PRAGMA journal_size_limit").fetch_one(&sink.pool).await.unwrap();
+        let cut = cut as u64 * guard / WAL_GUARD_BYTES;
+        sqlx::query(sqlx::AssertSqlSafe(format!("PRAGMA journal_size_limit = {cut}")))
+            .execute(&sink.pool)
+            .await
+            .unwrap();
+        let small = Arc::new(Checkpointer {
+            guard_bytes: guard,
+            ..Checkpointer::new(checkpoints.pool.clone(), checkpoints.wal.clone())
+        });
+        let sink = SqliteSink { checkpoints: Some(Arc::clone(&small)), ..sink };
+        let wal_bytes = || std::fs::metadata(&small.wal).map_or(0, |m| m.len());
+        let mut seq = 0;
+        // Past half the guard: the WAL file grows over 1 MiB; each batch starts a checkpoint, which copies
+        // everything (nothing writes while it runs).
+        while wal_bytes() <= guard / 2 {
+            assert!(seq < 100 * 512, "the WAL file never passed 1 MiB");
+            sink.write_batch(&events(512, &mut seq)).await.unwrap();
+            idle(&small).await;
+        }
+        // The next batch starts the WAL over, and the file is cut back to half the guard: within the interval of the last
+        // start, no checkpoint starts.
+        let last = std::time::Instant::now();
+        small.state().last_start = Some(last);
+        sink.write_batch(&events(16, &mut seq)).await.unwrap();
+        assert!(wal_bytes() <= guard / 2, "the file was not cut back: {} bytes", wal_bytes());
+        assert_eq!(small.state().last_start, Some(last), "a checkpoint started as if the WAL were still past half");
+        let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events").fetch_one(&sink.pool).await.unwrap();
+        assert_eq!(stored, seq as i64);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
