@@ -77,7 +77,7 @@
 //!
 //! | setting | default | |
 //! |---|---|---|
-//! | queue capacity | 8192 events | bounds memory; a burst this large is absorbed while the sink is slow |
+//! | queue capacity | 65,536 events (and 32 MiB) | bounds memory; a burst this large, or a sink's stall of seconds, is absorbed |
 //! | batch size | 512 | large enough for multi-row inserts, small enough for one round trip |
 //! | flush interval | 200 ms | the longest an event waits in light traffic |
 //! | overflow | [`Overflow::Drop`] | a full queue costs the request nothing; the drop is counted |
