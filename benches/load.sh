@@ -35,12 +35,15 @@ results="$work/results.tsv"
 
 # `layer` makes the auth actions durable (the default: register, login, refresh, logout) and /me best effort;
 # `layer-durable` makes /me durable too, and `layer-durable-batch-1` turns group commit off (one sink write per
-# event, Kubernetes' blocking-strict); `layer-jsonl` (not in the default set) writes JSON lines instead of SQLite.
+# event, Kubernetes' blocking-strict); `layer-batch-512` writes SQLite batches of 512 (the layer's default) where
+# the example writes 128 (`SqliteSink::SUGGESTED_BATCH_SIZE`); `layer-jsonl` (not in the default set) writes JSON
+# lines instead of SQLite.
 # MODES="off layer …" runs a subset.
-read -r -a MODES <<< "${MODES:-off layer layer-durable layer-durable-batch-1 layer-stalled-sink inline inline-pool-1}"
+read -r -a MODES <<< "${MODES:-off layer layer-batch-512 layer-durable layer-durable-batch-1 layer-stalled-sink inline inline-pool-1}"
 declare -A ARGS=(
   [off]="--audit off --db-pool-size 5"
   [layer]="--audit layer --audit-sink sqlite --db-pool-size 5"
+  [layer-batch-512]="--audit layer --audit-sink sqlite --audit-batch-size 512 --db-pool-size 5"
   [layer-durable]="--audit layer --audit-sink sqlite --durable all --db-pool-size 5"
   [layer-durable-batch-1]="--audit layer --audit-sink sqlite --durable all --audit-batch-size 1 --db-pool-size 5"
   [layer-jsonl]="--audit layer --audit-sink jsonl --db-pool-size 5"

@@ -21,7 +21,7 @@
 //! | `--spill-sync every-batch\|interval` | `SPILL_SYNC` | `interval` (fdatasync every 200 ms; `every-batch` before each sink call) |
 //! | `--durable auth\|auth-intent\|all\|none` | `DURABLE` | `auth`: register, login, refresh and logout answer only once their event is durable; `auth-intent` also makes an intent durable before their handler runs |
 //! | `--durable-timeout-ms MS` | `DURABLE_TIMEOUT_MS` | `2000`: then a durable route answers 503 with `Retry-After` |
-//! | `--audit-batch-size N` | `AUDIT_BATCH_SIZE` | `512` (`1` turns group commit off) |
+//! | `--audit-batch-size N` | `AUDIT_BATCH_SIZE` | `128` into SQLite (`SqliteSink::SUGGESTED_BATCH_SIZE`), `512` into the others (`1` turns group commit off) |
 //! | `--signing-key PEM_FILE\|generate` | `SIGNING_KEY` | off; signs the trail's checkpoints (Ed25519), also written to `DIR/audit_checkpoints.jsonl` |
 //! | — | `JWT_SECRET` | generated at start |
 //! | — | `RUST_LOG` | `info` |
@@ -99,9 +99,10 @@ struct Cli {
     /// How long a durable route waits for its event before answering 503 (milliseconds)
     #[arg(long, env = "DURABLE_TIMEOUT_MS", default_value_t = 2000)]
     durable_timeout_ms: u64,
-    /// Events per audit batch (1 turns group commit off: one sink write per event)
-    #[arg(long, env = "AUDIT_BATCH_SIZE", default_value_t = tower_audit::DEFAULT_BATCH_SIZE)]
-    audit_batch_size: usize,
+    /// Events per audit batch (1 turns group commit off: one sink write per event) [default: 128 into SQLite,
+    /// 512 into the others]
+    #[arg(long, env = "AUDIT_BATCH_SIZE")]
+    audit_batch_size: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -170,7 +171,11 @@ impl Cli {
                 }),
                 durable: self.durable,
                 durable_timeout: Duration::from_millis(self.durable_timeout_ms),
-                batch_size: self.audit_batch_size,
+                // SQLite writes on this server's own cores: smaller batches hold a core for less at a time.
+                batch_size: self.audit_batch_size.unwrap_or(match self.audit_sink {
+                    SinkKind::Sqlite => tower_audit::SqliteSink::SUGGESTED_BATCH_SIZE,
+                    _ => tower_audit::DEFAULT_BATCH_SIZE,
+                }),
                 // Set in `main` once the data directory exists (`--signing-key generate` writes into it).
                 integrity: None,
             },
