@@ -617,6 +617,19 @@ mod tests {
         assert!(sql.contains("ifnull(column8, ?)"), "{sql}");
     }
 
+    /// A sink that `connect` opened on a new database in `dir`, with its schema, and the sink's checkpointer.
+    async fn connected(dir: &tempfile::TempDir) -> (SqliteSink, Arc<Checkpointer>) {
+        let sink = SqliteSink::connect(dir.path().join("audit.db").to_str().unwrap()).await.unwrap();
+        sink.ensure_schema().await.unwrap();
+        let checkpoints = sink.checkpoints.clone().expect("connect checkpoints in the background");
+        (sink, checkpoints)
+    }
+
+    /// `checkpoints`' connection and WAL under another guard (the tests scale it down).
+    fn with_guard(checkpoints: &Checkpointer, guard_bytes: u64) -> Arc<Checkpointer> {
+        Arc::new(Checkpointer { guard_bytes, ..Checkpointer::new(checkpoints.pool.clone(), checkpoints.wal.clone()) })
+    }
+
     async fn wal_autocheckpoint(pool: &SqlitePool) -> i64 {
         sqlx::query_scalar("PRAGMA wal_autocheckpoint").fetch_one(pool).await.unwrap()
     }
@@ -654,13 +667,7 @@ mod tests {
 
         // Past the guard (as if background checkpoints had fallen behind, or failed), the writer checkpoints
         // itself after its batch, even while a background one is counted as running.
-        let guarded = SqliteSink {
-            checkpoints: Some(Arc::new(Checkpointer {
-                guard_bytes: wal_bytes - 1,
-                ..Checkpointer::new(checkpoints.pool.clone(), checkpoints.wal.clone())
-            })),
-            ..sink.clone()
-        };
+        let guarded = SqliteSink { checkpoints: Some(with_guard(&checkpoints, wal_bytes - 1)), ..sink.clone() };
         guarded.checkpoints.as_ref().unwrap().state().running = true;
         let before = db_bytes();
         guarded.write_batch(&events(512, &mut seq)).await.unwrap();
@@ -673,9 +680,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn past_half_the_guard_background_checkpoints_run_one_after_another() {
         let dir = tempfile::tempdir().unwrap();
-        let sink = SqliteSink::connect(dir.path().join("audit.db").to_str().unwrap()).await.unwrap();
-        sink.ensure_schema().await.unwrap();
-        let checkpoints = sink.checkpoints.clone().unwrap();
+        let (sink, checkpoints) = connected(&dir).await;
         let mut seq = 0;
         sink.write_batch(&events(512, &mut seq)).await.unwrap();
         idle(&checkpoints).await;
@@ -685,10 +690,7 @@ mod tests {
         assert_eq!(checkpoints.state().last_start, Some(first));
         // Past half of it (a guard of just under twice the WAL file), the next batch starts one at once.
         let wal_bytes = std::fs::metadata(&checkpoints.wal).unwrap().len();
-        let eager = Arc::new(Checkpointer {
-            guard_bytes: 2 * wal_bytes - 1,
-            ..Checkpointer::new(checkpoints.pool.clone(), checkpoints.wal.clone())
-        });
+        let eager = with_guard(&checkpoints, 2 * wal_bytes - 1);
         eager.state().last_start = Some(first);
         let eager_sink = SqliteSink { checkpoints: Some(Arc::clone(&eager)), ..sink.clone() };
         eager_sink.write_batch(&events(16, &mut seq)).await.unwrap();
@@ -699,9 +701,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn once_the_wal_starts_over_checkpoints_keep_their_interval_again() {
         let dir = tempfile::tempdir().unwrap();
-        let sink = SqliteSink::connect(dir.path().join("audit.db").to_str().unwrap()).await.unwrap();
-        sink.ensure_schema().await.unwrap();
-        let checkpoints = sink.checkpoints.clone().unwrap();
+        let (sink, checkpoints) = connected(&dir).await;
         // The guard and the cut that `connect` set (40 and 20 MiB), scaled down to a guard of 2 MiB.
         let guard: u64 = 2 << 20;
         let cut: i64 = sqlx::query_scalar("PRAGMA journal_size_limit").fetch_one(&sink.pool).await.unwrap();
@@ -710,10 +710,7 @@ mod tests {
             .execute(&sink.pool)
             .await
             .unwrap();
-        let small = Arc::new(Checkpointer {
-            guard_bytes: guard,
-            ..Checkpointer::new(checkpoints.pool.clone(), checkpoints.wal.clone())
-        });
+        let small = with_guard(&checkpoints, guard);
         let sink = SqliteSink { checkpoints: Some(Arc::clone(&small)), ..sink };
         let wal_bytes = || std::fs::metadata(&small.wal).map_or(0, |m| m.len());
         let mut seq = 0;
@@ -738,9 +735,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn background_checkpoints_that_fail_leave_the_writer_to_bound_the_wal() {
         let dir = tempfile::tempdir().unwrap();
-        let sink = SqliteSink::connect(dir.path().join("audit.db").to_str().unwrap()).await.unwrap();
-        sink.ensure_schema().await.unwrap();
-        let wal = sink.checkpoints.as_ref().unwrap().wal.clone();
+        let (sink, checkpoints) = connected(&dir).await;
+        let wal = checkpoints.wal.clone();
         // A checkpointing connection that can never open (its directory does not exist), and a guard of 1 MiB.
         let unreachable = SqliteConnectOptions::new().filename(dir.path().join("missing").join("audit.db"));
         let failing = Arc::new(Checkpointer {
