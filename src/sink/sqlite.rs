@@ -31,11 +31,11 @@ const ROWS_PER_STATEMENT: usize = (MAX_BINDS - SHARED.len()) / COLUMN_COUNT;
 /// mode with `synchronous = NORMAL`, creating the database file if needed. That connection leaves checkpoints
 /// to a second connection of the sink's own, which runs them in the background after a batch (every 2 s, or one
 /// after another once the WAL file passes 20 MiB), so a checkpoint's `fsync` seldom holds a batch up. The writer
-/// checkpoints itself only once the WAL file has passed 40 MiB (under writes that never pause, that is how the
-/// WAL starts over; or the background checkpoints failed), so the WAL stays bounded. Both connections open the
-/// file when the sink connects and keep it; a relative path is made absolute, so a connection sqlx must replace
-/// opens the same file, even after the process changes directory. An in-memory database (`sqlite::memory:`) has no WAL and no checkpoints. Keep the
-/// audit database apart from your application's: a long application transaction would otherwise hold the single
+/// checkpoints itself only once the WAL file has passed 40 MiB (the background checkpoints fell behind, or
+/// failed), so the WAL stays bounded. Both connections open the file when the sink connects and keep it; a
+/// relative path is made absolute, so a connection sqlx must replace opens the same file, even after the process
+/// changes directory. An in-memory database (`sqlite::memory:`) has no WAL and no checkpoints. Keep the audit
+/// database apart from your application's: a long application transaction would otherwise hold the single
 /// writer lock.
 ///
 /// ```no_run
@@ -256,9 +256,10 @@ impl AuditSink for SqliteSink {
 }
 
 /// The WAL file's size past which the writer checkpoints itself, as SQLite's automatic checkpoint would (40 MiB:
-/// 10,000 pages of 4 KiB). The background checkpoints copy the WAL into the database, but with writes going on
-/// the WAL starts over from its beginning only after a checkpoint that no write overlapped, which only the
-/// writer can run; and if the background checkpoints fail, nothing else keeps the WAL bounded.
+/// 10,000 pages of 4 KiB). The background checkpoints copy the WAL into the database, but the WAL starts over
+/// from its beginning only after a checkpoint that no write overlapped: between batches that happens by itself,
+/// under writes that never pause only the writer can make sure of it; and if the background checkpoints fail,
+/// nothing else keeps the WAL bounded.
 ///
 /// Past half the guard, background checkpoints run one after another. When the WAL starts over, SQLite cuts the
 /// file back to that half (`journal_size_limit`): below it the file keeps the largest size the WAL reached, so
@@ -721,8 +722,8 @@ mod tests {
             sink.write_batch(&events(512, &mut seq)).await.unwrap();
             idle(&small).await;
         }
-        // The next batch starts the WAL over, and the file is cut back to half the guard: within the interval of the last
-        // start, no checkpoint starts.
+        // The next batch starts the WAL over, and the file is cut back to half the guard: within the interval of
+        // the last start, no checkpoint starts.
         let last = std::time::Instant::now();
         small.state().last_start = Some(last);
         sink.write_batch(&events(16, &mut seq)).await.unwrap();
