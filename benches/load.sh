@@ -5,7 +5,8 @@
 #
 # It starts one server per mode (fresh databases, all pinned to CPU 0), registers one user on each, then runs wrk
 # pinned to CPU 1 against GET /api/auth/me (bearer token) and POST /api/auth/login, then GET /api/auth/me over one
-# connection (the latency a durable event adds), REPEATS times per mode, interleaved, and reports the median requests/s, p50, p99 and p99.9 latency, errors (socket errors and non-2xx),
+# connection (the latency a durable event adds), REPEATS times per mode, interleaved, and reports the median requests/s, p50, p99 and p99.9 latency (for requests/s and p99 also the median over the rounds of
+# each mode's ratio to off in the same round), errors (socket errors and non-2xx),
 # and each server's peak RSS; and, with the servers pinned, the CPU each request cost: CPU 0's busy time (the kernel's
 # share included) and the server's threads by name (tokio's, sqlx's SQLite threads, the rest). Installs wrk from Debian's packages if it is missing. Then, unless SPILL_OUTAGE=0, runs
 # benches/load_spill_outage.sh: the spill with the Postgres audit sink frozen for 15 s.
@@ -33,24 +34,10 @@ trap cleanup EXIT
 results="$work/results.tsv"
 : > "$results"
 
-# `layer` makes the auth actions durable (the default: register, login, refresh, logout) and /me best effort;
-# `layer-durable` makes /me durable too, and `layer-durable-batch-1` turns group commit off (one sink write per
-# event, Kubernetes' blocking-strict); `layer-batch-512` writes SQLite batches of 512 (the layer's default) where
-# the example writes 128 (`SqliteSink::SUGGESTED_BATCH_SIZE`); `layer-jsonl` (not in the default set) writes JSON
-# lines instead of SQLite.
-# MODES="off layer …" runs a subset.
+# The modes (benches/load/modes.sh); MODES="off layer …" runs a subset.
+# shellcheck source=benches/load/modes.sh
+. benches/load/modes.sh
 read -r -a MODES <<< "${MODES:-off layer layer-batch-512 layer-durable layer-durable-batch-1 layer-stalled-sink inline inline-pool-1}"
-declare -A ARGS=(
-  [off]="--audit off --db-pool-size 5"
-  [layer]="--audit layer --audit-sink sqlite --db-pool-size 5"
-  [layer-batch-512]="--audit layer --audit-sink sqlite --audit-batch-size 512 --db-pool-size 5"
-  [layer-durable]="--audit layer --audit-sink sqlite --durable all --db-pool-size 5"
-  [layer-durable-batch-1]="--audit layer --audit-sink sqlite --durable all --audit-batch-size 1 --db-pool-size 5"
-  [layer-jsonl]="--audit layer --audit-sink jsonl --db-pool-size 5"
-  [layer-stalled-sink]="--audit layer --audit-sink stalled --durable none --db-pool-size 5"
-  [inline]="--audit inline --db-pool-size 5"
-  [inline-pool-1]="--audit inline --db-pool-size 1"
-)
 declare -A PIDS TOKENS PORTS
 
 # Every mode gets its own server (fresh databases), all started up front, so that the runs can be interleaved
@@ -68,13 +55,7 @@ servers="${PIDS[*]}"
 for mode in "${MODES[@]}"; do
   base="http://127.0.0.1:${PORTS[$mode]}"
   for _ in $(seq 1 100); do curl -s -o /dev/null "$base/api/audit/stats" && break; sleep 0.1; done
-  curl -s -o /dev/null -XPOST "$base/api/auth/register" -H 'content-type: application/json' \
-    -d '{"email":"bench@example.com","password":"benchmark password","country":"FR","annual_income":1,"timezone":"Europe/Paris"}'
-  TOKENS[$mode]=$(curl -s -XPOST "$base/api/auth/login" -H 'content-type: application/json' \
-    -d '{"email":"bench@example.com","password":"benchmark password"}' \
-    | python3 -c 'import json,sys
-try: print(json.load(sys.stdin).get("access_token",""))
-except ValueError: print("")')
+  TOKENS[$mode]=$(bench_token "$base")
 done
 # The inline modes stall even the set-up login, and with a stalled sink the durable login answers 503; all servers
 # share the JWT secret, so the `off` server's token stands in (the inline servers still stall on their first database access, which is the point).
@@ -172,19 +153,28 @@ for endpoint, title in titles.items():
     if not any(e == endpoint for _, e in runs):
         continue
     print(f"### {title}\n")
-    print("| mode | req/s | vs off | vs layer | p50 ms | p99 ms | p99 vs off | p99 vs layer | p99.9 ms | errors | peak RSS MiB "
-          "| audit written | audit not written |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| mode | req/s | vs off | vs off, per round | vs layer | p50 ms | p99 ms | p99 vs off | p99 vs off, per round "
+          "| p99 vs layer | p99.9 ms | errors | peak RSS MiB | audit written | audit not written |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     med = lambda l, k: statistics.median(r[k] for r in runs[(l, endpoint)])
     ratio = lambda l, k, base: med(l, k) / med(base, k) if (base, endpoint) in runs else float("nan")
+
+    def paired(l, k):
+        """The median over the rounds of this mode's figure over off's in the same round: the runs of a round
+        are seconds apart, so a host that drifts over the set moves both sides of each ratio alike."""
+        if ("off", endpoint) not in runs:
+            return float("nan")
+        pairs = zip(runs[(l, endpoint)], runs[("off", endpoint)])
+        return statistics.median(r[k] / o[k] for r, o in pairs)
     for label in labels:
         if (label, endpoint) not in runs:
             continue
         errors = int(sum(r["errors"] for r in runs[(label, endpoint)]))
         print(f"| {label} | {med(label, 'rps'):,.0f} | {ratio(label, 'rps', 'off'):.3f} | "
-              f"{ratio(label, 'rps', 'layer'):.3f} | {med(label, 'p50_us') / 1000:.2f} | "
+              f"{paired(label, 'rps'):.3f} | {ratio(label, 'rps', 'layer'):.3f} | {med(label, 'p50_us') / 1000:.2f} | "
               f"{med(label, 'p99_us') / 1000:.2f} | {ratio(label, 'p99_us', 'off'):.2f} | "
-              f"{ratio(label, 'p99_us', 'layer'):.2f} | {med(label, 'p999_us') / 1000:.2f} | {errors} | "
+              f"{paired(label, 'p99_us'):.2f} | {ratio(label, 'p99_us', 'layer'):.2f} | "
+              f"{med(label, 'p999_us') / 1000:.2f} | {errors} | "
               f"{rss.get((label, endpoint), 0) / 1024:.1f} | {counted(label, endpoint, 'written'):,} | "
               f"{counted(label, endpoint, 'not_written'):,} |")
     print()
