@@ -5,7 +5,7 @@
 #
 # It starts one server per mode (fresh databases, all pinned to CPU 0), registers one user on each, then runs wrk
 # pinned to CPU 1 against GET /api/auth/me (bearer token) and POST /api/auth/login, then GET /api/auth/me over one
-# connection (the latency a durable event adds), REPEATS times per mode, interleaved, and reports the median requests/s, p50, p99 and p99.9 latency (for requests/s and p99 also the median over the rounds of
+# connection (the latency a durable event adds), REPEATS times per mode, interleaved (each round starting one mode further on), and reports the median requests/s, p50, p99 and p99.9 latency (for requests/s and p99 also the median over the rounds of
 # each mode's ratio to off in the same round), errors (socket errors and non-2xx),
 # and each server's peak RSS; and, with the servers pinned, the CPU each request cost: CPU 0's busy time (the kernel's
 # share included) and the server's threads by name (tokio's, sqlx's SQLite threads, the rest). Installs wrk from Debian's packages if it is missing. Then, unless SPILL_OUTAGE=0, runs
@@ -83,7 +83,10 @@ snapshot() { echo "$(cpu0_ms) $(threads_ms "$1")"; }
 read -r -a ENDPOINTS <<< "${ENDPOINTS:-me login me1}"
 for endpoint in "${ENDPOINTS[@]}"; do
   for r in $(seq 1 "$REPEATS"); do
-    for mode in "${MODES[@]}"; do
+    # Each round starts one mode further on (off, layer, … then layer, …, off), so no mode always runs first
+    # or right after another.
+    shift_by=$(((r - 1) % ${#MODES[@]}))
+    for mode in "${MODES[@]:shift_by}" "${MODES[@]:0:shift_by}"; do
       base="http://127.0.0.1:${PORTS[$mode]}"
       before=$(snapshot "${PIDS[$mode]}")
       if [ "$endpoint" = me1 ]; then
