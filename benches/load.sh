@@ -78,6 +78,18 @@ cpu_fields() {  # before-snapshot after-snapshot -> key=value pairs for the RESU
     BEGIN {printf "cpu0_ms=%.1f runtime_ms=%.1f sqlx_ms=%.1f other_ms=%.1f", d(c), d(t), d(q), d(o)}'
 }
 snapshot() { echo "$(cpu0_ms) $(threads_ms "$1")"; }
+# Before each run: the page cache written back (`sync`), and every server idle (its CPU time still for 0.1 s; at
+# most 5 s). A server that writes goes on after its run ends (a batch, a checkpoint, the kernel writing its pages
+# back); without this, that work would fall into the next run, another mode's.
+servers_ticks() { for pid in "${PIDS[@]}"; do awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null; done | awk '{t += $1} END {print t + 0}'; }
+settle() {
+  timeout 30 sync || true
+  local before after
+  for _ in $(seq 1 50); do
+    before=$(servers_ticks); sleep 0.1; after=$(servers_ticks)
+    [ "$after" = "$before" ] && break
+  done
+}
 
 # ENDPOINTS="me me1" runs a subset. me1: one connection, one request at a time: the latency a durable event adds (about one sink commit).
 read -r -a ENDPOINTS <<< "${ENDPOINTS:-me login me1}"
@@ -88,6 +100,7 @@ for endpoint in "${ENDPOINTS[@]}"; do
     shift_by=$(((r - 1) % ${#MODES[@]}))
     for mode in "${MODES[@]:shift_by}" "${MODES[@]:0:shift_by}"; do
       base="http://127.0.0.1:${PORTS[$mode]}"
+      settle
       before=$(snapshot "${PIDS[$mode]}")
       if [ "$endpoint" = me1 ]; then
         case $mode in inline*) continue ;; esac
