@@ -5,10 +5,12 @@
 #
 # It starts one server per mode (fresh databases, all pinned to CPU 0), registers one user on each, then runs wrk
 # pinned to CPU 1 against GET /api/auth/me (bearer token) and POST /api/auth/login, then GET /api/auth/me over one
-# connection (the latency a durable event adds), REPEATS times per mode, interleaved (each round starting one mode further on), and reports the median requests/s, p50, p99 and p99.9 latency (for requests/s and p99 also the median over the rounds of
-# each mode's ratio to off in the same round), errors (socket errors and non-2xx),
-# and each server's peak RSS; and, with the servers pinned, the CPU each request cost: CPU 0's busy time (the kernel's
-# share included) and the server's threads by name (tokio's, sqlx's SQLite threads, the rest). Installs wrk from Debian's packages if it is missing. Then, unless SPILL_OUTAGE=0, runs
+# connection (the latency a durable event adds), REPEATS times per mode, interleaved (each round starting one mode
+# further on, each run on a quiet machine), and reports the median requests/s, p50, p99 and p99.9 latency (for
+# requests/s and p99 also the median over the rounds of each mode's ratio to off in the same round), errors (socket
+# errors and non-2xx), and each server's peak RSS; and, with the servers pinned, the CPU each request cost: CPU 0's
+# busy time (the kernel's share included) and the server's threads by name (tokio's, sqlx's SQLite threads, the
+# rest). Installs wrk from Debian's packages if it is missing. Then, unless SPILL_OUTAGE=0, runs
 # benches/load_spill_outage.sh: the spill with the Postgres audit sink frozen for 15 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -100,10 +102,11 @@ for endpoint in "${ENDPOINTS[@]}"; do
     shift_by=$(((r - 1) % ${#MODES[@]}))
     for mode in "${MODES[@]:shift_by}" "${MODES[@]:0:shift_by}"; do
       base="http://127.0.0.1:${PORTS[$mode]}"
+      # One request at a time against a server that stalls every request tells nothing.
+      if [ "$endpoint" = me1 ]; then case $mode in inline*) continue ;; esac; fi
       settle
       before=$(snapshot "${PIDS[$mode]}")
       if [ "$endpoint" = me1 ]; then
-        case $mode in inline*) continue ;; esac
         line=$("${PIN1[@]}" wrk -t1 -c1 -d"${DURATION}s" --timeout 10s \
           -H "Authorization: Bearer ${TOKENS[$mode]}" -s benches/load/report.lua "$base/api/auth/me" | grep '^RESULT')
       elif [ "$endpoint" = me ]; then
