@@ -647,13 +647,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_writer_never_checkpoints_a_connection_of_its_own_does() {
         let dir = tempfile::tempdir().unwrap();
+        let (sink, checkpoints) = connected(&dir).await;
         let path = dir.path().join("audit.db");
-        let sink = SqliteSink::connect(path.to_str().unwrap()).await.unwrap();
-        sink.ensure_schema().await.unwrap();
         assert_eq!(wal_autocheckpoint(&sink.pool).await, 0, "the writer leaves checkpoints to the sink");
         let limit: i64 = sqlx::query_scalar("PRAGMA journal_size_limit").fetch_one(&sink.pool).await.unwrap();
         assert_eq!(limit, (WAL_GUARD_BYTES / 2) as i64, "a WAL that starts over is cut back to half the guard");
-        let checkpoints = sink.checkpoints.clone().expect("connect checkpoints in the background");
         assert_eq!(wal_autocheckpoint(&checkpoints.pool).await, 1000, "SQLite's default, unused: it never writes");
         let db_bytes = || std::fs::metadata(&path).unwrap().len();
         let before = db_bytes();
