@@ -21,14 +21,12 @@ CONNECTIONS=${CONNECTIONS:-32}
 PORT=${PORT:-3917}
 OUT=${OUT:-target/load-results.md}
 
-if ! command -v wrk >/dev/null; then
-  echo "installing wrk" >&2
-  apt-get update -qq >/dev/null && apt-get install -y -qq wrk >/dev/null
-fi
+# shellcheck source=benches/load/modes.sh
+. benches/load/modes.sh
+need_wrk
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then PIN0=(taskset -c 0); PIN1=(taskset -c 1); else PIN0=(); PIN1=(); fi
 
-cargo build --release --example auth_server --features sqlite,postgres,metrics >&2
-BIN=$PWD/target/release/examples/auth_server
+build_server
 work=$(mktemp -d)
 servers=""
 cleanup() { [ -n "$servers" ] && kill $servers 2>/dev/null; rm -rf "$work"; }
@@ -37,8 +35,6 @@ results="$work/results.tsv"
 : > "$results"
 
 # The modes (benches/load/modes.sh); MODES="off layer …" runs a subset.
-# shellcheck source=benches/load/modes.sh
-. benches/load/modes.sh
 read -r -a MODES <<< "${MODES:-off layer layer-batch-512 layer-durable layer-durable-batch-1 layer-stalled-sink inline inline-pool-1}"
 declare -A PIDS TOKENS PORTS
 

@@ -19,10 +19,11 @@ OUT=${OUT:-target/load-spill-outage.md}
 PSQL=(psql -X -q -t -A -h 127.0.0.1 -U postgres)
 DB="tower_audit_load_$$"
 
-if ! command -v wrk >/dev/null; then apt-get update -qq >/dev/null && apt-get install -y -qq wrk >/dev/null; fi
+# shellcheck source=benches/load/modes.sh
+. benches/load/modes.sh
+need_wrk
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then PIN0=(taskset -c 0); PIN1=(taskset -c 1); else PIN0=(); PIN1=(); fi
-cargo build --release --example auth_server --features sqlite,postgres,metrics >&2
-BIN=$PWD/target/release/examples/auth_server
+build_server
 
 work=$(mktemp -d)
 server=""

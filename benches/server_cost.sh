@@ -21,13 +21,12 @@ cd "$(dirname "$0")/.."
 DURATION=${DURATION:-20}
 PORT=${PORT:-3957}
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgrind)" >&2; exit 1; }
-command -v wrk >/dev/null || { echo "installing wrk" >&2; apt-get update -qq >/dev/null && apt-get install -y -qq wrk >/dev/null; }
 # shellcheck source=benches/load/modes.sh
 . benches/load/modes.sh
+need_wrk
 read -r -a MODES <<< "${MODES:-off layer-stalled-sink layer-jsonl layer}"
 
-cargo build --release --example auth_server --features sqlite,postgres,metrics >&2
-BIN=$PWD/target/release/examples/auth_server
+build_server
 work=$(mktemp -d)
 server=""
 cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"; }

@@ -1,6 +1,19 @@
-# Shared by benches/load.sh and benches/server_cost.sh (sourced): the example auth server's audit modes, and
-# signing in to a server.
-#
+# Shared by benches/load.sh, benches/load_spill_outage.sh and benches/server_cost.sh (sourced from the project
+# root): wrk, the example auth server's build, its audit modes, and signing in to a server.
+
+# Installs wrk from Debian's packages if it is missing.
+need_wrk() {
+  command -v wrk >/dev/null && return
+  echo "installing wrk" >&2
+  apt-get update -qq >/dev/null && apt-get install -y -qq wrk >/dev/null
+}
+
+# Builds the example auth server (release) and sets BIN to it.
+build_server() {
+  cargo build --release --example auth_server --features sqlite,postgres,metrics >&2
+  BIN=$PWD/target/release/examples/auth_server
+}
+
 # `layer` makes the auth actions durable (the default: register, login, refresh, logout) and /me best effort;
 # `layer-durable` makes /me durable too, and `layer-durable-batch-1` turns group commit off (one sink write per
 # event, Kubernetes' blocking-strict); `layer-batch-512` writes SQLite batches of 512 (the layer's default) where
