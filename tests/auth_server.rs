@@ -368,6 +368,57 @@ async fn a_stalled_audit_sink_neither_slows_nor_fails_any_auth_request() {
     assert_eq!(stats.written, 0);
 }
 
+/// `--audit naive` (the benchmarks' floor): every request's event is counted, queued or refused, and drained;
+/// the server keeps no trail.
+#[tokio::test]
+async fn the_naive_benchmark_mode_counts_every_request_and_keeps_no_trail() {
+    let s = start(AuditMode::Naive, 5, Duration::from_secs(5), None).await;
+    assert!(s.audit.is_none());
+    assert_eq!(s.post("/api/auth/register", alice()).await.0, StatusCode::CREATED);
+    let login = json!({"email": "alice@example.com", "password": "correct horse battery"});
+    let (status, tokens) = s.post("/api/auth/login", login).await;
+    assert_eq!(status, StatusCode::OK);
+    for _ in 0..8 {
+        assert_eq!(s.get_with("/api/auth/me", tokens["access_token"].as_str().unwrap()).await.0, StatusCode::OK);
+    }
+    // Each stats request is counted after it has read the counts: the n-th sees the 10 requests and n - 1 stats.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let mut reads = 0;
+    let naive = loop {
+        let (status, body) = s.get_with("/api/audit/stats", "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!((&body["mode"], &body["stats"]), (&json!("naive"), &Value::Null), "{body}");
+        let naive = body["naive"].clone();
+        assert_eq!((&naive["queued"], &naive["full"]), (&json!(10 + reads), &json!(0)), "{body}");
+        reads += 1;
+        if naive["drained"] == naive["queued"] {
+            break naive;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the drain never caught up: {body}");
+        tokio::task::yield_now().await;
+    };
+    assert!(naive["drained"].as_u64().unwrap() >= 10, "{naive}");
+    assert!(!std::path::Path::new(s.audit_url.trim_start_matches("sqlite://")).exists(), "no audit database");
+}
+
+/// `--audit-sink null` (benchmarks): the pipeline runs whole, and every event reaches the sink, which keeps none.
+#[tokio::test]
+async fn the_null_benchmark_sink_takes_every_event() {
+    let options = AuditOptions { durable: DurableRoutes::None, batch_size: 4, ..AuditOptions::default() };
+    let prebuilt = app::audit_pipeline(&AuditSinkKind::Null, options).await.unwrap();
+    let handle = prebuilt.1.clone();
+    let s = start(AuditMode::Layer, 5, Duration::from_secs(5), Some(prebuilt)).await;
+    assert_eq!(s.post("/api/auth/register", alice()).await.0, StatusCode::CREATED);
+    for _ in 0..9 {
+        assert_eq!(s.get_with("/api/auth/me", "not a token").await.0, StatusCode::UNAUTHORIZED);
+    }
+    let report = handle.shutdown(Duration::from_secs(30)).await;
+    assert!(report.drained, "{report}");
+    // 10 requests, the registration's security event and 9 `auth.token_invalid`: 20, all written, none lost.
+    let stats = report.stats;
+    assert_eq!((stats.accepted, stats.written, stats.dropped_queue_full, stats.lost), (20, 20, 0, 0), "{stats:?}");
+}
+
 #[tokio::test]
 async fn with_the_audit_sink_frozen_auth_actions_answer_503_in_time_and_the_rest_keeps_serving() {
     let timeout = Duration::from_millis(300);

@@ -13,8 +13,8 @@
 //! | `--data-dir DIR` | `DATA_DIR` | `data` (created if missing; holds the default databases below) |
 //! | `--database-url URL` | `DATABASE_URL` | `sqlite://DIR/auth_server.db?mode=rwc` (created on first start) |
 //! | `--db-pool-size N` | `DB_POOL_SIZE` | `5` |
-//! | `--audit layer\|inline\|off` | `AUDIT` | `layer` |
-//! | `--audit-sink sqlite\|jsonl\|postgres\|nats\|stalled` | `AUDIT_SINK` | `sqlite`; `nats` needs `--features …,nats`; `stalled` never returns (benchmarks) |
+//! | `--audit layer\|inline\|naive\|off` | `AUDIT` | `layer` |
+//! | `--audit-sink sqlite\|jsonl\|postgres\|nats\|stalled\|null` | `AUDIT_SINK` | `sqlite`; `nats` needs `--features …,nats`; `stalled` never returns, `null` keeps nothing (benchmarks) |
 //! | `--audit-url URL_OR_PATH` | `AUDIT_URL` | per sink: `sqlite://DIR/auth_server_audit.db`, `DIR/auth_server_audit.jsonl`, the user store's URL, `nats://127.0.0.1:4222` |
 //! | `--audit-stream NAME` | `AUDIT_STREAM` | `AUDIT` (with `nats`; made on `audit.>` if missing) |
 //! | `--spill-dir DIR` | `SPILL_DIR` | off; e.g. `data/spill`: audit batches wait on disk through a sink outage or a crash |
@@ -126,6 +126,8 @@ enum SinkKind {
     Nats,
     /// Never returns: stands in for a dead audit database (benchmarks only).
     Stalled,
+    /// Takes every batch and keeps nothing: the pipeline's own cost, without a sink's (benchmarks only).
+    Null,
 }
 
 impl Cli {
@@ -153,6 +155,7 @@ impl Cli {
                 stream: self.audit_stream.clone(),
             },
             SinkKind::Stalled => AuditSinkKind::Stalled,
+            SinkKind::Null => AuditSinkKind::Null,
         };
         Config {
             database_url: self

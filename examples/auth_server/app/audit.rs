@@ -28,6 +28,9 @@ pub enum AuditMode {
     /// The incident's anti-pattern, for demonstration and benchmarks: a middleware takes a second connection
     /// from the user store's pool, holds it across the handler, and writes the audit row through it.
     Inline,
+    /// A naive audit layer (`naive.rs`), for benchmarks only: seven fields per request into a channel that is
+    /// drained and discarded. No trail: the floor `benches/load.sh` measures the layer against.
+    Naive,
     /// No auditing.
     Off,
 }
@@ -50,6 +53,9 @@ pub enum AuditSinkKind {
     /// A sink that never returns: stands in for a dead audit database (`benches/load.sh` uses it to show that
     /// a stalled audit store costs requests nothing). Never use it for real.
     Stalled,
+    /// A sink that takes every batch and keeps nothing: what the request path and the worker cost without any
+    /// sink's work (`benches/load.sh`). Never use it for real.
+    Null,
 }
 
 /// Never returns, like a database that stopped answering.
@@ -58,6 +64,15 @@ struct StalledSink;
 impl tower_audit::AuditSink for StalledSink {
     async fn write_batch(&self, _batch: &[AuditEvent]) -> Result<(), tower_audit::SinkError> {
         std::future::pending().await
+    }
+}
+
+/// Takes every batch and keeps nothing.
+struct NullSink;
+
+impl tower_audit::AuditSink for NullSink {
+    async fn write_batch(&self, _batch: &[AuditEvent]) -> Result<(), tower_audit::SinkError> {
+        Ok(())
     }
 }
 
@@ -143,6 +158,7 @@ pub async fn audit_pipeline(
         }
         AuditSinkKind::JsonLines(path) => AuditLayer::builder(JsonLinesSink::open(path)?),
         AuditSinkKind::Stalled => AuditLayer::builder(StalledSink),
+        AuditSinkKind::Null => AuditLayer::builder(NullSink),
     };
     let builder = builder
         .policy(audit_policy(options.durable, options.durable_timeout))

@@ -9,6 +9,7 @@
 
 mod audit;
 mod error;
+mod naive;
 mod routes;
 mod tokens;
 mod users;
@@ -86,7 +87,7 @@ impl Server {
     pub async fn start(config: Config) -> Result<Self, BoxError> {
         let audit = match config.audit {
             AuditMode::Layer => Some(audit_pipeline(&config.audit_sink, config.audit_options.clone()).await?),
-            AuditMode::Inline | AuditMode::Off => None,
+            AuditMode::Inline | AuditMode::Naive | AuditMode::Off => None,
         };
         Self::start_with(config, audit).await
     }
@@ -98,6 +99,12 @@ impl Server {
             .jwt_secret
             .clone()
             .unwrap_or_else(|| format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple()));
+        // `--audit naive`: the benchmarks' floor; its drain runs until the router (every copy of the layer) is gone.
+        let naive = (config.audit == AuditMode::Naive).then(|| {
+            let (layer, drain) = naive::NaiveLayer::new(tower_audit::DEFAULT_CAPACITY);
+            tokio::spawn(drain);
+            layer
+        });
         let hasher = Argon2::new(Algorithm::Argon2id, Version::V0x13, config.argon2.clone());
         let dummy_hash = hasher.hash_password(b"not a real password; equalises timing")?.to_string();
         let state = AppState {
@@ -110,9 +117,11 @@ impl Server {
             dummy_hash: Arc::from(dummy_hash),
             audit: audit.as_ref().map(|(_, handle)| handle.clone()),
             mode: config.audit,
+            naive: naive.as_ref().map(naive::NaiveLayer::counts),
         };
         let (layer, handle) = audit.unzip();
-        Ok(Server { router: routes::app(state, config.max_body_bytes, layer, config.metrics), audit: handle, users })
+        let router = routes::app(state, config.max_body_bytes, layer, naive, config.metrics);
+        Ok(Server { router, audit: handle, users })
     }
 }
 

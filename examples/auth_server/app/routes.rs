@@ -18,6 +18,7 @@ use tower_audit::{AuditEvent, AuditHandle, AuditLayer, Outcome};
 
 use super::audit::{Audit, AuditMode, inline_audit};
 use super::error::{ApiError, JsonBody};
+use super::naive::{NaiveCounts, NaiveLayer};
 use super::tokens::{Claims, TokenPair, Tokens, bearer, is_revoked, revoke};
 use super::users::{self, RegisterRequest, UserView};
 
@@ -32,6 +33,8 @@ pub(crate) struct AppState {
     pub(crate) dummy_hash: Arc<str>,
     pub(crate) audit: Option<AuditHandle>,
     pub(crate) mode: AuditMode,
+    /// `--audit naive`: what the naive layer did.
+    pub(crate) naive: Option<&'static NaiveCounts>,
 }
 
 /// The router. The audit layer (or the inline anti-pattern) wraps every route but `/metrics` (there when a
@@ -40,6 +43,7 @@ pub(crate) fn app(
     state: AppState,
     max_body_bytes: usize,
     audit: Option<AuditLayer>,
+    naive: Option<NaiveLayer>,
     metrics: Option<PrometheusHandle>,
 ) -> Router {
     let mode = state.mode;
@@ -54,9 +58,10 @@ pub(crate) fn app(
         .route("/health", get(|| async { "ok" }))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(max_body_bytes));
-    let router = match (mode, audit) {
-        (AuditMode::Layer, Some(layer)) => router.layer(layer),
-        (AuditMode::Inline, _) => router.layer(middleware::from_fn_with_state(state.clone(), inline_audit)),
+    let router = match (mode, audit, naive) {
+        (AuditMode::Layer, Some(layer), _) => router.layer(layer),
+        (AuditMode::Inline, ..) => router.layer(middleware::from_fn_with_state(state.clone(), inline_audit)),
+        (AuditMode::Naive, _, Some(naive)) => router.layer(naive),
         _ => router,
     };
     let router = router.with_state(state);
@@ -215,7 +220,12 @@ async fn audit_stats(State(state): State<AppState>) -> Json<serde_json::Value> {
     let mode = match state.mode {
         AuditMode::Layer => "layer",
         AuditMode::Inline => "inline",
+        AuditMode::Naive => "naive",
         AuditMode::Off => "off",
     };
-    Json(json!({ "mode": mode, "stats": state.audit.as_ref().map(AuditHandle::stats) }))
+    let naive = state.naive.map(|counts| {
+        let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        json!({ "queued": count(&counts.queued), "full": count(&counts.full), "drained": count(&counts.drained) })
+    });
+    Json(json!({ "mode": mode, "stats": state.audit.as_ref().map(AuditHandle::stats), "naive": naive }))
 }
