@@ -27,6 +27,7 @@ need_wrk
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then PIN0=(taskset -c 0); PIN1=(taskset -c 1); else PIN0=(); PIN1=(); fi
 
 build_server
+load_before=$(cut -d' ' -f1 /proc/loadavg)
 work=$(mktemp -d)
 servers=""
 cleanup() { [ -n "$servers" ] && kill $servers 2>/dev/null; rm -rf "$work"; }
@@ -35,7 +36,7 @@ results="$work/results.tsv"
 : > "$results"
 
 # The modes (benches/load/modes.sh); MODES="off layer …" runs a subset.
-read -r -a MODES <<< "${MODES:-off layer layer-batch-512 layer-durable layer-durable-batch-1 layer-stalled-sink inline inline-pool-1}"
+read -r -a MODES <<< "${MODES:-off naive layer layer-batch-512 layer-durable layer-durable-batch-1 layer-stalled-sink inline inline-pool-1}"
 declare -A PIDS TOKENS PORTS
 
 # Every mode gets its own server (fresh databases), all started up front, so that the runs can be interleaved
@@ -119,12 +120,14 @@ for endpoint in "${ENDPOINTS[@]}"; do
   done
   for mode in "${MODES[@]}"; do
     echo "$mode	rss_$endpoint	0	RESULT rss_kib=$(awk '/VmHWM/ {print $2}' "/proc/${PIDS[$mode]}/status")" >> "$results"
-    # The pipeline's counters so far: what was written, and what was not (dropped, lost, abandoned, spill full).
+    # The pipeline's counters so far: what was written, and what was not (dropped, lost, abandoned, spill full);
+    # for the naive layer, what its drain took and what a full channel refused.
     counters=$(curl -s "http://127.0.0.1:${PORTS[$mode]}/api/audit/stats" | python3 -c 'import json, sys
-try: s = json.load(sys.stdin).get("stats") or {}
-except ValueError: s = {}
+try: body = json.load(sys.stdin)
+except ValueError: body = {}
+s, naive = body.get("stats") or {}, body.get("naive") or {}
 not_written = sum(v for k, v in s.items() if k.startswith("dropped_") or k in ("lost", "abandoned", "spill_full"))
-print("written=%d not_written=%d" % (s.get("written", 0), not_written))')
+print("written=%d not_written=%d" % (s.get("written", 0) + naive.get("drained", 0), not_written + naive.get("full", 0)))')
     echo "$mode	audit_$endpoint	0	RESULT $counters" >> "$results"
   done
 done
@@ -132,9 +135,10 @@ for mode in "${MODES[@]}"; do kill -INT "${PIDS[$mode]}" 2>/dev/null || true; do
 wait 2>/dev/null || true
 servers=""
 
-python3 - "$results" "$DURATION" "$REPEATS" "$CONNECTIONS" "${#PIN0[@]}" > "$OUT" <<'PY'
+load_after=$(cut -d' ' -f1 /proc/loadavg)
+python3 - "$results" "$DURATION" "$REPEATS" "$CONNECTIONS" "${#PIN0[@]}" "$load_before" "$load_after" > "$OUT" <<'PY'
 import sys, statistics, collections
-path, duration, repeats, conns, pinned = sys.argv[1:]
+path, duration, repeats, conns, pinned, load_before, load_after = sys.argv[1:]
 runs = collections.defaultdict(list)
 rss = {}
 audit = {}
@@ -159,6 +163,7 @@ def counted(label, endpoint, key):
     before = done[done.index(endpoint) - 1] if done.index(endpoint) > 0 else None
     return audit[(label, endpoint)][key] - (audit[(label, before)][key] if before else 0)
 print(f"wrk -t1 -c{conns} -d{duration}s, {repeats} interleaved runs per mode, medians; servers on CPU 0, wrk on CPU 1.")
+print(f"1-minute load average before the runs: {load_before}, after: {load_after} (the runs' own two busy cores).")
 print("Peak RSS is the server's VmHWM after all runs on that endpoint (the login runs come second).")
 print("Audit events: written, and not written (dropped at a full queue, lost, abandoned), over all runs on that")
 print("endpoint, from the server's /api/audit/stats; a healthy sink that did not write everything did less work.\n")

@@ -5,8 +5,9 @@
 # as large as the layer's own cost; this script says what the layer adds to the real server, where load.sh says
 # what that costs in requests/s.
 #
-#   bash benches/server_cost.sh                           # MODES="off layer-stalled-sink layer-jsonl layer"
+#   bash benches/server_cost.sh             # MODES="off naive layer-null-sink layer-stalled-sink layer-jsonl layer"
 #   MODES="off layer" DURATION=30 bash benches/server_cost.sh
+#   CACHE_SIM=1 MODES="off naive layer-null-sink" bash benches/server_cost.sh   # also L1 misses per request
 #
 # Each server runs under `valgrind --tool=callgrind` (about 50× slower), gets 5 s of warm-up, then its counters
 # are zeroed, wrk runs for DURATION seconds (8 connections), and the counters are dumped: start-up and shutdown
@@ -15,6 +16,9 @@
 # - work driven by time (the worker's flush ticks, metrics publishing) weighs ~50× more per request than at full
 #   speed, and the audit worker's batches are smaller (fewer events wait for it);
 # - valgrind runs one thread at a time, so the threads' hand-offs cost what they cost on one core.
+# With CACHE_SIM=1, callgrind also simulates the caches (about 2× slower again) and the script prints the level-1
+# misses per request: instruction fetches (I1) and data reads and writes (D1). On this server they, more than
+# the instructions, are what a request's time follows: an L1 miss costs about as much as a dozen instructions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +28,8 @@ command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install valgri
 # shellcheck source=benches/load/modes.sh
 . benches/load/modes.sh
 need_wrk
-read -r -a MODES <<< "${MODES:-off layer-stalled-sink layer-jsonl layer}"
+read -r -a MODES <<< "${MODES:-off naive layer-null-sink layer-stalled-sink layer-jsonl layer}"
+cachesim=(); [ "${CACHE_SIM:-0}" = 1 ] && cachesim=(--cache-sim=yes)
 
 build_server
 work=$(mktemp -d)
@@ -32,12 +37,13 @@ server=""
 cleanup() { [ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$work"; }
 trap cleanup EXIT
 
-printf '%-20s %9s %14s %10s %16s\n' mode requests 'instr/request' 'vs first' 'Rust allocations'
+printf '%-20s %9s %14s %10s %16s' mode requests 'instr/request' 'vs first' 'Rust allocations'
+[ ${#cachesim[@]} = 0 ] && echo || printf ' %12s %12s\n' 'I1 misses' 'D1 misses'
 off=
 for mode in "${MODES[@]}"; do
   dir="$work/$mode"; mkdir -p "$dir"; base="http://127.0.0.1:$PORT"
   # shellcheck disable=SC2086
-  (cd "$dir" && exec env JWT_SECRET=load-test-secret valgrind --tool=callgrind --callgrind-out-file="$dir/cg.out" \
+  (cd "$dir" && exec env JWT_SECRET=load-test-secret valgrind --tool=callgrind "${cachesim[@]}" --callgrind-out-file="$dir/cg.out" \
      "$BIN" --addr "127.0.0.1:$PORT" ${ARGS[$mode]} >"$dir/server.log" 2>&1) &
   server=$!
   for _ in $(seq 1 300); do curl -s -o /dev/null "$base/api/audit/stats" && break; sleep 0.2; done
@@ -58,6 +64,9 @@ for mode in "${MODES[@]}"; do
     | sed -n 's/.*< ???:__rustc::__rust_alloc (\([0-9,]*\)x).*/\1/p' | head -1 | tr -d ,)
   per=$(echo "$total / $requests" | bc -l)
   [ -n "$off" ] || off=$per
-  printf '%-20s %9d %14.0f %+9.1f%% %16.1f\n' "$mode" "$requests" "$per" "$(echo "($per / $off - 1) * 100" | bc -l)" \
+  printf '%-20s %9d %14.0f %+9.1f%% %16.1f' "$mode" "$requests" "$per" "$(echo "($per / $off - 1) * 100" | bc -l)" \
     "$(echo "${allocs:-0} / $requests" | bc -l)"
+  if [ ${#cachesim[@]} = 0 ]; then echo; continue; fi
+  # events: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw
+  awk -v n="$requests" '/^(summary|totals):/ {printf " %12.0f %12.0f\n", $5 / n, ($6 + $7) / n; exit}' "$dump"
 done

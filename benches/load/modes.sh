@@ -18,7 +18,8 @@ build_server() {
 # `layer-durable` makes /me durable too, and `layer-durable-batch-1` turns group commit off (one sink write per
 # event, Kubernetes' blocking-strict); `layer-batch-512` writes SQLite batches of 512 (the layer's default) where
 # the example writes 128 (`SqliteSink::SUGGESTED_BATCH_SIZE`); `layer-jsonl` (not in the default set) writes JSON
-# lines instead of SQLite.
+# lines instead of SQLite; `layer-null-sink` runs the whole pipeline into a sink that keeps nothing, and `naive` a
+# naive layer (seven fields into a channel nobody writes anywhere: the floor any audit middleware starts from).
 declare -A ARGS=(
   [off]="--audit off --db-pool-size 5"
   [layer]="--audit layer --audit-sink sqlite --db-pool-size 5"
@@ -27,6 +28,8 @@ declare -A ARGS=(
   [layer-durable-batch-1]="--audit layer --audit-sink sqlite --durable all --audit-batch-size 1 --db-pool-size 5"
   [layer-jsonl]="--audit layer --audit-sink jsonl --db-pool-size 5"
   [layer-stalled-sink]="--audit layer --audit-sink stalled --durable none --db-pool-size 5"
+  [layer-null-sink]="--audit layer --audit-sink null --durable none --db-pool-size 5"
+  [naive]="--audit naive --db-pool-size 5"
   [inline]="--audit inline --db-pool-size 5"
   [inline-pool-1]="--audit inline --db-pool-size 1"
 )
