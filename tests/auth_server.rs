@@ -175,6 +175,7 @@ async fn the_whole_flow_answers_right_and_is_audited_exactly() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(stats["mode"], "layer");
     assert_eq!(stats["stats"]["dropped_queue_full"], 0);
+    assert_eq!(stats.get("naive"), None, "the naive layer's counts only with --audit naive");
 
     let a = Some("alice@example.com".to_owned());
     let row = |kind: &str, outcome: &str, actor: &Option<String>, status: Option<i64>, path: &str| {

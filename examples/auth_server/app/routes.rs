@@ -223,9 +223,11 @@ async fn audit_stats(State(state): State<AppState>) -> Json<serde_json::Value> {
         AuditMode::Naive => "naive",
         AuditMode::Off => "off",
     };
-    let naive = state.naive.map(|counts| {
+    let mut body = json!({ "mode": mode, "stats": state.audit.as_ref().map(AuditHandle::stats) });
+    if let Some(counts) = state.naive {
         let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
-        json!({ "queued": count(&counts.queued), "full": count(&counts.full), "drained": count(&counts.drained) })
-    });
-    Json(json!({ "mode": mode, "stats": state.audit.as_ref().map(AuditHandle::stats), "naive": naive }))
+        body["naive"] =
+            json!({ "queued": count(&counts.queued), "full": count(&counts.full), "drained": count(&counts.drained) });
+    }
+    Json(body)
 }
