@@ -19,9 +19,11 @@ build_server() {
 # event, Kubernetes' blocking-strict); `layer-batch-512` writes SQLite batches of 512 (the layer's default) where
 # the example writes 128 (`SqliteSink::SUGGESTED_BATCH_SIZE`); `layer-jsonl` (not in the default set) writes JSON
 # lines instead of SQLite; `layer-null-sink` runs the whole pipeline into a sink that keeps nothing, and `naive` a
-# naive layer (seven fields into a channel nobody writes anywhere: the floor any audit middleware starts from).
+# naive layer (seven fields into a channel nobody writes anywhere: the floor any audit middleware starts from);
+# `off-again` is off once more, a server of its own: how far two identical servers differ is the method's error.
 declare -A ARGS=(
   [off]="--audit off --db-pool-size 5"
+  [off-again]="--audit off --db-pool-size 5"
   [layer]="--audit layer --audit-sink sqlite --db-pool-size 5"
   [layer-batch-512]="--audit layer --audit-sink sqlite --audit-batch-size 512 --db-pool-size 5"
   [layer-durable]="--audit layer --audit-sink sqlite --durable all --db-pool-size 5"
