@@ -17,8 +17,8 @@
 #   speed, and the audit worker's batches are smaller (fewer events wait for it);
 # - valgrind runs one thread at a time, so the threads' hand-offs cost what they cost on one core.
 # With CACHE_SIM=1, callgrind also simulates the caches (about 2× slower again) and the script prints the level-1
-# misses per request: instruction fetches (I1) and data reads and writes (D1). On this server they, more than
-# the instructions, are what a request's time follows: an L1 miss costs about as much as a dozen instructions.
+# misses per request: instruction fetches (I1) and data reads and writes (D1). On this server a request's user
+# time followed them more than its instructions (BENCHMARKS.md §4, eighth session).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

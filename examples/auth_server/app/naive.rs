@@ -1,6 +1,6 @@
 //! A naive audit layer, for benchmarks only: it copies seven fields of each request (time, method, path, status,
 //! latency, request id, user agent) and `try_send`s them into a bounded channel that a task drains and discards.
-//! No sanitising, no bounds on what it copies, no context for handlers, no loss accounting beyond two counters,
+//! No sanitising, no bounds on what it copies, no context for handlers, no loss accounting beyond its counts,
 //! no sink. It is the floor that issue 15 measures `AuditLayer` against: the least an audit middleware can do
 //! on the request path. `benches/reqcost.rs` includes this very file (`bare | naive | layer …`), and the example
 //! server runs it with `--audit naive` (`benches/load.sh`, mode `naive`).
@@ -19,7 +19,6 @@ use tokio::sync::mpsc;
 use tower::{Layer, Service};
 
 /// The naive layer's event: seven fields, nothing sanitised.
-#[allow(dead_code)]
 #[derive(Debug)]
 pub struct NaiveEvent {
     ts_us: u64,
